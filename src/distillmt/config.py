@@ -1,0 +1,362 @@
+"""Experiment configuration: YAML files in configs/ mapped onto dataclasses, with range checks and key=value overrides.
+
+Every field carries a help string and, where it matters, a range or a set of allowed values in its metadata; one
+validator walks the tree so an error names the full dotted key (``train_student.lr``) and what is allowed.
+Library functions never take the whole config: the pipeline unpacks the fields each stage needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distillmt.errors import DistillmtError
+
+
+def _f(default: Any, help: str, *, range: tuple[float | None, float | None] | None = None, choices: Any = None) -> Any:
+    meta = {"help": help, "range": range, "choices": choices}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = default if callable(default) and not isinstance(default, (list, dict)) else None
+        if factory is None:
+            value = default
+            return field(default_factory=lambda: _copy(value), metadata=meta)
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+QWEN_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+SYSTEMS = ["TEACHER", "STUDENT", "TEACHER_PEFT", "STUDENT_PEFT", "HLKD", "SLKD", "GKD"]
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("tatoeba", "corpus: tatoeba | hsk | jsonl | tsv | hf", choices=["tatoeba", "hsk", "jsonl", "tsv", "hf"])
+    path: str | None = _f(None, "file for jsonl/tsv, dataset name for hf")
+    src_field: str = _f("en", "source field (JSONL key, TSV column index, or HF field)")
+    tgt_field: str = _f("zh", "target field")
+    hf_split: str = _f("train", "split name for source=hf")
+    simplified: bool = _f(True, "convert Traditional Chinese targets to Simplified (OpenCC t2s)")
+    max_chars: int = _f(200, "skip pairs whose source or target is longer (characters)", range=(1, None))
+    train_size: int = _f(20000, "training pairs (upper bound; 0 = all that are left)", range=(0, None))
+    valid_size: int = _f(200, "validation pairs", range=(1, None))
+    test_size: int = _f(300, "test pairs", range=(1, None))
+    max_source_tokens: int = _f(96, "prompt tokens kept per example", range=(8, None))
+    max_target_tokens: int = _f(96, "target tokens kept per example (EOS included)", range=(2, None))
+
+
+@dataclass
+class ScratchConfig:
+    hidden_size: int = _f(256, "hidden size", range=(8, None))
+    num_layers: int = _f(4, "transformer layers", range=(1, None))
+    num_heads: int = _f(4, "attention heads", range=(1, None))
+    num_kv_heads: int = _f(2, "key/value heads (GQA)", range=(1, None))
+    intermediate_size: int = _f(768, "MLP size", range=(8, None))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "train a LoRA adapter instead of all weights")
+    r: int = _f(16, "LoRA rank", range=(1, 4096))
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", range=(1, None))
+    dropout: float = _f(0.05, "LoRA dropout", range=(0.0, 0.99))
+    target_modules: list[str] = _f(list(QWEN_LORA_TARGETS), "module names that get adapters")
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f("scratch", "'scratch' (built from `scratch` and trained from zero), a hub id, a local folder, or store:NAME")
+    dtype: str = _f("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16",
+                    choices=["auto", "float32", "bfloat16", "float16"])
+    scratch: ScratchConfig = _f(ScratchConfig, "architecture when model=scratch")
+    lora: LoraConfig = _f(LoraConfig, "LoRA settings")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "passes over the training data (ignored when max_steps > 0)", range=(0.0, None))
+    max_steps: int = _f(0, "optimizer steps; 0 = derive from epochs", range=(0, None))
+    batch_size: int = _f(32, "examples per micro-batch", range=(1, None))
+    grad_accum: int = _f(1, "micro-batches per optimizer step", range=(1, None))
+    lr: float = _f(1e-3, "peak learning rate", range=(0.0, 10.0))
+    weight_decay: float = _f(0.01, "AdamW weight decay", range=(0.0, 1.0))
+    warmup_ratio: float = _f(0.05, "fraction of steps with linear warmup", range=(0.0, 1.0))
+    schedule: str = _f("cosine", "decay after warmup", choices=["cosine", "linear", "constant"])
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)", range=(0.0, None))
+    mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it) | no | bf16 | fp16", choices=["auto", "no", "bf16", "fp16"])
+    eval_every: int = _f(0, "validation every N steps (0 = at the end only)", range=(0, None))
+    save_every: int = _f(100, "checkpoint every N steps (0 = only at the end)", range=(0, None))
+    log_every: int = _f(10, "log metrics every N steps", range=(1, None))
+
+
+@dataclass
+class GenerateConfig:
+    batch_size: int = _f(32, "sources per generation batch", range=(1, None))
+    max_new_tokens: int = _f(64, "longest translation in tokens", range=(1, None))
+    num_beams: int = _f(1, "beam size (1 = greedy or sampling)", range=(1, 64))
+    length_penalty: float = _f(1.0, "beam-search length penalty", range=(-10.0, 10.0))
+    do_sample: bool = _f(False, "sample instead of greedy/beam")
+    temperature: float = _f(1.0, "sampling temperature", range=(1e-4, 100.0))
+    top_k: int = _f(0, "sampling top-k (0 = off)", range=(0, None))
+    top_p: float = _f(1.0, "sampling nucleus (1 = off)", range=(1e-6, 1.0))
+
+
+@dataclass
+class EvalConfig:
+    bertscore: bool = _f(True, "compute BERTScore (reported as unavailable when its model cannot be loaded)")
+    bertscore_model: str = _f("bert-base-chinese", "BERTScore encoder: hub id, local folder or store:NAME")
+    bertscore_layer: int = _f(8, "encoder layer used by BERTScore", range=(1, 64))
+    bertscore_batch_size: int = _f(64, "BERTScore batch size", range=(1, None))
+    bleu_tokenize: str = _f("zh", "sacrebleu tokenizer for BLEU ('zh' for Chinese; 13a gives ~0 on unspaced text)")
+
+
+@dataclass
+class HardKDConfig:
+    teacher: str = _f("finetuned", "which teacher writes the labels", choices=["finetuned", "base"])
+    mix_references: float = _f(0.0, "fraction of training pairs that keep the human reference instead", range=(0.0, 1.0))
+    num_candidates: int = _f(1, "teacher translations per source", range=(1, 64))
+    selection: str = _f("score", "pick among candidates by the teacher's own score or by MBR with chrF", choices=["score", "mbr"])
+    decoding: GenerateConfig = _f(GenerateConfig, "decoding settings for the labels")
+    shard_size: int = _f(256, "sources per label shard (the resume unit)", range=(1, None))
+
+
+@dataclass
+class SoftKDConfig:
+    teacher: str = _f("finetuned", "which teacher gives the logits", choices=["finetuned", "base"])
+    alpha: float = _f(0.5, "loss = alpha*CE + (1-alpha)*T^2*D", range=(0.0, 1.0))
+    temperature: float = _f(2.0, "softmax temperature T for the divergence", range=(0.05, 100.0))
+    divergence: str = _f("forward_kl", "forward_kl | reverse_kl | jsd | skew_kl | tvd", choices=DIVERGENCES)
+    beta: float = _f(0.5, "jsd interpolation / skew_kl coefficient", range=(0.0, 1.0))
+    chunk_size: int = _f(1024, "target tokens per fp32 chunk of the loss (bounds memory)", range=(1, None))
+    cache: bool = _f(False, "precompute top-k teacher log-probs once and train without the teacher in memory")
+    cache_k: int = _f(64, "teacher log-probs kept per token in the cache", range=(1, None))
+
+
+@dataclass
+class GKDConfig:
+    lmbda: float = _f(0.5, "probability that a batch's targets are generated by the student (on-policy)", range=(0.0, 1.0))
+    temperature: float = _f(1.0, "student sampling temperature for on-policy targets", range=(1e-4, 100.0))
+    max_new_tokens: int = _f(48, "longest on-policy target", range=(1, None))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("default", "run name: outputs go to <output_dir>/<name>/")
+    output_dir: str = _f("runs", "folder that holds run folders")
+    seed: int = _f(0, "seed for data split, initialisation, data order and sampling", range=(0, None))
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    systems: list[str] = _f(["TEACHER", "STUDENT", "HLKD", "SLKD"], f"rows of the results table, from {SYSTEMS}")
+    tokenizer_vocab_size: int = _f(4000, "BPE vocabulary trained on the training split when models are scratch", range=(100, None))
+    data: DataConfig = _f(DataConfig, "corpus and splits")
+    teacher: ModelConfig = _f(ModelConfig, "teacher model")
+    student: ModelConfig = _f(ModelConfig, "student model")
+    train_teacher: TrainConfig = _f(TrainConfig, "teacher fine-tuning (TEACHER / TEACHER_PEFT)")
+    train_student: TrainConfig = _f(TrainConfig, "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD")
+    generate: GenerateConfig = _f(GenerateConfig, "decoding of the test set")
+    eval: EvalConfig = _f(EvalConfig, "metrics")
+    hard_kd: HardKDConfig = _f(HardKDConfig, "sequence-level KD (HLKD)")
+    soft_kd: SoftKDConfig = _f(SoftKDConfig, "logit KD (SLKD, GKD)")
+    gkd: GKDConfig = _f(GKDConfig, "on-policy KD (GKD)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building a config from dicts, files and overrides
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise DistillmtError(f"config key '{key}' must not be empty")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise DistillmtError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise DistillmtError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise DistillmtError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DistillmtError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise DistillmtError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors (a typo must not be silently ignored)."""
+    if not isinstance(data, dict):
+        raise DistillmtError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise DistillmtError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp, _ = _unwrap_optional(hints[name])
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field against its range/choices; the error names the dotted key and what is allowed."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, prefix=f"{key}.")
+            continue
+        lo_hi = f.metadata.get("range")
+        if lo_hi is not None and value is not None:
+            lo, hi = lo_hi
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                allowed = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                raise DistillmtError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise DistillmtError(f"config key '{key}' = {value!r} is not allowed; choose one of: {', '.join(choices)}")
+    if isinstance(cfg, ExperimentConfig):
+        _validate_experiment(cfg)
+
+
+def _validate_experiment(cfg: ExperimentConfig) -> None:
+    for s in cfg.systems:
+        if s not in SYSTEMS:
+            raise DistillmtError(f"config key 'systems' has unknown system {s!r}; choose from: {', '.join(SYSTEMS)}")
+    scratch = cfg.teacher.model == "scratch"
+    if scratch != (cfg.student.model == "scratch"):
+        raise DistillmtError("teacher.model and student.model must both be 'scratch' or both be pretrained models")
+    if scratch:
+        for s in ("TEACHER_PEFT", "STUDENT_PEFT"):
+            if s in cfg.systems:
+                raise DistillmtError(
+                    f"system {s} needs pretrained models; with model=scratch, TEACHER and STUDENT are already trained"
+                )
+        if cfg.hard_kd.teacher == "base" and "HLKD" in cfg.systems:
+            raise DistillmtError("hard_kd.teacher=base needs a pretrained teacher (teacher.model is 'scratch')")
+        if cfg.soft_kd.teacher == "base" and ({"SLKD", "GKD"} & set(cfg.systems)):
+            raise DistillmtError("soft_kd.teacher=base needs a pretrained teacher (teacher.model is 'scratch')")
+    for side in ("teacher", "student"):
+        m = getattr(cfg, side).scratch
+        if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+            raise DistillmtError(
+                f"config key '{side}.scratch': hidden_size must be divisible by num_heads and num_heads by num_kv_heads"
+            )
+    if cfg.hard_kd.selection == "mbr" and cfg.hard_kd.num_candidates < 2:
+        raise DistillmtError("hard_kd.selection=mbr needs hard_kd.num_candidates >= 2")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise DistillmtError(f"override {text!r} is not key=value (example: train_student.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DistillmtError(f"override {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the built-in defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DistillmtError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise DistillmtError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise DistillmtError(f"{path}: a config must be a mapping of keys to values")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(ExperimentConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per key with default and help: the reference printed by `distillmt config`."""
+    lines = []
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{key}:  # {f.metadata.get('help', '')}")
+            lines.extend(describe(type(value), prefix=f"{key}."))
+        else:
+            extra = ""
+            if f.metadata.get("choices"):
+                extra = f" [{'|'.join(f.metadata['choices'])}]"
+            elif f.metadata.get("range"):
+                lo, hi = f.metadata["range"]
+                extra = f" [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            lines.append(f"{key} = {value!r}{extra}  # {f.metadata.get('help', '')}")
+    return lines

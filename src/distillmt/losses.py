@@ -1,0 +1,381 @@
+"""Distillation losses for causal LMs: pure functions over logits, fp32 inside, masked mean over target tokens.
+
+Conventions used everywhere in this module:
+
+* ``p`` is the **teacher** distribution, ``q`` the **student** distribution, both at temperature ``T``
+  (``softmax(logits / T)``). Callers pass the model's *raw* logits ``[B, T, V]`` and the *unshifted* labels
+  ``[B, T]`` exactly as HF causal LMs take them; the loss functions do the causal shift themselves
+  (logits at position ``t`` predict ``labels[:, t + 1]``) and ignore positions whose label is ``ignore_index``
+  (prompt and padding).
+* The reduction is a masked mean over target tokens: every target token of the batch has the same weight
+  (it is *not* a mean of per-sequence means). With no target token at all the result is an exact ``0.0`` that
+  still has a gradient path to the student logits (so ``backward()`` works and gives zero gradients).
+* Only the first ``vocab_size`` columns are compared (default: the smaller of the two last dimensions) and both
+  distributions are renormalised there, so the padding rows of a padded embedding matrix (Qwen2.5-1.5B has
+  152,064 rows for 151,936 real tokens) never count as tokens.
+* Teacher logits are detached: gradients only ever flow into the student logits.
+* Memory: the selected target rows are gathered first (in the input dtype), then processed in chunks of
+  ``chunk_size`` rows; each chunk is cast to fp32 on its own, and when a gradient is needed each chunk runs under
+  activation checkpointing, so the fp32 intermediates of one chunk are the most that is ever alive at once
+  (no fp32 copy of ``[B, T, V]`` is built, not even across chunks for the backward pass).
+
+Divergences (``divergence(p_logprobs, q_logprobs, kind, beta)``; every value is a sum over the last dimension):
+
+* ``forward_kl``: KL(p‖q) = Σ p (log p − log q). The true KL, teacher entropy included (torchtune's
+  ``ForwardKLLoss`` and DistiLLM drop the constant entropy term and report a cross entropy; we don't, so a
+  student equal to its teacher scores exactly 0).
+* ``reverse_kl``: KL(q‖p) = Σ q (log q − log p).
+* ``jsd``: the generalised Jensen-Shannon divergence of the GKD paper (Agarwal et al. 2024, eq. 1) with TRL's
+  convention (``GKDTrainer.generalized_jsd_loss`` in ``trl/experimental/gkd/gkd_trainer.py``):
+  ``m = beta·p + (1 − beta)·q`` and ``JSD_beta = beta·KL(p‖m) + (1 − beta)·KL(q‖m)`` for ``0 < beta < 1``;
+  the endpoints are special-cased exactly as in TRL: ``beta == 0`` → forward KL(p‖q), ``beta == 1`` → reverse
+  KL(q‖p). (The formula itself tends to 0 at both ends, so the endpoints are a deliberate discontinuity.)
+  ``beta = 0.5`` is the symmetric JSD.
+* ``skew_kl``: DistiLLM's skew forward KL (Ko et al. 2024, ``skewed_forward_kl`` in ``jongwooko/distillm``,
+  ``distillm/losses.py``): ``KL(p ‖ beta·p + (1 − beta)·q)`` with skew coefficient ``beta`` (DistiLLM's ``lam``,
+  default 0.1 there; pass ``beta=0.1`` to match it; this module's default ``beta=0.5`` is shared with ``jsd``).
+  ``beta = 0`` is exactly forward KL, ``beta = 1`` gives 0. Unlike DistiLLM's code we keep the teacher entropy
+  term, so the value is a true KL (same gradient).
+* ``tvd``: total variation distance 0.5·Σ|p − q|.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+
+# Smallest probability mass given to the "rest of the vocabulary" bucket of a top-k distribution: keeps its log
+# finite when the top-k entries already hold (numerically) all of the mass, e.g. when k equals the vocabulary size.
+_MIN_REST_MASS = 1e-7
+
+
+def _check_kind(kind: str, beta: float) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; allowed: {', '.join(DIVERGENCES)}")
+    if kind in ("jsd", "skew_kl") and not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] for divergence {kind!r}, got {beta}")
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p‖q) = Σ p (log p − log q) over the last dim; terms with p == 0 count 0 (also when log p = −inf)."""
+    finfo_min = torch.finfo(logp.dtype).min
+    logp = logp.clamp(min=finfo_min)  # -inf -> finite: avoids (-inf) - (-inf) = nan; clamp's gradient there is 0
+    logq = logq.clamp(min=finfo_min)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def divergence(p_logprobs: Tensor, q_logprobs: Tensor, kind: str, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between teacher ``p`` and student ``q``, given as log-probabilities over the last dim.
+
+    ``p_logprobs`` and ``q_logprobs`` have the same shape ``[..., V]`` (normally ``[N, V]``); returns ``[...]``
+    (normally ``[N]``). ``kind`` is one of :data:`DIVERGENCES`; see the module docstring for the exact definitions
+    (direction: forward_kl = KL(p‖q), reverse_kl = KL(q‖p); jsd/skew_kl use ``beta`` as documented there).
+    Mixtures are computed in log space (``logaddexp``) for stability.
+    """
+    _check_kind(kind, beta)
+    if p_logprobs.shape != q_logprobs.shape:
+        raise ValueError(
+            f"p and q log-probs must have the same shape, got {tuple(p_logprobs.shape)} and {tuple(q_logprobs.shape)}"
+        )
+    beta = float(beta)
+    if kind == "forward_kl":
+        return _kl(p_logprobs, q_logprobs)
+    if kind == "reverse_kl":
+        return _kl(q_logprobs, p_logprobs)
+    if kind == "tvd":
+        return 0.5 * (p_logprobs.exp() - q_logprobs.exp()).abs().sum(-1)
+    if kind == "jsd":
+        if beta == 0.0:
+            return _kl(p_logprobs, q_logprobs)
+        if beta == 1.0:
+            return _kl(q_logprobs, p_logprobs)
+        log_m = torch.logaddexp(p_logprobs + math.log(beta), q_logprobs + math.log1p(-beta))
+        return beta * _kl(p_logprobs, log_m) + (1.0 - beta) * _kl(q_logprobs, log_m)
+    # skew_kl
+    if beta == 0.0:
+        return _kl(p_logprobs, q_logprobs)
+    if beta == 1.0:
+        return q_logprobs[..., :0].sum(-1)  # exact zeros [...] with a gradient path to q
+    log_m = torch.logaddexp(p_logprobs + math.log(beta), q_logprobs + math.log1p(-beta))
+    return _kl(p_logprobs, log_m)
+
+
+_divergence_fn = divergence  # the loss functions' keyword argument ``divergence`` shadows this function
+
+
+def shift_for_causal(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Align logits with the tokens they predict: ``(logits[:, :-1], labels[:, 1:])`` (views, no copy).
+
+    The loss functions in this module call this themselves: pass them the model's raw logits ``[B, T, V]`` and the
+    unshifted labels ``[B, T]`` as HF models take them.
+    """
+    return logits[:, :-1], labels[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# internals
+
+
+def _check_shapes(student_logits: Tensor, labels: Tensor, other: Tensor | None, other_name: str) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    if labels.shape != student_logits.shape[:2]:
+        raise ValueError(f"labels must be [B, T] = {tuple(student_logits.shape[:2])}, got {tuple(labels.shape)}")
+    if other is not None and (other.dim() != 3 or other.shape[:2] != student_logits.shape[:2]):
+        raise ValueError(
+            f"{other_name} must be [B, T, *] with B, T = {tuple(student_logits.shape[:2])}, got {tuple(other.shape)}"
+        )
+
+
+def _check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not temperature > 0.0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def _resolve_vocab(vocab_size: int | None, *sizes: int) -> int:
+    smallest = min(sizes)
+    if vocab_size is None:
+        return smallest
+    vocab_size = int(vocab_size)
+    if not 0 < vocab_size <= smallest:
+        raise ValueError(f"vocab_size must be in [1, {smallest}] (the smaller logits width), got {vocab_size}")
+    return vocab_size
+
+
+def _chunks(n: int, chunk_size: int | None):
+    if chunk_size is None:
+        yield 0, n
+        return
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _zero(student_logits: Tensor) -> Tensor:
+    """An exact 0.0 (fp32) with a gradient path to ``student_logits`` (its gradient is zero)."""
+    return student_logits[..., :0].float().sum()
+
+
+def _run(fn, *args: Tensor):
+    """Call ``fn(*args)``; under activation checkpointing when a gradient is needed (frees the chunk's fp32
+    intermediates after the forward pass and recomputes them one chunk at a time in the backward pass)."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# full-vocabulary distillation
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 1024,
+) -> Tensor:
+    """Mean divergence D(p_T, q_T) over target tokens (fp32 scalar); no T² factor (see :func:`kd_loss`).
+
+    ``student_logits`` ``[B, T, Vs]`` and ``teacher_logits`` ``[B, T, Vt]`` are raw model outputs, ``labels``
+    ``[B, T]`` the unshifted labels; the shift and the ``ignore_index`` mask are applied here. Both are divided by
+    ``temperature`` before the softmax. Only the first ``vocab_size`` columns (default ``min(Vs, Vt)``) are compared,
+    renormalised. ``chunk_size`` rows of selected target positions are processed at a time (``None``: one chunk).
+    """
+    kind = divergence
+    _check_kind(kind, beta)
+    _check_shapes(student_logits, labels, teacher_logits, "teacher_logits")
+    temperature = _check_temperature(temperature)
+    vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
+
+    s, lab = shift_for_causal(student_logits, labels)
+    t = teacher_logits.detach()[:, :-1]
+    mask = lab != ignore_index
+    n = int(mask.sum())
+    if n == 0:
+        return _zero(student_logits)
+    s_rows = s[mask]  # [N, Vs] in the input dtype
+    t_rows = t[mask]  # [N, Vt]
+
+    def chunk_sum(s_chunk: Tensor, t_chunk: Tensor) -> Tensor:
+        logq = F.log_softmax(s_chunk[:, :vocab].float() / temperature, dim=-1)
+        logp = F.log_softmax(t_chunk[:, :vocab].float() / temperature, dim=-1)
+        return _divergence_fn(logp, logq, kind, beta).sum()
+
+    total = _zero(student_logits)
+    for a, b in _chunks(n, chunk_size):
+        total = total + _run(chunk_sum, s_rows[a:b], t_rows[a:b])
+    return total / n
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 1024,
+) -> dict[str, Tensor]:
+    """Hinton-style soft-label KD mixed with the hard-label loss, all over the same target tokens.
+
+    Returns a dict of fp32 scalars:
+
+    * ``"loss"`` = ``alpha·ce + (1 − alpha)·T²·kd`` (the T² keeps the soft-target gradient scale independent of T),
+    * ``"ce"``: cross entropy of the student on the labels at T = 1 (mean over target tokens, student
+      renormalised over the first ``vocab_size`` columns, like the divergence),
+    * ``"kd"``: the divergence D(p_T, q_T) as :func:`distillation_loss` returns it (no T² factor),
+    * ``"forward_kl"``: the true KL(teacher‖student) at T = 1, detached (a monitoring metric).
+
+    Everything is computed in one chunked pass (see :func:`distillation_loss`); no fp32 ``[B, T, V]`` copy is built.
+    """
+    kind = divergence
+    _check_kind(kind, beta)
+    _check_shapes(student_logits, labels, teacher_logits, "teacher_logits")
+    temperature = _check_temperature(temperature)
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
+
+    s, lab = shift_for_causal(student_logits, labels)
+    t = teacher_logits.detach()[:, :-1]
+    mask = lab != ignore_index
+    n = int(mask.sum())
+    if n == 0:
+        zero = _zero(student_logits)
+        return {"loss": zero, "ce": zero, "kd": zero, "forward_kl": zero.detach()}
+    targets = lab[mask].to(torch.long)
+    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
+        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
+    s_rows = s[mask]
+    t_rows = t[mask]
+
+    def chunk_sums(s_chunk: Tensor, t_chunk: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s32 = s_chunk[:, :vocab].float()
+        t32 = t_chunk[:, :vocab].float()
+        logq1 = F.log_softmax(s32, dim=-1)
+        logp1 = F.log_softmax(t32, dim=-1)
+        ce = -logq1.gather(1, tgt[:, None]).sum()
+        with torch.no_grad():
+            fkl = _kl(logp1, logq1).sum()
+        if temperature == 1.0:
+            d = _divergence_fn(logp1, logq1, kind, beta).sum()
+        else:
+            logq = F.log_softmax(s32 / temperature, dim=-1)
+            logp = F.log_softmax(t32 / temperature, dim=-1)
+            d = _divergence_fn(logp, logq, kind, beta).sum()
+        return ce, d, fkl
+
+    ce_total = _zero(student_logits)
+    d_total = _zero(student_logits)
+    fkl_total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    for a, b in _chunks(n, chunk_size):
+        ce, d, fkl = _run(chunk_sums, s_rows[a:b], t_rows[a:b], targets[a:b])
+        ce_total = ce_total + ce
+        d_total = d_total + d
+        fkl_total = fkl_total + fkl.detach()
+    ce_mean = ce_total / n
+    d_mean = d_total / n
+    loss = alpha * ce_mean + (1.0 - alpha) * temperature**2 * d_mean
+    return {"loss": loss, "ce": ce_mean, "kd": d_mean, "forward_kl": (fkl_total / n).detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# top-k (offline teacher cache) distillation
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x ≤ 0, stable, with the result clamped to ≥ log(_MIN_REST_MASS)."""
+    x = x.clamp(max=math.log1p(-_MIN_REST_MASS))
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _buckets(topk_logprobs: Tensor) -> Tensor:
+    """k log-probs → k+1 bucket log-probs (the k entries plus the remaining mass), renormalised."""
+    rest = _log1mexp(torch.logsumexp(topk_logprobs, dim=-1, keepdim=True))
+    out = torch.cat([topk_logprobs, rest], dim=-1)
+    return out - torch.logsumexp(out, dim=-1, keepdim=True)
+
+
+def topk_distillation_loss(
+    student_logits: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_indices: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    chunk_size: int | None = 1024,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Divergence against a teacher known only through its top-k log-probs (an offline teacher cache).
+
+    ``teacher_topk_logprobs`` (float) and ``teacher_topk_indices`` (integer) are ``[B, T, k]`` and **aligned with
+    the labels**: position ``t`` holds the teacher's distribution for predicting ``labels[:, t]`` (already at
+    temperature ``T``, as the cache stores it); entries at masked positions are ignored. ``student_logits``
+    ``[B, T, V]`` are raw and ``labels`` ``[B, T]`` unshifted, as for :func:`distillation_loss`.
+
+    Both distributions are represented on k+1 buckets: the k cached token ids plus "everything else". The teacher's
+    buckets are its k log-probs and log(1 − Σ exp(top-k)); the student's are its log-softmax at temperature ``T``
+    gathered at the same ids and its own remaining mass (each rest bucket is clamped to ≥ 1e-7 and each k+1
+    distribution renormalised). The chosen ``divergence`` is then taken between the two bucket distributions.
+    Merging tokens into one bucket can only lower an f-divergence, so for forward KL the value is ≤ the full-vocab
+    value; with k = V (every token cached) it equals :func:`distillation_loss` (up to the 1e-7 rest bucket).
+    ``vocab_size``: if given, the student is renormalised over its first ``vocab_size`` columns (e.g. a padded
+    student); default: all of its columns. Indices must be < that size.
+    """
+    kind = divergence
+    _check_kind(kind, beta)
+    _check_shapes(student_logits, labels, teacher_topk_logprobs, "teacher_topk_logprobs")
+    if teacher_topk_indices.shape != teacher_topk_logprobs.shape:
+        raise ValueError(
+            f"teacher_topk_indices {tuple(teacher_topk_indices.shape)} and teacher_topk_logprobs "
+            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape"
+        )
+    temperature = _check_temperature(temperature)
+    vocab = _resolve_vocab(vocab_size, student_logits.shape[-1])
+
+    s, lab = shift_for_causal(student_logits, labels)
+    mask = lab != ignore_index
+    n = int(mask.sum())
+    if n == 0:
+        return _zero(student_logits)
+    s_rows = s[mask]
+    t_lp = teacher_topk_logprobs.detach()[:, 1:][mask.to(teacher_topk_logprobs.device)].to(s_rows.device)
+    t_idx = teacher_topk_indices.detach()[:, 1:][mask.to(teacher_topk_indices.device)]
+    t_idx = t_idx.to(device=s_rows.device, dtype=torch.long)
+    if int(t_idx.min()) < 0 or int(t_idx.max()) >= vocab:
+        raise ValueError(f"teacher_topk_indices must be in [0, {vocab}) at target positions")
+
+    def chunk_sum(s_chunk: Tensor, lp_chunk: Tensor, idx_chunk: Tensor) -> Tensor:
+        logq_full = F.log_softmax(s_chunk[:, :vocab].float() / temperature, dim=-1)
+        logq = _buckets(logq_full.gather(1, idx_chunk))
+        logp = _buckets(lp_chunk.float())
+        return _divergence_fn(logp, logq, kind, beta).sum()
+
+    total = _zero(student_logits)
+    for a, b in _chunks(n, chunk_size):
+        total = total + _run(chunk_sum, s_rows[a:b], t_lp[a:b], t_idx[a:b])
+    return total / n

@@ -1,0 +1,88 @@
+"""One prompt format for every model, and the label mask that goes with it.
+
+A tokenizer with a chat template (Qwen's) gets its own template; one without gets a plain two-line template. Labels
+are -100 on the prompt and on padding, so the loss (CE or KD) only ever sees the target tokens and the EOS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+DEFAULT_INSTRUCTION = "Translate the following English text into Chinese. Reply with the translation only."
+PLAIN_TEMPLATE = "English: {src}\nChinese:\n"
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer: Any, src: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The text the model sees before its translation, generation prompt included."""
+    if has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": f"{instruction}\n\n{src}"}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(src=src)
+
+
+def end_token_id(tokenizer: Any) -> int:
+    """The token that ends a translation: the chat template's end-of-turn for chat models, else EOS."""
+    if has_chat_template(tokenizer):
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end is not None:
+            return im_end
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no EOS token; set one before training")
+    return tokenizer.eos_token_id
+
+
+def encode_example(
+    tokenizer: Any,
+    src: str,
+    tgt: str,
+    *,
+    max_source_tokens: int = 128,
+    max_target_tokens: int = 128,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> dict[str, list[int]]:
+    """Token ids and labels for one pair: labels are IGNORE_INDEX on the prompt, the target ids plus EOS after it.
+
+    Prompt and target are tokenised separately so the boundary is exact; both templates end the prompt with a newline
+    so no BPE merge could have crossed it anyway.
+    """
+    prompt_ids = tokenizer(build_prompt(tokenizer, src, instruction), add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > max_source_tokens:
+        # Cut the middle of the source, not the template's tail: the generation prompt must stay intact.
+        prompt_ids = prompt_ids[: max_source_tokens // 2] + prompt_ids[-(max_source_tokens - max_source_tokens // 2) :]
+    target_ids = tokenizer(tgt, add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
+    target_ids = target_ids + [end_token_id(tokenizer)]
+    return {
+        "input_ids": prompt_ids + target_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+    }
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for training: attention_mask 0 and labels IGNORE_INDEX on padding."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def strip_output(text: str) -> str:
+    """Remove chat scaffolding a model may emit around its answer; keep the translation itself untouched."""
+    for marker in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"):
+        text = text.split(marker)[0] if marker != "<|im_start|>" else text.replace(marker, "")
+    text = text.strip()
+    if text.startswith("assistant\n"):
+        text = text[len("assistant\n") :]
+    return text.strip()

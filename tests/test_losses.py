@@ -1,0 +1,417 @@
+"""Tests for distillmt.losses: reference values are computed independently with plain Python floats and loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillmt.losses import (
+    DIVERGENCES,
+    distillation_loss,
+    divergence,
+    kd_loss,
+    shift_for_causal,
+    topk_distillation_loss,
+)
+
+KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.3), ("skew_kl", 0.1), ("tvd", 0.5)]
+
+# 2 x 3 x 4 logits as plain lists (the hand-computed references read these, never the tensors)
+S_LIST = [
+    [[0.5, -1.0, 2.0, 0.0], [1.5, 0.2, -0.3, 0.7], [0.0, 0.0, 1.0, -2.0]],
+    [[-0.5, 0.3, 0.8, 1.2], [2.2, -1.1, 0.4, 0.0], [0.9, 0.1, -0.6, 0.3]],
+]
+T_LIST = [
+    [[1.0, 0.0, 1.5, -0.5], [0.3, 0.9, -1.2, 0.4], [2.0, -1.0, 0.0, 0.5]],
+    [[0.0, 0.0, 0.0, 3.0], [1.0, -0.5, 1.1, 0.2], [-0.3, 0.6, 0.2, 1.4]],
+]
+# sequence 0: both later positions are targets; sequence 1: only position 2 (unequal counts per sequence)
+LABELS_LIST = [[-100, 2, 0], [-100, -100, 3]]
+
+
+# ---------------------------------------------------------------------------------------------------- references
+
+
+def py_softmax(row: list[float], temp: float = 1.0) -> list[float]:
+    xs = [x / temp for x in row]
+    mx = max(xs)
+    es = [math.exp(x - mx) for x in xs]
+    z = sum(es)
+    return [e / z for e in es]
+
+
+def py_kl(p: list[float], q: list[float]) -> float:
+    total = 0.0
+    for pi, qi in zip(p, q, strict=True):
+        if pi > 0:
+            total += pi * (math.log(pi) - math.log(qi))
+    return total
+
+
+def py_div(p: list[float], q: list[float], kind: str, beta: float) -> float:
+    if kind == "forward_kl":
+        return py_kl(p, q)
+    if kind == "reverse_kl":
+        return py_kl(q, p)
+    if kind == "tvd":
+        return 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q, strict=True))
+    if kind == "jsd":
+        if beta == 0:
+            return py_kl(p, q)
+        if beta == 1:
+            return py_kl(q, p)
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q, strict=True)]
+        return beta * py_kl(p, m) + (1 - beta) * py_kl(q, m)
+    if kind == "skew_kl":
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q, strict=True)]
+        return py_kl(p, m)
+    raise AssertionError(kind)
+
+
+def py_loss(s_list, t_list, labels_list, kind, beta, temp=1.0) -> float:
+    total, count = 0.0, 0
+    for b in range(len(labels_list)):
+        for t in range(len(labels_list[b]) - 1):
+            if labels_list[b][t + 1] == -100:
+                continue
+            total += py_div(py_softmax(t_list[b][t], temp), py_softmax(s_list[b][t], temp), kind, beta)
+            count += 1
+    return total / count
+
+
+def tensors(requires_grad: bool = False):
+    s = torch.tensor(S_LIST, dtype=torch.float32, requires_grad=requires_grad)
+    t = torch.tensor(T_LIST, dtype=torch.float32)
+    lab = torch.tensor(LABELS_LIST)
+    return s, t, lab
+
+
+def random_batch(seed: int = 0, b: int = 3, t: int = 7, v: int = 11, scale: float = 2.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(b, t, v, generator=g) * scale).requires_grad_(True)
+    te = torch.randn(b, t, v, generator=g) * scale
+    lab = torch.randint(0, v, (b, t), generator=g)
+    lab[:, :2] = -100  # prompt
+    lab[0, -2:] = -100  # padding
+    lab[1, 3] = -100
+    return s, te, lab
+
+
+# ---------------------------------------------------------------------------------------------------- divergence
+
+
+def test_shift_for_causal():
+    logits = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    labels = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    sl, ll = shift_for_causal(logits, labels)
+    assert torch.equal(sl, logits[:, :2]) and torch.equal(ll, labels[:, 1:])
+
+
+@pytest.mark.parametrize("kind,beta", KINDS + [("jsd", 0.0), ("jsd", 1.0), ("skew_kl", 0.0), ("skew_kl", 1.0)])
+def test_divergence_of_identical_distributions_is_zero(kind, beta):
+    logp = F.log_softmax(torch.randn(5, 9) * 3, dim=-1)
+    assert torch.allclose(divergence(logp, logp, kind, beta), torch.zeros(5), atol=1e-6)
+    s, t, lab = tensors()
+    assert distillation_loss(s, s, lab, divergence=kind, beta=beta).abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_divergence_per_token_matches_hand_computed(kind, beta):
+    p = py_softmax(T_LIST[0][1])
+    q = py_softmax(S_LIST[0][1])
+    logp = torch.tensor([math.log(x) for x in p], dtype=torch.float64)[None]
+    logq = torch.tensor([math.log(x) for x in q], dtype=torch.float64)[None]
+    got = divergence(logp, logq, kind, beta)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(py_div(p, q, kind, beta), rel=1e-9, abs=1e-12)
+
+
+def test_unknown_divergence_lists_allowed_names():
+    s, t, lab = tensors()
+    with pytest.raises(ValueError) as exc:
+        distillation_loss(s, t, lab, divergence="kl")
+    for name in DIVERGENCES:
+        assert name in str(exc.value)
+    with pytest.raises(ValueError):
+        divergence(s, t, "wasserstein")
+    with pytest.raises(ValueError):
+        distillation_loss(s, t, lab, divergence="jsd", beta=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------- full loss
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_distillation_loss_matches_hand_computed(kind, beta, temp):
+    s, t, lab = tensors()
+    got = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=temp)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(py_loss(S_LIST, T_LIST, LABELS_LIST, kind, beta, temp), rel=1e-5, abs=1e-7)
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    s, t, lab = random_batch()
+    fkl = distillation_loss(s, t, lab, divergence="forward_kl")
+    rkl = distillation_loss(s, t, lab, divergence="reverse_kl")
+    assert torch.equal(distillation_loss(s, t, lab, divergence="jsd", beta=0.0), fkl)
+    assert torch.equal(distillation_loss(s, t, lab, divergence="jsd", beta=1.0), rkl)
+    assert torch.equal(distillation_loss(s, t, lab, divergence="skew_kl", beta=0.0), fkl)
+    assert not torch.allclose(fkl, rkl)
+    # the interior of the JSD family stays below both KLs' mixture bound and is positive
+    mid = distillation_loss(s, t, lab, divergence="jsd", beta=0.5)
+    assert 0 < mid.item() <= math.log(2) + 1e-6
+
+
+def test_forward_kl_agrees_with_torch_kl_div():
+    s, t, lab = random_batch(seed=3)
+    got = distillation_loss(s, t, lab, divergence="forward_kl", temperature=1.5)
+    sl, ll = shift_for_causal(s, lab)
+    mask = ll != -100
+    q_log = F.log_softmax(sl[mask] / 1.5, dim=-1)
+    p_log = F.log_softmax(t[:, :-1][mask] / 1.5, dim=-1)
+    ref = F.kl_div(q_log, p_log, log_target=True, reduction="sum") / mask.sum()
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_all_masked_batch_gives_exact_zero_and_backward_works(kind, beta):
+    s, t, lab = random_batch()
+    lab = torch.full_like(lab, -100)
+    loss = distillation_loss(s, t, lab, divergence=kind, beta=beta)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    out = kd_loss(s, t, lab, divergence=kind, beta=beta)
+    assert all(v.item() == 0.0 for v in out.values())
+    out["loss"].backward()
+    idx = torch.zeros_like(t, dtype=torch.long)[..., :3]
+    assert topk_distillation_loss(s, t[..., :3], idx, lab, divergence=kind, beta=beta).item() == 0.0
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("scale", [2.0, 1e4])
+def test_gradients_finite_and_only_into_student(kind, beta, scale):
+    s, t, lab = random_batch(seed=5, scale=scale)
+    t.requires_grad_(True)
+    loss = distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=4)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    if scale < 100:  # at +-1e4 the softmax saturates and exact zero gradients are correct
+        assert s.grad.abs().sum() > 0
+    assert t.grad is None
+    s.grad = None
+    out = kd_loss(s, t, lab, divergence=kind, beta=beta, temperature=2.0, chunk_size=4)
+    out["loss"].backward()
+    assert torch.isfinite(s.grad).all() and t.grad is None
+
+
+def test_temperature_scaling():
+    s, t, lab = random_batch(seed=7)
+    for kind, beta in KINDS:
+        vals = [distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=x).item() for x in (1, 10, 1e4)]
+        assert vals[0] > vals[1] > vals[2] and vals[2] < 1e-3  # KLs shrink like 1/T^2, TVD like 1/T
+        # temperature T means softmax(logits / T)
+        t2 = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=2.0)
+        ref = distillation_loss(s / 2, t / 2, lab, divergence=kind, beta=beta, temperature=1.0)
+        t1 = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=1.0)
+        assert torch.allclose(t2, ref, rtol=1e-5)
+        assert not torch.allclose(t1, t2)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_chunked_equals_unchunked(kind, beta):
+    s, t, lab = random_batch(seed=11)
+    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=None)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    for cs in (1, 3, 1024):
+        got = distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=cs)
+        (grad,) = torch.autograd.grad(got, s)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    ref_kd = kd_loss(s, t, lab, divergence=kind, beta=beta, temperature=2.0, chunk_size=None)
+    for cs in (1, 3):
+        got_kd = kd_loss(s, t, lab, divergence=kind, beta=beta, temperature=2.0, chunk_size=cs)
+        for key in ref_kd:
+            assert torch.allclose(got_kd[key], ref_kd[key], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # the no-grad path (no checkpointing) gives the same value
+        assert torch.allclose(distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=2), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_padded_vocab_rows_are_ignored(kind, beta):
+    s, t, lab = random_batch(seed=13)
+    v = s.shape[-1]
+    t_padded = torch.cat([t, torch.full(t.shape[:2] + (2,), 1e4)], dim=-1)
+    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta)
+    assert torch.allclose(distillation_loss(s, t_padded, lab, divergence=kind, beta=beta, vocab_size=v), ref)
+    assert torch.allclose(distillation_loss(s, t_padded, lab, divergence=kind, beta=beta), ref)  # default: min
+    s_padded = torch.cat([s.detach(), torch.full(s.shape[:2] + (3,), 50.0)], dim=-1)
+    assert torch.allclose(distillation_loss(s_padded, t_padded, lab, divergence=kind, beta=beta, vocab_size=v), ref)
+    out = kd_loss(s_padded, t_padded, lab, divergence=kind, beta=beta, vocab_size=v)
+    assert torch.allclose(out["kd"], ref)
+    with pytest.raises(ValueError):
+        distillation_loss(s, t_padded, lab, vocab_size=v + 1)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_masked_positions_do_not_affect_the_loss(kind, beta):
+    s, t, lab = random_batch(seed=17)
+    # positions whose prediction is not a target: t where labels[:, t + 1] is masked, and the last position
+    not_target = torch.ones_like(lab, dtype=torch.bool)
+    not_target[:, :-1] = lab[:, 1:] == -100
+    s2 = s.detach().clone()
+    t2 = t.clone()
+    s2[not_target] = torch.randn_like(s2[not_target]) * 100
+    t2[not_target] = torch.randn_like(t2[not_target]) * 100
+    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta)
+    assert torch.allclose(distillation_loss(s2, t2, lab, divergence=kind, beta=beta), ref)
+    ref_kd = kd_loss(s, t, lab, divergence=kind, beta=beta)
+    got_kd = kd_loss(s2, t2, lab, divergence=kind, beta=beta)
+    for key in ref_kd:
+        assert torch.allclose(got_kd[key], ref_kd[key])
+
+
+def test_every_target_token_has_equal_weight():
+    s, t, lab = tensors()
+    got = distillation_loss(s, t, lab).item()
+    # 3 target tokens: (0, pos 0), (0, pos 1), (1, pos 1); the per-sequence mean would weigh them 1/4, 1/4, 1/2
+    per = [py_kl(py_softmax(T_LIST[b][i]), py_softmax(S_LIST[b][i])) for b, i in ((0, 0), (0, 1), (1, 1))]
+    assert got == pytest.approx(sum(per) / 3, rel=1e-5)
+    assert got != pytest.approx((per[0] + per[1]) / 4 + per[2] / 2, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- kd_loss
+
+
+def test_kd_loss_alpha_one_is_cross_entropy():
+    s, t, lab = random_batch(seed=19)
+    out = kd_loss(s, t, lab, alpha=1.0, temperature=3.0)
+    sl, ll = shift_for_causal(s, lab)
+    ref = F.cross_entropy(sl.reshape(-1, sl.shape[-1]), ll.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out["loss"], out["ce"])
+    assert torch.allclose(out["ce"], ref, rtol=1e-5)
+    # hand-computed CE on the 2x3x4 example
+    s0, t0, lab0 = tensors()
+    ce = kd_loss(s0, t0, lab0, alpha=1.0)["ce"].item()
+    nll = [-math.log(py_softmax(S_LIST[b][i])[LABELS_LIST[b][i + 1]]) for b, i in ((0, 0), (0, 1), (1, 1))]
+    assert ce == pytest.approx(sum(nll) / 3, rel=1e-5)
+
+
+def test_kd_loss_mixture_and_metrics():
+    s, t, lab = random_batch(seed=23)
+    temp, alpha = 2.0, 0.3
+    out = kd_loss(s, t, lab, alpha=alpha, temperature=temp, divergence="jsd", beta=0.5)
+    d = distillation_loss(s, t, lab, divergence="jsd", beta=0.5, temperature=temp)
+    fkl = distillation_loss(s, t, lab, divergence="forward_kl", temperature=1.0)
+    assert torch.allclose(out["kd"], d)
+    assert torch.allclose(out["forward_kl"], fkl) and not out["forward_kl"].requires_grad
+    assert torch.allclose(out["loss"], alpha * out["ce"] + (1 - alpha) * temp**2 * d)
+    zero_alpha = kd_loss(s, t, lab, alpha=0.0, temperature=temp)
+    assert torch.allclose(zero_alpha["loss"], temp**2 * distillation_loss(s, t, lab, temperature=temp))
+    with pytest.raises(ValueError):
+        kd_loss(s, t, lab, alpha=1.5)
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    s, t, lab = random_batch(seed=29)
+    ref = distillation_loss(s.detach().bfloat16().float(), t.bfloat16().float(), lab)
+    got = distillation_loss(s.detach().bfloat16(), t.bfloat16(), lab)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, ref, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- top-k
+
+
+def _aligned_topk(t: torch.Tensor, k: int, temp: float):
+    """Teacher top-k log-probs at temperature temp, aligned with labels (position t predicts labels[:, t])."""
+    lp = F.log_softmax(t / temp, dim=-1)
+    vals, idx = lp.topk(k, dim=-1)
+    aligned_vals = torch.zeros_like(vals)
+    aligned_idx = torch.zeros_like(idx)
+    aligned_vals[:, 1:] = vals[:, :-1]
+    aligned_idx[:, 1:] = idx[:, :-1]
+    return aligned_vals, aligned_idx
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_topk_with_full_vocab_equals_distillation_loss(kind, beta, temp):
+    s, t, lab = random_batch(seed=31)
+    vals, idx = _aligned_topk(t, t.shape[-1], temp)
+    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=temp)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    for cs in (None, 2):
+        got = topk_distillation_loss(s, vals, idx, lab, divergence=kind, beta=beta, temperature=temp, chunk_size=cs)
+        (grad,) = torch.autograd.grad(got, s)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_topk_is_a_lower_bound_that_grows_with_k():
+    s, t, lab = random_batch(seed=37, v=16)
+    full = distillation_loss(s, t, lab).item()
+    values = []
+    for k in (1, 2, 4, 8, 16):
+        vals, idx = _aligned_topk(t, k, 1.0)
+        loss = topk_distillation_loss(s, vals, idx, lab)
+        assert torch.isfinite(loss)
+        values.append(loss.item())
+    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:], strict=False))
+    assert 0 <= values[0] and values[-1] == pytest.approx(full, rel=1e-4)
+
+
+def test_topk_hand_computed_buckets():
+    # one target token, k = 2: buckets {2, 0, rest}
+    s = torch.tensor([[S_LIST[0][0], S_LIST[0][1]]], requires_grad=True)
+    lab = torch.tensor([[-100, 1]])
+    p = py_softmax(T_LIST[0][0])
+    q = py_softmax(S_LIST[0][0])
+    top = sorted(range(4), key=lambda i: -p[i])[:2]
+    vals = torch.zeros(1, 2, 2)
+    idx = torch.zeros(1, 2, 2, dtype=torch.long)
+    vals[0, 1] = torch.tensor([math.log(p[i]) for i in top])
+    idx[0, 1] = torch.tensor(top)
+    pb = [p[i] for i in top] + [1 - sum(p[i] for i in top)]
+    qb = [q[i] for i in top] + [1 - sum(q[i] for i in top)]
+    for kind, beta in KINDS:
+        got = topk_distillation_loss(s, vals, idx, lab, divergence=kind, beta=beta)
+        assert got.item() == pytest.approx(py_div(pb, qb, kind, beta), rel=1e-5, abs=1e-7)
+
+
+def test_topk_shape_and_index_errors():
+    s, t, lab = random_batch()
+    vals, idx = _aligned_topk(t, 3, 1.0)
+    with pytest.raises(ValueError):
+        topk_distillation_loss(s, vals, idx[..., :2], lab)
+    with pytest.raises(ValueError):
+        topk_distillation_loss(s, vals, idx + 100, lab)
+
+
+def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):
+    """TRL's GKDTrainer.generalized_jsd_loss (trl/experimental/gkd/gkd_trainer.py) transcribed, on shifted inputs."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta)
+        m = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
+        jsd = b * F.kl_div(m, t, reduction="none", log_target=True)
+        jsd = jsd + (1 - b) * F.kl_div(m, s, reduction="none", log_target=True)
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_matches_trl_generalized_jsd(beta):
+    s, t, lab = random_batch(seed=41)
+    got = distillation_loss(s, t, lab, divergence="jsd", beta=beta, temperature=2.0)
+    ref = _trl_generalized_jsd(s[:, :-1], t[:, :-1], lab[:, 1:], beta, 2.0)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
