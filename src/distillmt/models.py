@@ -198,8 +198,12 @@ def apply_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [m for m in target_modules if m not in names]
     if missing:
-        raise DistillmtError(f"LoRA target modules not found in the model: {missing}; the model has e.g. {sorted(names)[:12]}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+        raise DistillmtError(
+            f"LoRA target modules not found in the model: {missing}; the model has e.g. {sorted(names)[:12]}"
+        )
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 

@@ -82,7 +82,7 @@ def strip_output(text: str) -> str:
     """Remove chat scaffolding a model may emit around its answer; keep the translation itself untouched."""
     for marker in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"):
         text = text.split(marker)[0] if marker != "<|im_start|>" else text.replace(marker, "")
-    text = text.strip()
+    text = text.lstrip()  # before the prefix check: "assistant\n" alone (an empty answer) must not become "assistant"
     if text.startswith("assistant\n"):
         text = text[len("assistant\n") :]
     return text.strip()

@@ -113,7 +113,9 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> 
     trainable = load_file(str(path / "trainable.safetensors"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != names:
-        raise DistillmtError(f"checkpoint {path} does not match this model's trainable parameters; delete it to restart")
+        raise DistillmtError(
+            f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in trainable.items():
@@ -282,7 +284,9 @@ def train(
                 if epoch not in epoch_batches:
                     epoch_batches = {epoch: make_batches(lengths, batch_size, seed, epoch)}
                 window.append([train_examples[i] for i in epoch_batches[epoch][pos]])
-            on_policy = kd is not None and kd.on_policy_prob > 0 and random.Random(seed + step).random() < kd.on_policy_prob
+            on_policy = (
+                kd is not None and kd.on_policy_prob > 0 and random.Random(seed + step).random() < kd.on_policy_prob
+            )
             if on_policy:
                 unwrapped = accelerator.unwrap_model(model)
                 window = [_on_policy_examples(unwrapped, mb, kd, pad_token_id, dev) for mb in window]
@@ -301,15 +305,21 @@ def train(
                     ce_sum = _masked_ce_sum(logits, labels)
                     if kd is None:
                         loss_sum = ce_sum
-                        parts = {"ce": float(ce_sum) / max(n_mb, 1)}
+                        parts = {"ce": float(ce_sum.detach()) / max(n_mb, 1)}
                     else:
                         if kd.cache is not None:
                             lp, idx = kd.cache.gather(
                                 [e["input_ids"] for e in window[i]], [e["labels"] for e in window[i]], labels.shape[1]
                             )
                             d = topk_distillation_loss(
-                                logits, lp.to(dev), idx.to(dev), labels, divergence=kd.divergence,
-                                temperature=kd.temperature, beta=kd.beta, chunk_size=kd.chunk_size,
+                                logits,
+                                lp.to(dev),
+                                idx.to(dev),
+                                labels,
+                                divergence=kd.divergence,
+                                temperature=kd.temperature,
+                                beta=kd.beta,
+                                chunk_size=kd.chunk_size,
                             )
                             fkl = None
                         else:
@@ -318,26 +328,37 @@ def train(
                                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                                 ).logits
                             d = distillation_loss(
-                                logits, t_logits, labels, divergence=kd.divergence, temperature=kd.temperature,
-                                beta=kd.beta, vocab_size=kd.vocab_size, chunk_size=kd.chunk_size,
+                                logits,
+                                t_logits,
+                                labels,
+                                divergence=kd.divergence,
+                                temperature=kd.temperature,
+                                beta=kd.beta,
+                                vocab_size=kd.vocab_size,
+                                chunk_size=kd.chunk_size,
                             )
                             with torch.no_grad():
                                 fkl = distillation_loss(
-                                    logits.detach(), t_logits, labels, divergence="forward_kl", temperature=1.0,
-                                    vocab_size=kd.vocab_size, chunk_size=kd.chunk_size,
+                                    logits.detach(),
+                                    t_logits,
+                                    labels,
+                                    divergence="forward_kl",
+                                    temperature=1.0,
+                                    vocab_size=kd.vocab_size,
+                                    chunk_size=kd.chunk_size,
                                 )
                         kd_term = kd.temperature**2 * d
                         if on_policy:  # the student's own samples are no reference: only the teacher signal counts
                             loss_sum = kd_term * n_mb
                         else:
                             loss_sum = kd.alpha * ce_sum + (1 - kd.alpha) * kd_term * n_mb
-                        parts = {"ce": float(ce_sum) / max(n_mb, 1), "kd": float(d)}
+                        parts = {"ce": float(ce_sum.detach()) / max(n_mb, 1), "kd": float(d.detach())}
                         if fkl is not None:
                             parts["forward_kl"] = float(fkl)
                     accelerator.backward(loss_sum / n_window)
                 for k, v in parts.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v * n_mb / n_window
-                step_stats["loss"] = step_stats.get("loss", 0.0) + float(loss_sum) / n_window
+                step_stats["loss"] = step_stats.get("loss", 0.0) + float(loss_sum.detach()) / n_window
             if max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
@@ -353,16 +374,28 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{step_stats['loss']:.3f}", tok_s=f"{tokens_seen / max(train_seconds, 1e-9):.0f}")
             if step % log_every == 0 or step == total_steps:
-                record = {"step": step, **{k: v / running_n for k, v in running.items()}, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens_seen / max(train_seconds, 1e-9), "on_policy": on_policy}
+                record = {
+                    "step": step,
+                    **{k: v / running_n for k, v in running.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
+                    "on_policy": on_policy,
+                }
                 running, running_n = {}, 0
                 if eval_every and step % eval_every == 0 and valid_examples:
-                    record["valid_ce"] = evaluate_loss(model, valid_examples, pad_token_id=pad_token_id,
-                                                       batch_size=batch_size, device=dev)
+                    record["valid_ce"] = evaluate_loss(
+                        model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev
+                    )
                 log(record)
             elif eval_every and step % eval_every == 0 and valid_examples:
-                log({"step": step, "valid_ce": evaluate_loss(model, valid_examples, pad_token_id=pad_token_id,
-                                                             batch_size=batch_size, device=dev)})
+                log(
+                    {
+                        "step": step,
+                        "valid_ce": evaluate_loss(
+                            model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev
+                        ),
+                    }
+                )
             if save_every and step % save_every == 0 and step < total_steps:
                 save()
     except KeyboardInterrupt:
@@ -387,4 +420,3 @@ def train(
         "valid_ce": valid_ce,
         "resumed_from": last.name if last is not None else None,
     }
-

@@ -1,0 +1,138 @@
+"""Tests for distillmt.metrics: BLEU/chrF through sacrebleu on Chinese, signatures, errors, and BERTScore offline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sacrebleu
+
+from distillmt import metrics
+from distillmt.errors import DistillmtError
+
+# Hypotheses and references: two identical, several partial matches, one empty hypothesis, one unrelated.
+HYPS = [
+    "今天天气很好。",
+    "我喜欢吃苹果。",
+    "他去学校了。",
+    "",
+    "这本书很有意思。",
+    "我们明天见。",
+    "猫在桌子上睡觉。",
+]
+REFS = [
+    "今天天气很好。",
+    "我喜欢吃香蕉。",
+    "他去学校。",
+    "你好吗？",
+    "这本书非常有趣。",
+    "我们明天见。",
+    "狗在椅子下面睡觉。",
+]
+
+
+def test_bleu_zh_equals_sacrebleu_corpus_bleu():
+    ours = metrics.bleu(HYPS, REFS, tokenize="zh")
+    ref = sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="zh")
+    assert ours["score"] == pytest.approx(ref.score, abs=1e-9)
+    assert 20 < ours["score"] < 90  # partial matches: neither 0 nor 100
+
+
+def test_bleu_default_tokenizer_is_zh():
+    assert metrics.bleu(HYPS, REFS)["score"] == pytest.approx(metrics.bleu(HYPS, REFS, tokenize="zh")["score"])
+
+
+def test_13a_gives_a_much_lower_bleu_on_unspaced_chinese():
+    zh = metrics.bleu(HYPS, REFS, tokenize="zh")["score"]
+    thirteen_a = metrics.bleu(HYPS, REFS, tokenize="13a")
+    assert thirteen_a["score"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="13a").score)
+    assert thirteen_a["score"] < zh / 4  # each unspaced sentence is one 13a "word": no higher-order n-grams match
+    assert "tok:13a" in thirteen_a["signature"]
+
+
+def test_chrf_equals_sacrebleu_corpus_chrf():
+    ours = metrics.chrf(HYPS, REFS)
+    ref = sacrebleu.corpus_chrf(HYPS, [REFS])
+    assert ours["score"] == pytest.approx(ref.score, abs=1e-9)
+    assert 20 < ours["score"] < 90
+
+
+def test_signatures_name_tokenizer_and_version():
+    b = metrics.bleu(HYPS, REFS, tokenize="zh")["signature"]
+    c = metrics.chrf(HYPS, REFS)["signature"]
+    assert "tok:zh" in b.split("|")
+    assert "version:2.6.0" in b.split("|")
+    assert "nrefs:1" in b.split("|")
+    assert "version:2.6.0" in c.split("|")
+    assert "nc:6" in c.split("|")  # chrF's default character order
+
+
+@pytest.mark.parametrize("metric", [metrics.bleu, metrics.chrf])
+def test_identical_hypotheses_score_100(metric):
+    refs = [r for r in REFS if r]
+    assert metric(refs, list(refs))["score"] == pytest.approx(100.0)
+
+
+def test_bleu_rewards_a_better_system():
+    worse = ["天气。", "苹果。", "学校。", "", "书。", "见。", "睡觉。"]
+    assert metrics.bleu(worse, REFS)["score"] < metrics.bleu(HYPS, REFS)["score"]
+    assert metrics.chrf(worse, REFS)["score"] < metrics.chrf(HYPS, REFS)["score"]
+
+
+@pytest.mark.parametrize("fn", [metrics.bleu, metrics.chrf, metrics.evaluate])
+def test_mismatched_lengths_are_an_error(fn):
+    with pytest.raises(DistillmtError, match=r"6 hypotheses but 7 references"):
+        fn(HYPS[:-1], REFS)
+
+
+@pytest.mark.parametrize("fn", [metrics.bleu, metrics.chrf])
+def test_no_hypotheses_is_an_error(fn):
+    with pytest.raises(DistillmtError, match=r"nothing to score"):
+        fn([], [])
+
+
+def test_evaluate_without_bertscore_has_only_bleu_and_chrf():
+    scores = metrics.evaluate(HYPS, REFS, bertscore_model=None)
+    assert scores["n"] == len(HYPS)
+    assert scores["bleu"] == metrics.bleu(HYPS, REFS)
+    assert scores["chrf"] == metrics.chrf(HYPS, REFS)
+    assert "bertscore" not in scores
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub and an empty HF cache: bert-base-chinese cannot be loaded."""
+    import huggingface_hub.constants
+
+    from distillmt import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_HUB_REACHABLE", None)  # forget any probe made earlier in this process
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.chdir(tmp_path)  # no local folder named like the model either
+
+
+def test_bertscore_unloadable_model_raises_metric_unavailable(offline):
+    with pytest.raises(metrics.MetricUnavailable, match=r"bert-base-chinese"):
+        metrics.bertscore(HYPS, REFS, model="bert-base-chinese")
+
+
+def test_evaluate_reports_bertscore_unavailable_without_a_number(offline):
+    start = time.perf_counter()
+    scores = metrics.evaluate(HYPS, REFS, bertscore_model="bert-base-chinese")
+    assert time.perf_counter() - start < 10
+    assert set(scores["bertscore"]) == {"unavailable"}  # no P/R/F invented
+    reason = scores["bertscore"]["unavailable"]
+    assert "bert-base-chinese" in reason
+    assert "\n" not in reason
+    assert scores["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="zh").score)
+    assert scores["chrf"]["score"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score)
+
+
+def test_hub_reachable_honours_hf_hub_offline(monkeypatch):
+    from distillmt import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_HUB_REACHABLE", None)
+    assert models.hub_reachable() is False

@@ -1,0 +1,108 @@
+"""The whole pipeline on a few dozen pairs with micro models: every stage runs, reruns skip finished stages, an
+interrupted run continues without redoing them, and a changed setting reruns only what depends on it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distillmt.config import load_config
+from distillmt.io import read_json
+from distillmt.pipeline import Experiment, run_experiment
+
+MICRO = [
+    "systems=[TEACHER,STUDENT,HLKD,SLKD,GKD]",
+    "tokenizer_vocab_size=300",
+    "data.train_size=40",
+    "data.valid_size=6",
+    "data.test_size=6",
+    "teacher.scratch={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
+    "student.scratch={hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 32}",
+    "train_teacher={max_steps: 4, batch_size: 8, save_every: 2, log_every: 2}",
+    "train_student={max_steps: 3, batch_size: 8, save_every: 2, log_every: 1}",
+    "generate={max_new_tokens: 6, batch_size: 4}",
+    "hard_kd={shard_size: 16, decoding: {max_new_tokens: 6}}",
+    "gkd.max_new_tokens=6",
+    "eval.bertscore=false",
+]
+
+
+def micro_cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [*MICRO, f"output_dir={tmp_path}", "name=micro", *extra])
+
+
+def stage_keys(root: Path) -> dict[str, str]:
+    return {p.parent.name: read_json(p)["key"] for p in root.glob("*/stage.json")}
+
+
+def test_full_pipeline_then_rerun_skips_everything(tmp_path):
+    cfg = micro_cfg(tmp_path)
+    report = run_experiment(cfg, progress=False)
+    root = tmp_path / "micro"
+    assert list(report["systems"]) == ["TEACHER", "STUDENT", "HLKD", "SLKD", "GKD"]
+    for name, row in report["systems"].items():
+        assert 0.0 <= row["scores"]["chrf"]["score"] <= 100.0
+        assert "tok:zh" in row["scores"]["bleu"]["signature"]
+        assert row["scores"]["bertscore"] if "bertscore" in row["scores"] else True
+        lines = (root / f"translate_{name}" / "translations.jsonl").read_text().splitlines()
+        assert len(lines) == 6 and {"src", "ref", "hyp"} <= set(json.loads(lines[0]))
+    assert (root / "results.md").read_text().startswith("# distillmt results")
+    assert json.loads((root / "results.json").read_text())["systems"]["SLKD"]["settings"].startswith("finetuned")
+    # every student row has the same parameter count (same budget, same architecture)
+    params = {k: v["translation"]["parameters"] for k, v in report["systems"].items()}
+    assert params["STUDENT"] < params["TEACHER"]
+    assert params["STUDENT"] == params["HLKD"] == params["SLKD"] == params["GKD"]
+    # labels were written as shards named by their content hash
+    assert len(list((root / "teacher_labels").glob("shard-*.jsonl"))) == 3
+
+    again = run_experiment(cfg, progress=False)
+    assert all(t["skipped"] for t in again["stages"].values())
+    assert again["systems"]["SLKD"]["scores"] == report["systems"]["SLKD"]["scores"]
+
+
+def test_interrupted_run_continues_without_redoing_finished_stages(tmp_path, monkeypatch):
+    cfg = micro_cfg(tmp_path, "systems=[TEACHER,STUDENT,HLKD]")
+    calls = {"n": 0}
+    real = Experiment.stage_translate
+
+    def interrupted(self, system):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, system)
+
+    monkeypatch.setattr(Experiment, "stage_translate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, progress=False)
+    root = tmp_path / "micro"
+    finished = {p.parent.name for p in root.glob("*/stage.json")}
+    assert {"data", "tokenizer", "train_teacher", "train_student", "teacher_labels", "train_hlkd"} <= finished
+    mtimes = {name: (root / name / "stage.json").stat().st_mtime_ns for name in finished}
+    monkeypatch.setattr(Experiment, "stage_translate", real)
+    report = run_experiment(cfg, progress=False)
+    assert {name for name, t in report["stages"].items() if t["skipped"]} == finished
+    assert all((root / name / "stage.json").stat().st_mtime_ns == m for name, m in mtimes.items())
+    assert set(report["systems"]) == {"TEACHER", "STUDENT", "HLKD"}
+
+
+def test_changed_setting_reruns_only_dependent_stages(tmp_path):
+    cfg = micro_cfg(tmp_path, "systems=[TEACHER,STUDENT,SLKD]")
+    run_experiment(cfg, progress=False)
+    before = stage_keys(tmp_path / "micro")
+    report = run_experiment(
+        micro_cfg(tmp_path, "systems=[TEACHER,STUDENT,SLKD]", "soft_kd.temperature=1.0"), progress=False
+    )
+    after = stage_keys(tmp_path / "micro")
+    rerun = {name for name, t in report["stages"].items() if not t["skipped"]}
+    assert rerun == {"train_slkd", "translate_SLKD", "evaluate_SLKD"}
+    assert {k for k in before if before[k] != after[k]} == rerun
+
+
+def test_soft_kd_from_teacher_cache(tmp_path):
+    cfg = micro_cfg(tmp_path, "systems=[TEACHER,SLKD]", "soft_kd.cache=true", "soft_kd.cache_k=8")
+    report = run_experiment(cfg, progress=False)
+    root = tmp_path / "micro"
+    assert (root / "teacher_cache" / "manifest.json").exists()
+    assert "top-8 cache" in report["systems"]["SLKD"]["settings"]
+    logs = [json.loads(x) for x in (root / "train_slkd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd" in r for r in logs)
