@@ -257,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--hyp", required=True)
     e.add_argument("--ref")
-    e.add_argument("--bleu-tokenize", default="zh")
+    e.add_argument(
+        "--bleu-tokenize",
+        default="zh",
+        choices=["zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200"],
+    )
     e.add_argument("--bertscore-model", default="bert-base-chinese", help="hub id, local folder or store:NAME")
     e.add_argument("--bertscore-layer", type=int, default=8)
     e.add_argument("--no-bertscore", action="store_true")
@@ -273,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="*")
     m.set_defaults(fn=cmd_models)
 
-    c = sub.add_parser("config", help="list every config key with its default, range and meaning")
+    c = sub.add_parser(
+        "config",
+        help="list every config key with its default, range and meaning",
+        description="List every config key with its default, range and meaning.",
+    )
     c.set_defaults(fn=cmd_config)
     return p
 

@@ -8,6 +8,7 @@ Library functions never take the whole config: the pipeline unpacks the fields e
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,7 +129,11 @@ class EvalConfig:
     bertscore_model: str = _f("bert-base-chinese", "BERTScore encoder: hub id, local folder or store:NAME")
     bertscore_layer: int = _f(8, "encoder layer used by BERTScore", range=(1, 64))
     bertscore_batch_size: int = _f(64, "BERTScore batch size", range=(1, None))
-    bleu_tokenize: str = _f("zh", "sacrebleu tokenizer for BLEU ('zh' for Chinese; 13a gives ~0 on unspaced text)")
+    bleu_tokenize: str = _f(
+        "zh",
+        "sacrebleu tokenizer for BLEU ('zh' for Chinese; 13a gives ~0 on unspaced text)",
+        choices=["zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200"],
+    )
 
 
 @dataclass
@@ -256,7 +261,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         tp, _ = _unwrap_optional(hints[name])
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value or {}, prefix=f"{key}.")
+            kwargs[name] = from_dict(tp, {} if value is None else value, prefix=f"{key}.")
         else:
             kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
@@ -277,7 +282,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
         lo_hi = f.metadata.get("range")
         if lo_hi is not None and value is not None:
             lo, hi = lo_hi
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
+            nan = isinstance(value, float) and math.isnan(value)
+            if nan or (lo is not None and value < lo) or (hi is not None and value > hi):
                 allowed = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
                 raise DistillmtError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
         choices = f.metadata.get("choices")
@@ -288,6 +294,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 
 def _validate_experiment(cfg: ExperimentConfig) -> None:
+    if not cfg.systems:
+        raise DistillmtError("config key 'systems' is empty; name at least one of: " + ", ".join(SYSTEMS))
     for s in cfg.systems:
         if s not in SYSTEMS:
             raise DistillmtError(f"config key 'systems' has unknown system {s!r}; choose from: {', '.join(SYSTEMS)}")
@@ -330,7 +338,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # also a YAML section whose keys are all commented out
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise DistillmtError(f"override {text!r}: '{part}' is not a section")
         node[path[-1]] = value

@@ -574,8 +574,18 @@ class Experiment:
         return self._stage(f"evaluate_{system}", settings, fn)
 
     # --- the whole experiment -----------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Fail in seconds, before any stage, when a pretrained model cannot be reached (e.g. a hub id offline)."""
+        from distillmt.models import check_loadable, resolve_ref
+
+        if self.scratch:
+            return
+        for side in ("teacher", "student"):
+            check_loadable(resolve_ref(getattr(self.cfg, side).model))
+
     def run_all(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.preflight()
         started = time.perf_counter()
         write_json(self.run.root / "config.json", to_dict(cfg))
         systems = cfg.systems
