@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distillmt.config import BLEU_TOKENIZERS
 from distillmt.errors import DistillmtError
 
 log = logging.getLogger("distillmt")
@@ -52,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from distillmt.report import results_table
 
     cfg = _load(args)
-    report = run_experiment(cfg, progress=not args.no_progress)
+    command = "distillmt " + " ".join(args.argv)
+    report = run_experiment(cfg, progress=not args.no_progress, command=command)
     root = Path(cfg.output_dir) / cfg.name
     print()
     print(results_table(report))
@@ -112,7 +114,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     rows = _read_sources(args.input)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     dtype = pick_dtype(args.dtype, device, scratch=False)
-    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
+    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, merge=True)
     res = translate(
         model,
         tokenizer,
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--bleu-tokenize",
         default="zh",
-        choices=["zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200"],
+        choices=BLEU_TOKENIZERS,
     )
     e.add_argument("--bertscore-model", default="bert-base-chinese", help="hub id, local folder or store:NAME")
     e.add_argument("--bertscore-layer", type=int, default=8)
@@ -287,11 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's concern
     for noisy in ("transformers", "accelerate", "peft", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

@@ -115,8 +115,13 @@ def load_tokenizer(ref: str) -> Any:
     return tok
 
 
-def load_model(ref: str, *, dtype: torch.dtype, device: torch.device, adapter: str | Path | None = None) -> Any:
-    """A causal LM from a hub id, a local folder or store:NAME; with ``adapter``, a saved LoRA adapter on top of it."""
+def load_model(
+    ref: str, *, dtype: torch.dtype, device: torch.device, adapter: str | Path | None = None, merge: bool = False
+) -> Any:
+    """A causal LM from a hub id, a local folder or store:NAME; with ``adapter``, a saved LoRA adapter on top of it.
+
+    ``merge`` folds the adapter into the weights in memory (nothing is written): for inference only, where the
+    unmerged adapter's extra matmuls and dtype casts cost more than the merge itself."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_ref(ref)
@@ -129,14 +134,18 @@ def load_model(ref: str, *, dtype: torch.dtype, device: torch.device, adapter: s
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
     return model.to(device)
 
 
-def load_trained(base_ref: str, trained_dir: str | Path, *, dtype: torch.dtype, device: torch.device) -> Any:
-    """What a training stage saved: a LoRA adapter (loaded on its base model, no merged copy) or full weights."""
+def load_trained(
+    base_ref: str, trained_dir: str | Path, *, dtype: torch.dtype, device: torch.device, merge: bool = False
+) -> Any:
+    """What a training stage saved: a LoRA adapter (loaded on its base model, no merged copy on disk) or full weights."""
     trained_dir = Path(trained_dir)
     if (trained_dir / "adapter_config.json").exists():
-        return load_model(base_ref, dtype=dtype, device=device, adapter=trained_dir)
+        return load_model(base_ref, dtype=dtype, device=device, adapter=trained_dir, merge=merge)
     return load_model(str(trained_dir), dtype=dtype, device=device)
 
 

@@ -157,7 +157,8 @@ class Experiment:
         }[system]
         if trained is None:
             return load_model(base, dtype=self._dtype(side), device=self.device)
-        return load_trained(base, self.run.root / trained / "model", dtype=self._dtype(side), device=self.device)
+        return load_trained(base, self.run.root / trained / "model", dtype=self._dtype(side), device=self.device,
+                            merge=True)
 
     def _new_trainable(self, side: str, tokenizer: Any) -> Any:
         """A model ready to train: built from scratch, or a pretrained one with LoRA (or all weights) trainable."""
@@ -203,7 +204,8 @@ class Experiment:
 
         if which == "finetuned":
             path = self.run.root / "train_teacher" / "model"
-            return load_trained(self.cfg.teacher.model, path, dtype=self._dtype("teacher"), device=self.device)
+            return load_trained(self.cfg.teacher.model, path, dtype=self._dtype("teacher"), device=self.device,
+                                merge=True)
         return load_model(self.cfg.teacher.model, dtype=self._dtype("teacher"), device=self.device)
 
     def _train(
@@ -583,7 +585,7 @@ class Experiment:
         for side in ("teacher", "student"):
             check_loadable(resolve_ref(getattr(self.cfg, side).model))
 
-    def run_all(self) -> dict[str, Any]:
+    def run_all(self, command: str | None = None) -> dict[str, Any]:
         cfg = self.cfg
         self.preflight()
         started = time.perf_counter()
@@ -663,6 +665,7 @@ class Experiment:
         total = time.perf_counter() - started
         report = {
             "name": cfg.name,
+            "command": command,
             "systems": results,
             "stages": self.run.timings,
             "wall_seconds": total,
@@ -700,8 +703,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
     try:
-        return Experiment(cfg, progress=progress).run_all()
+        return Experiment(cfg, progress=progress).run_all(command)
     except FileNotFoundError as e:
         raise DistillmtError(f"missing file: {e.filename}") from None

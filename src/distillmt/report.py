@@ -42,7 +42,10 @@ def results_table(report: dict[str, Any]) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     first = next(iter(report["systems"].values()), None)
-    lines = [f"# distillmt results: {report['name']}", "", results_table(report)]
+    lines = [f"# distillmt results: {report['name']}", ""]
+    if report.get("command"):
+        lines += [f"Command: `{report['command']}`", ""]
+    lines.append(results_table(report))
     if first is not None:
         s = first["scores"]
         lines += [
