@@ -106,3 +106,20 @@ def test_soft_kd_from_teacher_cache(tmp_path):
     assert "top-8 cache" in report["systems"]["SLKD"]["settings"]
     logs = [json.loads(x) for x in (root / "train_slkd" / "metrics.jsonl").read_text().splitlines()]
     assert any("kd" in r for r in logs)
+
+
+def test_teacher_label_shards_resume_and_follow_settings(tmp_path):
+    cfg = micro_cfg(tmp_path, "systems=[TEACHER,HLKD]")
+    run_experiment(cfg, progress=False)
+    labels = tmp_path / "micro" / "teacher_labels"
+    shards = sorted(labels.glob("shard-*.jsonl"))
+    kept = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    # a killed stage: no stage.json, the last shard missing
+    (labels / "stage.json").unlink()
+    shards[-1].unlink()
+    run_experiment(cfg, progress=False)
+    assert shards[-1].exists()
+    assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept  # finished shards were not regenerated
+    # another decoding setting: every shard gets a new name (new hash) and is generated again
+    run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,HLKD]", "hard_kd.decoding.num_beams=2"), progress=False)
+    assert not set(kept) & {p.name for p in labels.glob("shard-*.jsonl")}

@@ -167,14 +167,16 @@ class GKDConfig:
 
 
 def _default_teacher() -> ModelConfig:
-    return ModelConfig(scratch=ScratchConfig(hidden_size=224, num_layers=4, num_heads=4, num_kv_heads=2,
-                                             intermediate_size=640))
+    return ModelConfig(
+        scratch=ScratchConfig(hidden_size=224, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=640)
+    )
 
 
 def _default_student() -> ModelConfig:
     # ~0.1x the teacher's parameters with the default 4,000-token vocabulary
-    return ModelConfig(scratch=ScratchConfig(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
-                                             intermediate_size=192))
+    return ModelConfig(
+        scratch=ScratchConfig(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=192)
+    )
 
 
 def _default_train_teacher() -> TrainConfig:
@@ -201,12 +203,16 @@ class ExperimentConfig:
     seed: int = _f(0, "seed for data split, initialisation, data order and sampling", range=(0, None))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
     systems: list[str] = _f(["TEACHER", "STUDENT", "HLKD", "SLKD"], f"rows of the results table, from {SYSTEMS}")
-    tokenizer_vocab_size: int = _f(4000, "BPE vocabulary trained on the training split when models are scratch", range=(100, None))
+    tokenizer_vocab_size: int = _f(
+        4000, "BPE vocabulary trained on the training split when models are scratch", range=(100, None)
+    )
     data: DataConfig = _f(DataConfig, "corpus and splits")
     teacher: ModelConfig = _f(_default_teacher, "teacher model")
     student: ModelConfig = _f(_default_student, "student model")
     train_teacher: TrainConfig = _f(_default_train_teacher, "teacher fine-tuning (TEACHER / TEACHER_PEFT)")
-    train_student: TrainConfig = _f(_default_train_student, "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD")
+    train_student: TrainConfig = _f(
+        _default_train_student, "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD"
+    )
     generate: GenerateConfig = _f(GenerateConfig, "decoding of the test set")
     eval: EvalConfig = _f(_default_eval, "metrics")
     hard_kd: HardKDConfig = _f(HardKDConfig, "sequence-level KD (HLKD)")
@@ -282,10 +288,22 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         tp, _ = _unwrap_optional(hints[name])
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, {} if value is None else value, prefix=f"{key}.")
+            value = {} if value is None else value
+            if isinstance(value, dict) and fields[name].default_factory is not dataclasses.MISSING:
+                # A section starts from this field's own default (the experiment's teacher is not a bare
+                # ModelConfig()), so overriding one key keeps the other keys of the default experiment.
+                value = _merge(dataclasses.asdict(fields[name].default_factory()), value)
+            kwargs[name] = from_dict(tp, value, prefix=f"{key}.")
         else:
             kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -157,8 +157,9 @@ class Experiment:
         }[system]
         if trained is None:
             return load_model(base, dtype=self._dtype(side), device=self.device)
-        return load_trained(base, self.run.root / trained / "model", dtype=self._dtype(side), device=self.device,
-                            merge=True)
+        return load_trained(
+            base, self.run.root / trained / "model", dtype=self._dtype(side), device=self.device, merge=True
+        )
 
     def _new_trainable(self, side: str, tokenizer: Any) -> Any:
         """A model ready to train: built from scratch, or a pretrained one with LoRA (or all weights) trainable."""
@@ -204,8 +205,9 @@ class Experiment:
 
         if which == "finetuned":
             path = self.run.root / "train_teacher" / "model"
-            return load_trained(self.cfg.teacher.model, path, dtype=self._dtype("teacher"), device=self.device,
-                                merge=True)
+            return load_trained(
+                self.cfg.teacher.model, path, dtype=self._dtype("teacher"), device=self.device, merge=True
+            )
         return load_model(self.cfg.teacher.model, dtype=self._dtype("teacher"), device=self.device)
 
     def _train(
