@@ -20,7 +20,7 @@ def _params(n: int | None) -> str:
 
 def results_table(report: dict[str, Any]) -> str:
     """Markdown table of the systems; BERTScore columns say n/a (with the reason below) when it was not measured."""
-    header = "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | tokens/s |\n"
+    header = "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | translation tokens/s |\n"
     header += "|---|---|---|---|---|---|---|---|\n"
     rows, notes = [], []
     for system, r in report["systems"].items():
