@@ -1,0 +1,60 @@
+"""Model helpers: LoRA adapters save/load, merging for inference keeps the outputs, tokenizer checks."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from distillmt.errors import DistillmtError
+from distillmt.models import apply_lora, check_same_tokenizer, load_trained, save_trained, train_bpe_tokenizer
+
+
+def test_saved_adapter_loads_unmerged_and_merged_with_same_logits(tmp_path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    base = Qwen2ForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():  # a non-trivial adapter (B starts at zero)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    x = torch.randint(0, 50, (2, 7))
+    expected = model(x).logits
+    save_trained(model, None, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    for merge in (False, True):
+        loaded = load_trained(
+            str(tmp_path / "base"), tmp_path / "adapter", dtype=torch.float32, device=torch.device("cpu"), merge=merge
+        ).eval()
+        assert torch.allclose(loaded(x).logits, expected, atol=1e-5)
+        assert type(loaded).__name__ == ("Qwen2ForCausalLM" if merge else "PeftModelForCausalLM")
+
+
+def test_lora_on_missing_modules_is_a_clear_error():
+    cfg = Qwen2Config(
+        vocab_size=20,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    with pytest.raises(DistillmtError, match="c_attn"):
+        apply_lora(Qwen2ForCausalLM(cfg), r=2, alpha=4, dropout=0.0, target_modules=["c_attn"])
+
+
+def test_different_tokenizers_are_refused_before_kd(tmp_path):
+    a = train_bpe_tokenizer(["hello world", "你好世界"] * 20, 300, tmp_path / "a")
+    b = train_bpe_tokenizer(["completely other text", "再见"] * 20, 300, tmp_path / "b")
+    check_same_tokenizer(a, a)
+    with pytest.raises(DistillmtError, match="tokenizers differ"):
+        check_same_tokenizer(a, b)
