@@ -58,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = Path(cfg.output_dir) / cfg.name
     print()
     print(results_table(report))
-    print(f"run folder: {root}  (results.md, results.json; wall time {report['wall_seconds']:.0f} s)")
+    print(
+        f"run folder: {root}  (results.md, results.json; wall time of this invocation {report['wall_seconds']:.0f} s)"
+    )
     return 0
 
 
