@@ -205,7 +205,7 @@ def train(
     ``out_dir``. Resumes from the newest checkpoint there. Returns a summary (steps, losses, tokens/s)."""
     from accelerate import Accelerator
 
-    from distillmt.losses import distillation_loss, topk_distillation_loss
+    from distillmt.losses import kd_loss, topk_distillation_loss
 
     if not train_examples:
         raise DistillmtError("no training examples")
@@ -302,7 +302,27 @@ def train(
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     labels = batch["labels"]
                     n_mb = _target_tokens(labels)
-                    ce_sum = _masked_ce_sum(logits, labels)
+                    fkl = None
+                    if kd is not None and kd.cache is None:
+                        with torch.no_grad():
+                            t_logits = kd.teacher(
+                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                            ).logits
+                        # one chunked fp32 pass gives CE, the divergence at T and the true forward KL at T=1
+                        out = kd_loss(
+                            logits,
+                            t_logits,
+                            labels,
+                            alpha=kd.alpha,
+                            temperature=kd.temperature,
+                            divergence=kd.divergence,
+                            beta=kd.beta,
+                            vocab_size=kd.vocab_size,
+                            chunk_size=kd.chunk_size,
+                        )
+                        ce_sum, d, fkl = out["ce"] * n_mb, out["kd"], out["forward_kl"]
+                    else:
+                        ce_sum = _masked_ce_sum(logits, labels)
                     if kd is None:
                         loss_sum = ce_sum
                         parts = {"ce": float(ce_sum.detach()) / max(n_mb, 1)}
@@ -321,32 +341,6 @@ def train(
                                 beta=kd.beta,
                                 chunk_size=kd.chunk_size,
                             )
-                            fkl = None
-                        else:
-                            with torch.no_grad():
-                                t_logits = kd.teacher(
-                                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                                ).logits
-                            d = distillation_loss(
-                                logits,
-                                t_logits,
-                                labels,
-                                divergence=kd.divergence,
-                                temperature=kd.temperature,
-                                beta=kd.beta,
-                                vocab_size=kd.vocab_size,
-                                chunk_size=kd.chunk_size,
-                            )
-                            with torch.no_grad():
-                                fkl = distillation_loss(
-                                    logits.detach(),
-                                    t_logits,
-                                    labels,
-                                    divergence="forward_kl",
-                                    temperature=1.0,
-                                    vocab_size=kd.vocab_size,
-                                    chunk_size=kd.chunk_size,
-                                )
                         kd_term = kd.temperature**2 * d
                         if on_policy:  # the student's own samples are no reference: only the teacher signal counts
                             loss_sum = kd_term * n_mb
