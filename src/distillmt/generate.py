@@ -109,7 +109,7 @@ def translate(
             not_pad &= torch.cumsum(new.eq(sid), dim=1).le(1) | ~new.eq(sid)
         generated += int(not_pad.sum())
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        seq_scores = _sequence_scores(model, out, new, stop_ids, num_beams) if gen_config.output_scores else None
+        seq_scores = _sequence_scores(model, out, num_beams) if gen_config.output_scores else None
         for k, text in enumerate(texts):
             src_i = idx[k // num_return_sequences]
             candidates[src_i].append(strip_output(text))
@@ -129,7 +129,7 @@ def translate(
     return TranslationResult(hyps, candidates, generated, seconds)
 
 
-def _sequence_scores(model: Any, out: Any, new: torch.Tensor, stop_ids: list[int], num_beams: int) -> torch.Tensor:
+def _sequence_scores(model: Any, out: Any, num_beams: int) -> torch.Tensor:
     """Length-normalised log-probability of each returned sequence under the model that generated it."""
     if num_beams > 1 and getattr(out, "sequences_scores", None) is not None:
         return out.sequences_scores

@@ -6,7 +6,6 @@ Weights are read and written as safetensors only, and remote code is never trust
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -237,11 +236,6 @@ def count_parameters(model: Any) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-def real_vocab_size(tokenizer: Any) -> int:
-    """Rows of the embedding that are real tokens (Qwen pads its embedding to a multiple of 128 or more)."""
-    return len(tokenizer)
-
-
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
     """Logit KD compares distributions token by token: the two vocabularies must be identical."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
@@ -253,15 +247,3 @@ def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
             f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens; {only_t} only in the teacher, "
             f"{only_s} only in the student, {moved} with different ids): logit KD needs a shared tokenizer"
         )
-
-
-def model_identity(ref: str, adapter_dir: str | Path | None = None) -> str:
-    """A string that names a model's weights for cache keys: the reference plus the adapter/weights file hashes."""
-    import hashlib
-
-    parts = [ref]
-    if adapter_dir is not None:
-        for p in sorted(Path(adapter_dir).glob("*.safetensors")):
-            h = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            parts.append(f"{p.name}:{h}")
-    return json.dumps(parts)

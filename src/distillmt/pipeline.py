@@ -38,9 +38,8 @@ def stage_key(settings: dict[str, Any]) -> str:
 class Run:
     """Bookkeeping for one run folder: which stages are done, with which keys, and how long each took."""
 
-    def __init__(self, root: Path, progress: bool = True):
+    def __init__(self, root: Path):
         self.root = root
-        self.progress = progress
         self.root.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, dict[str, Any]] = {}
 
@@ -104,7 +103,7 @@ class Experiment:
         hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
         self.cfg = cfg
         self.progress = progress
-        self.run = Run(Path(cfg.output_dir) / cfg.name, progress)
+        self.run = Run(Path(cfg.output_dir) / cfg.name)
         self.device = pick_device(cfg.device)
         self.scratch = cfg.teacher.model == "scratch"
         self.keys: dict[str, str] = {}
@@ -140,21 +139,25 @@ class Experiment:
         d = self.cfg.data
         return _examples(tokenizer, pairs, d.max_source_tokens, d.max_target_tokens)
 
-    def _load_system_model(self, system: str) -> Any:
-        """The model behind a results row: a base model, or what a training stage saved (adapter or full weights)."""
-        from distillmt.models import load_model, load_trained
-
-        side = "teacher" if system.startswith("TEACHER") else "student"
-        base = getattr(self.cfg, side).model
-        trained = {
-            "TEACHER": "train_teacher" if self.scratch else None,
-            "STUDENT": "train_student" if self.scratch else None,
+    def _trained_stage(self, system: str) -> str | None:
+        """The training stage behind a results row, or None for a base model used zero-shot."""
+        if system in ("TEACHER", "STUDENT"):
+            return f"train_{system.lower()}" if self.scratch else None
+        return {
             "TEACHER_PEFT": "train_teacher",
             "STUDENT_PEFT": "train_student",
             "HLKD": "train_hlkd",
             "SLKD": "train_slkd",
             "GKD": "train_gkd",
         }[system]
+
+    def _load_system_model(self, system: str) -> Any:
+        """The model behind a results row: a base model, or what a training stage saved (adapter or full weights)."""
+        from distillmt.models import load_model, load_trained
+
+        side = "teacher" if system.startswith("TEACHER") else "student"
+        base = getattr(self.cfg, side).model
+        trained = self._trained_stage(system)
         if trained is None:
             return load_model(base, dtype=self._dtype(side), device=self.device)
         return load_trained(
@@ -536,15 +539,7 @@ class Experiment:
         return self._stage(f"translate_{system}", settings, fn)
 
     def _system_source(self, system: str) -> dict[str, Any]:
-        stage = {
-            "TEACHER_PEFT": "train_teacher",
-            "STUDENT_PEFT": "train_student",
-            "HLKD": "train_hlkd",
-            "SLKD": "train_slkd",
-            "GKD": "train_gkd",
-        }.get(system)
-        if system in ("TEACHER", "STUDENT"):
-            stage = f"train_{system.lower()}" if self.scratch else None
+        stage = self._trained_stage(system)
         if stage is None:
             side = "teacher" if system == "TEACHER" else "student"
             return {"base": getattr(self.cfg, side).model, "dtype": getattr(self.cfg, side).dtype}
@@ -624,7 +619,7 @@ class Experiment:
                 f"selection={h.selection}, beams={h.decoding.num_beams}, sample={h.decoding.do_sample}, "
                 f"mix_references={h.mix_references}"
             )
-        soft = {k: v for k, v in asdict(cfg.soft_kd).items()}
+        soft = asdict(cfg.soft_kd)
         if "SLKD" in systems:
             extra = {"kd": soft, "teacher": self._teacher_identity(cfg.soft_kd.teacher)}
             if cfg.soft_kd.cache:
