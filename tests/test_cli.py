@@ -295,3 +295,383 @@ def test_models_import_without_name_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILLMT_HOME", str(tmp_path / "home"))
     assert main(["models", "import"]) == 2
     assert "needs a NAME" in _error_line(capsys.readouterr().err)
+
+
+# --- evaluate: files read by their format -----------------------------------------------------------------------------
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _scores(capsys) -> tuple[float, float]:
+    scores = json.loads(capsys.readouterr().out)
+    return scores["bleu"]["score"], scores["chrf"]["score"]
+
+
+PLAIN_SCORES = (
+    sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="zh").score,
+    sacrebleu.corpus_chrf(HYPS, [REFS]).score,
+)
+
+
+@pytest.mark.parametrize(
+    "hyp_rows",
+    [
+        [{"src": "x", "ref": r, "hyp": h} for h, r in zip(HYPS, REFS, strict=True)],  # same refs as --ref
+        [{"src": "x", "ref": None, "hyp": h} for h in HYPS],  # what translate writes for plain-text sources
+        [{"src": "x", "hyp": h} for h in HYPS],
+    ],
+    ids=["matching-ref-fields", "null-ref-fields", "no-ref-fields"],
+)
+@pytest.mark.parametrize("hyp_name", ["out.jsonl", "out.txt"])  # .txt: JSON lines recognised by content
+@pytest.mark.parametrize("ref_format", ["text", "jsonl"])
+def test_evaluate_jsonl_hyp_with_ref_file_scores_the_hyp_field(tmp_path, capsys, hyp_rows, hyp_name, ref_format):
+    """The JSON line itself (which holds the reference) must never be scored as the hypothesis."""
+    hyp = _jsonl(tmp_path / hyp_name, hyp_rows)
+    if ref_format == "text":
+        ref = _lines(tmp_path / "ref.txt", REFS)
+    else:
+        ref = _jsonl(tmp_path / "ref.jsonl", [{"src": "x", "ref": r} for r in REFS])
+    assert main(["evaluate", "--hyp", hyp, "--ref", ref, "--no-bertscore"]) == 0
+    assert _scores(capsys) == pytest.approx(PLAIN_SCORES, abs=1e-9)
+    # ... which are exactly the plain-text pair's scores
+    plain_hyp, plain_ref = _lines(tmp_path / "h.txt", HYPS), _lines(tmp_path / "r.txt", REFS)
+    assert main(["evaluate", "--hyp", plain_hyp, "--ref", plain_ref, "--no-bertscore"]) == 0
+    assert _scores(capsys) == pytest.approx(PLAIN_SCORES, abs=1e-9)
+
+
+def test_evaluate_plain_hyp_with_jsonl_ref(tmp_path, capsys):
+    hyp = _lines(tmp_path / "h.txt", HYPS)
+    ref = _jsonl(tmp_path / "data.jsonl", [{"src": "x", "ref": r, "hyp": "ignored"} for r in REFS])
+    assert main(["evaluate", "--hyp", hyp, "--ref", ref, "--no-bertscore"]) == 0
+    assert _scores(capsys) == pytest.approx(PLAIN_SCORES, abs=1e-9)
+
+
+def test_evaluate_refuses_jsonl_refs_that_disagree_with_ref_file(tmp_path, capsys):
+    hyp = _jsonl(tmp_path / "out.jsonl", [{"ref": r, "hyp": h} for h, r in zip(HYPS, REFS, strict=True)])
+    other = [*REFS[:2], "完全不同的句子。", REFS[3]]
+    ref = _lines(tmp_path / "other.txt", other)
+    assert main(["evaluate", "--hyp", hyp, "--ref", ref, "--no-bertscore"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = _error_line(captured.err)
+    assert line.startswith(f"distillmt: error: {hyp}:3: its 'ref' field")
+    assert f"{ref}:3" in line
+    assert "1 of 4 rows differ" in line
+
+
+@pytest.mark.parametrize("hyp_format", ["text", "jsonl"])
+def test_evaluate_count_mismatch_names_both_files_and_counts(tmp_path, capsys, hyp_format):
+    if hyp_format == "text":
+        hyp = _lines(tmp_path / "h.txt", HYPS)
+    else:
+        hyp = _jsonl(tmp_path / "h.jsonl", [{"hyp": h} for h in HYPS])
+    ref = _lines(tmp_path / "r.txt", REFS[:3])
+    assert main(["evaluate", "--hyp", hyp, "--ref", ref, "--no-bertscore"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "4 hypotheses but 3 references" in line
+    assert f"--hyp {hyp} has 4" in line
+    assert f"--ref {ref} has 3" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        ("今天天气很好。\n", r"is plain text .*--ref FILE"),  # plain text hyp needs --ref
+        ('{"hyp": "a", "ref": "b"}\nnot json\n', r":2: invalid JSON"),  # JSON lines by content: no fallback
+        ('{"hyp": "a", "ref": "b"}\n[1, 2]\n', r":2: a JSON lines file needs one JSON object per line"),
+    ],
+)
+def test_evaluate_hyp_alone_must_be_jsonl_with_refs(tmp_path, capsys, content, pattern):
+    hyp = tmp_path / "h.txt"
+    hyp.write_text(content, encoding="utf-8")
+    assert main(["evaluate", "--hyp", str(hyp), "--no-bertscore"]) == 2
+    assert re.search(pattern, _error_line(capsys.readouterr().err))
+
+
+# --- checks before any work: one line, exit 2, no traceback -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 1-layer Qwen2 model with a BPE tokenizer, saved as a local folder (no download)."""
+    from distillmt.models import build_scratch_model, train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tok = train_bpe_tokenizer(["hello world", "good morning", "你好世界", "早上好"] * 10, 300, folder)
+    model = build_scratch_model(
+        tok, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, max_positions=128
+    )
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main()'s status; argparse's usage errors leave through SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def _mistake(case: str, tmp: Path, model: str) -> tuple[list[str], str]:
+    """Arguments with exactly one mistake, and a pattern the error line must match."""
+    src = _lines(tmp / "src.txt", ["Hello.", "Good morning."])
+    folder = tmp / "folder"
+    folder.mkdir(exist_ok=True)
+    tr = ["translate", "--model", model, "--no-progress", "--max-new-tokens", "2"]
+    runs = [f"output_dir={tmp / 'runs'}", "--no-progress"]
+    if case == "non-utf8-config":
+        (tmp / "c.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    return {
+        "device-cuda": ([*tr, "-i", src, "--device", "cuda"], r"--device: device 'cuda' is not available"),
+        "device-cuda-99": ([*tr, "-i", src, "--device", "cuda:99"], r"device 'cuda:99' is not available"),
+        "device-garbage": ([*tr, "-i", src, "--device", "gpu0"], r"device 'gpu0' is not a device name"),
+        "run-device-tpu": (["run", "device=tpu", *runs], r"config key 'device': device 'tpu' is not a device"),
+        "missing-input": (
+            [*tr, "-i", str(tmp / "nope.txt")],
+            rf"--input {re.escape(str(tmp))}/nope.txt: file not found",
+        ),
+        "input-is-folder": ([*tr, "-i", str(folder)], r"--input .*/folder is a folder, not a file"),
+        "num-beams-0": ([*tr, "-i", src, "--num-beams", "0"], r"argument --num-beams: 0 is out of range"),
+        "batch-size-0": ([*tr, "-i", src, "--batch-size", "0"], r"argument --batch-size: 0 is out of range"),
+        "max-new-tokens-0": ([*tr, "-i", src, "--max-new-tokens", "0"], r"argument --max-new-tokens: 0 is out"),
+        "top-k-negative": ([*tr, "-i", src, "--top-k", "-1"], r"argument --top-k: -1 is out of range"),
+        "top-p-0": ([*tr, "-i", src, "--top-p", "0"], r"argument --top-p: 0 is out of range; allowed: \(0.0, 1.0\]"),
+        "top-p-1.5": ([*tr, "-i", src, "--top-p", "1.5"], r"argument --top-p: 1.5 is out of range"),
+        "temperature-0": ([*tr, "-i", src, "--temperature", "0"], r"argument --temperature: 0 is out of range"),
+        "temperature-nan": ([*tr, "-i", src, "--temperature", "nan"], r"argument --temperature: nan is out of"),
+        "batch-size-text": ([*tr, "-i", src, "--batch-size", "many"], r"'many' is not an integer"),
+        "adapter-not-lora": ([*tr, "-i", src, "--adapter", str(folder)], r"--adapter .* not a LoRA adapter folder"),
+        "adapter-missing": ([*tr, "-i", src, "--adapter", str(tmp / "nope")], r"--adapter .*nope: folder not found"),
+        "output-folder-missing": ([*tr, "-i", src, "-o", str(tmp / "no" / "o.jsonl")], r"folder .*/no does not exist"),
+        "output-is-folder": ([*tr, "-i", src, "-o", str(folder)], r"--output .*/folder is a folder; give a file name"),
+        "output-under-file": ([*tr, "-i", src, "-o", f"{src}/o.jsonl"], r"src.txt is not a folder"),
+        "hyp-is-folder": (["evaluate", "--hyp", str(folder), "--ref", src], r"--hyp .*/folder is a folder"),
+        "ref-is-folder": (["evaluate", "--hyp", src, "--ref", str(folder)], r"--ref .*/folder is a folder"),
+        "config-is-folder": (["run", str(folder), *runs], r"config file .*/folder is a folder"),
+        "non-utf8-config": (["run", str(tmp / "c.yaml"), *runs], r"config file .*c.yaml: not valid UTF-8"),
+        "name-dotdot": (["run", "name=..", *runs], r"config key 'name' = '..' is not allowed"),
+        "name-slash": (["run", "name=a/b", *runs], r"config key 'name' = 'a/b' is not allowed"),
+        "output-dir-is-file": (["run", f"output_dir={src}", "--no-progress"], r"src.txt exists and is a file"),
+    }[case]
+
+
+IN_PROCESS_MISTAKES = [
+    "device-cuda-99",
+    "device-garbage",
+    "run-device-tpu",
+    "missing-input",
+    "input-is-folder",
+    "num-beams-0",
+    "batch-size-0",
+    "max-new-tokens-0",
+    "top-k-negative",
+    "top-p-0",
+    "top-p-1.5",
+    "temperature-0",
+    "temperature-nan",
+    "batch-size-text",
+    "adapter-not-lora",
+    "adapter-missing",
+    "output-folder-missing",
+    "output-is-folder",
+    "output-under-file",
+    "hyp-is-folder",
+    "ref-is-folder",
+    "config-is-folder",
+    "non-utf8-config",
+    "name-dotdot",
+    "name-slash",
+    "output-dir-is-file",
+]
+
+
+@pytest.mark.parametrize("case", IN_PROCESS_MISTAKES)
+def test_mistakes_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, tiny_model, case):
+    from distillmt import models
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded despite the mistake")
+
+    monkeypatch.setattr(models, "load_model", never)
+    monkeypatch.setattr(models, "load_tokenizer", never)
+    argv, pattern = _mistake(case, tmp_path, tiny_model)
+    assert _exit_code(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = _error_line(captured.err)
+    assert re.search(pattern, line), line
+    assert not (tmp_path / "runs").exists()  # no run folder started
+
+
+# Fewer cases in real processes (each start costs seconds): the main kinds of mistake, end to end.
+PROCESS_MISTAKES = [
+    "device-cuda",
+    "run-device-tpu",
+    "missing-input",
+    "num-beams-0",
+    "batch-size-0",
+    "adapter-not-lora",
+    "output-folder-missing",
+    "hyp-is-folder",
+    "non-utf8-config",
+    "name-dotdot",
+]
+
+
+@pytest.mark.parametrize("case", PROCESS_MISTAKES)
+def test_mistakes_in_a_real_process_exit_2_with_one_line(tmp_path, tiny_model, case):
+    import torch
+
+    if case == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    argv, pattern = _mistake(case, tmp_path, tiny_model)
+    proc = _run_process(argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    line = _error_line(proc.stderr)
+    assert re.search(pattern, line), line
+    assert proc.stderr.strip().splitlines()[-1] == line
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_translate_refuses_read_only_output_folder(tmp_path, capsys, tiny_model):
+    src = _lines(tmp_path / "src.txt", ["Hello."])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert _exit_code(["translate", "--model", tiny_model, "-i", src, "-o", str(ro / "o.jsonl")]) == 2
+    finally:
+        ro.chmod(0o700)
+    assert re.search(r"folder .*/ro is not writable", _error_line(capsys.readouterr().err))
+
+
+def test_translate_then_evaluate_with_a_tiny_model(tmp_path, capsys, tiny_model):
+    """The checks let a correct command through: translate writes JSONL, evaluate scores its hyp field."""
+    src = _lines(tmp_path / "src.txt", ["Hello world.", "Good morning."])
+    out = tmp_path / "out.jsonl"
+    argv = ["translate", "--model", tiny_model, "-i", src, "-o", str(out), "--max-new-tokens", "3"]
+    assert main([*argv, "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["src"] for r in rows] == ["Hello world.", "Good morning."]
+    assert all(isinstance(r["hyp"], str) and r["ref"] is None for r in rows)
+    capsys.readouterr()
+    ref = _lines(tmp_path / "ref.txt", ["你好世界。", "早上好。"])
+    assert main(["evaluate", "--hyp", str(out), "--ref", ref, "--no-bertscore"]) == 0
+    hyps = [r["hyp"] for r in rows]
+    expected = sacrebleu.corpus_chrf(hyps, [["你好世界。", "早上好。"]]).score
+    assert json.loads(capsys.readouterr().out)["chrf"]["score"] == pytest.approx(expected)
+
+
+# --- one place for every failure: exit codes, OS errors, unexpected errors, --debug ------------------------------------
+
+
+def _fail_with(monkeypatch, exc: BaseException) -> None:
+    from distillmt import cli
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_config", boom)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (PermissionError(13, "Permission denied", "/x/y.jsonl"), "/x/y.jsonl: Permission denied"),
+        (IsADirectoryError(21, "Is a directory", "/x/out"), "/x/out: Is a directory"),
+        (OSError(28, "No space left on device"), "No space left on device"),
+    ],
+)
+def test_os_errors_are_one_line_naming_the_file(monkeypatch, capsys, exc, expected):
+    _fail_with(monkeypatch, exc)
+    assert main(["config"]) == 2
+    assert _error_line(capsys.readouterr().err) == f"distillmt: error: {expected}"
+
+
+def test_failed_write_names_the_target_file_not_the_temp_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from distillmt import cli, io
+
+    target = tmp_path / "out.jsonl"
+
+    def write(args):
+        io.write_jsonl(target, [{"hyp": "x"}])
+        return 0
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli, "cmd_config", write)
+    monkeypatch.setattr(io.os, "fsync", disk_full)
+    assert main(["config"]) == 2
+    assert _error_line(capsys.readouterr().err) == f"distillmt: error: cannot write {target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
+
+
+def test_unexpected_error_is_one_line_with_the_traceback_saved(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _fail_with(monkeypatch, RuntimeError("boom in the model\nsecond line of detail"))
+    assert main(["config"]) == 1
+    err = capsys.readouterr().err
+    line = _error_line(err)
+    assert err.strip() == line
+    m = re.fullmatch(
+        r"distillmt: error: unexpected RuntimeError: boom in the model; full traceback saved to (\S+) "
+        r"\(rerun with --debug to see it\)",
+        line,
+    )
+    assert m, line
+    saved = Path(m.group(1))
+    assert saved.parent == tmp_path / "distillmt-errors"
+    text = saved.read_text(encoding="utf-8")
+    assert "Traceback (most recent call last)" in text
+    assert "RuntimeError: boom in the model" in text
+    assert "second line of detail" in text
+
+
+def test_unexpected_error_in_a_run_saves_the_traceback_in_the_run_folder(tmp_path, monkeypatch, capsys):
+    from distillmt import pipeline
+
+    def broken(cfg, **kwargs):
+        raise KeyError("stage")
+
+    monkeypatch.setattr(pipeline, "run_experiment", broken)
+    assert main(["run", f"output_dir={tmp_path / 'runs'}", "name=t", "--no-progress"]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith("distillmt: error: unexpected KeyError: 'stage'; full traceback saved to ")
+    (saved,) = (tmp_path / "runs" / "t" / "errors").glob("*.log")
+    assert str(saved) in line
+    assert "KeyError: 'stage'" in saved.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_lets_the_unexpected_exception_through(monkeypatch, where):
+    _fail_with(monkeypatch, RuntimeError("boom"))
+    argv = ["--debug", "config"] if where == "before" else ["config", "--debug"]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+
+
+def test_debug_prints_the_traceback_of_an_expected_error(monkeypatch, capsys):
+    from distillmt.errors import DistillmtError
+
+    _fail_with(monkeypatch, DistillmtError("bad value"))
+    assert main(["--debug", "config"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1] == "distillmt: error: bad value"
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    _fail_with(monkeypatch, KeyboardInterrupt())
+    assert main(["config"]) == 130
+    assert "interrupted" in capsys.readouterr().err

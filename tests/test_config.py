@@ -327,3 +327,68 @@ def test_describe_lists_every_leaf_key_with_its_default():
         assert any(line.startswith(f"{key} = ") for line in lines), key
     assert "soft_kd.temperature = 2.0 [0.05, 100.0]" in text
     assert "soft_kd.divergence = 'forward_kl' [forward_kl|reverse_kl|jsd|skew_kl|tvd]" in text
+
+
+# --- config files that cannot be read, run folder names and output_dir ------------------------------------------------
+
+
+def test_config_path_that_is_a_folder_is_an_error(tmp_path):
+    with pytest.raises(DistillmtError, match=rf"config file {tmp_path} is a folder, not a YAML file"):
+        load_config(tmp_path)
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DistillmtError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"config file {path}: not valid UTF-8")
+    assert "\n" not in msg
+
+
+def test_yaml_reader_error_is_one_line(tmp_path):
+    path = _write(tmp_path / "nul.yaml", "name: a\x00b\n")
+    with pytest.raises(DistillmtError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: invalid YAML")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("name=..", r"config key 'name' = '\.\.' is not allowed"),
+        ("name=.", r"config key 'name' = '\.' is not allowed"),
+        ("name=''", r"config key 'name' is empty"),
+        ("name='  '", r"config key 'name' is empty"),
+        ("name=a/b", r"config key 'name' = 'a/b' is not allowed"),
+        ("name=../escape", r"config key 'name' = '\.\./escape' is not allowed"),
+        ("name=a\\b", r"config key 'name' = 'a\\\\b' is not allowed"),
+        ("output_dir=''", r"config key 'output_dir' is empty"),
+    ],
+)
+def test_bad_run_names_are_refused(tmp_path, override, pattern):
+    with pytest.raises(DistillmtError, match=pattern):
+        load_config(None, [override, f"output_dir={tmp_path}"] if "output_dir" not in override else [override])
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    f = _write(tmp_path / "runs", "not a folder\n")
+    with pytest.raises(DistillmtError, match=rf"'output_dir' = '{f}': {f} exists and is a file, not a folder"):
+        load_config(None, [f"output_dir={f}"])
+    with pytest.raises(DistillmtError, match=rf"{f} exists and is a file"):  # a file further up the path
+        load_config(None, [f"output_dir={f}/deeper"])
+
+
+def test_run_folder_that_is_a_file_is_refused(tmp_path):
+    _write(tmp_path / "t", "not a folder\n")
+    with pytest.raises(DistillmtError, match=r"exists and is a file, not a run folder"):
+        load_config(None, [f"output_dir={tmp_path}", "name=t"])
+
+
+@pytest.mark.parametrize("name", ["t1", "my-run.v2", "..x", "jsd_beta=0.5"])
+def test_plain_run_names_and_missing_output_dir_are_fine(tmp_path, name):
+    cfg = load_config(None, [f"name={name}", f"output_dir={tmp_path / 'not' / 'yet'}"])
+    assert cfg.name == name
+    assert not (tmp_path / "not").exists()  # validation creates nothing

@@ -9,28 +9,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import build_tiny_qwen
 
 from distillmt.errors import DistillmtError
 from distillmt.logit_cache import TeacherCache, build_teacher_cache, cache_key, data_fingerprint, example_key
-from distillmt.losses import distillation_loss, topk_distillation_loss
+from distillmt.losses import kd_loss, topk_kd_loss
 
 VOCAB = 64
 PAD = 0
 TEACHER_ID = "tiny/teacher"
 
 
+def kd_term(*args, **kwargs) -> torch.Tensor:
+    return kd_loss(*args, **kwargs)["kd"]
+
+
+def topk_term(*args, **kwargs) -> torch.Tensor:
+    return topk_kd_loss(*args, **kwargs)["kd"]
+
+
 def tiny_model(seed: int) -> transformers.Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = build_tiny_qwen(VOCAB, num_layers=2, seed=seed).eval()
     with torch.no_grad():  # random init gives near-uniform outputs; sharpen them so divergences are O(0.1..1)
         model.lm_head.weight.mul_(25.0)
     return model
@@ -156,8 +155,8 @@ def test_round_trip_full_vocab_equals_distillation_loss(teacher, student, exampl
     s_logits = student(input_ids=ids, attention_mask=attn).logits
     lp, idx = cache.gather([e["input_ids"] for e in examples], [e["labels"] for e in examples], ids.shape[1])
     for kind, beta in [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("skew_kl", 0.1), ("tvd", 0.5)]:
-        full = distillation_loss(s_logits, t_logits, labels, divergence=kind, beta=beta, temperature=temp)
-        cached = topk_distillation_loss(s_logits, lp, idx, labels, divergence=kind, beta=beta, temperature=temp)
+        full = kd_term(s_logits, t_logits, labels, divergence=kind, beta=beta, temperature=temp)
+        cached = topk_term(s_logits, lp, idx, labels, divergence=kind, beta=beta, temperature=temp)
         # float16 storage of the log-probs is the only difference
         assert torch.allclose(cached, full, rtol=1e-3, atol=1e-4), (kind, cached.item(), full.item())
     cached.backward()
@@ -171,8 +170,8 @@ def test_round_trip_small_k_is_a_lower_bound(built, teacher, student, examples):
         t_logits = teacher(input_ids=ids, attention_mask=attn).logits
         s_logits = student(input_ids=ids, attention_mask=attn).logits
     lp, idx = built.gather([e["input_ids"] for e in examples], [e["labels"] for e in examples], ids.shape[1])
-    full = distillation_loss(s_logits, t_logits, labels, temperature=2.0)
-    cached = topk_distillation_loss(s_logits, lp, idx, labels, temperature=2.0)
+    full = kd_term(s_logits, t_logits, labels, temperature=2.0)
+    cached = topk_term(s_logits, lp, idx, labels, temperature=2.0)
     # merging the vocabulary into k+1 buckets can only lower a KL (data processing inequality)
     assert torch.isfinite(cached) and 0 < cached.item() <= full.item() * 1.01 + 1e-4
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distillmt.losses import (
-    DIVERGENCES,
-    distillation_loss,
-    divergence,
-    kd_loss,
-    shift_for_causal,
-    topk_distillation_loss,
-)
+from distillmt.losses import DIVERGENCES, divergence, kd_loss, shift_for_causal, topk_kd_loss
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.3), ("skew_kl", 0.1), ("tvd", 0.5)]
 
@@ -82,6 +76,15 @@ def py_loss(s_list, t_list, labels_list, kind, beta, temp=1.0) -> float:
     return total / count
 
 
+def kd_term(*args, **kwargs) -> torch.Tensor:
+    """The divergence term of :func:`kd_loss` (what training weights by (1 - alpha)·T²)."""
+    return kd_loss(*args, **kwargs)["kd"]
+
+
+def topk_term(*args, **kwargs) -> torch.Tensor:
+    return topk_kd_loss(*args, **kwargs)["kd"]
+
+
 def tensors(requires_grad: bool = False):
     s = torch.tensor(S_LIST, dtype=torch.float32, requires_grad=requires_grad)
     t = torch.tensor(T_LIST, dtype=torch.float32)
@@ -115,7 +118,7 @@ def test_divergence_of_identical_distributions_is_zero(kind, beta):
     logp = F.log_softmax(torch.randn(5, 9) * 3, dim=-1)
     assert torch.allclose(divergence(logp, logp, kind, beta), torch.zeros(5), atol=1e-6)
     s, t, lab = tensors()
-    assert distillation_loss(s, s, lab, divergence=kind, beta=beta).abs().item() < 1e-6
+    assert kd_term(s, s, lab, divergence=kind, beta=beta).abs().item() < 1e-6
 
 
 @pytest.mark.parametrize("kind,beta", KINDS)
@@ -129,16 +132,28 @@ def test_divergence_per_token_matches_hand_computed(kind, beta):
     assert got.item() == pytest.approx(py_div(p, q, kind, beta), rel=1e-9, abs=1e-12)
 
 
+def test_every_list_of_divergence_names_agrees():
+    from distillmt import config
+
+    assert list(DIVERGENCES) == list(config.DIVERGENCES)
+    field = next(f for f in config.dataclasses.fields(config.SoftKDConfig) if f.name == "divergence")
+    assert field.metadata["choices"] == list(DIVERGENCES)
+    assert all(name in field.metadata["help"] for name in DIVERGENCES)
+    assert {kind for kind, _ in KINDS} == set(DIVERGENCES)  # every divergence is tested against hand-computed values
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{name}`" in readme for name in DIVERGENCES)
+
+
 def test_unknown_divergence_lists_allowed_names():
     s, t, lab = tensors()
     with pytest.raises(ValueError) as exc:
-        distillation_loss(s, t, lab, divergence="kl")
+        kd_term(s, t, lab, divergence="kl")
     for name in DIVERGENCES:
         assert name in str(exc.value)
     with pytest.raises(ValueError):
         divergence(s, t, "wasserstein")
     with pytest.raises(ValueError):
-        distillation_loss(s, t, lab, divergence="jsd", beta=1.5)
+        kd_term(s, t, lab, divergence="jsd", beta=1.5)
 
 
 # ---------------------------------------------------------------------------------------------------- full loss
@@ -148,27 +163,27 @@ def test_unknown_divergence_lists_allowed_names():
 @pytest.mark.parametrize("kind,beta", KINDS)
 def test_distillation_loss_matches_hand_computed(kind, beta, temp):
     s, t, lab = tensors()
-    got = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=temp)
+    got = kd_term(s, t, lab, divergence=kind, beta=beta, temperature=temp)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(py_loss(S_LIST, T_LIST, LABELS_LIST, kind, beta, temp), rel=1e-5, abs=1e-7)
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl():
     s, t, lab = random_batch()
-    fkl = distillation_loss(s, t, lab, divergence="forward_kl")
-    rkl = distillation_loss(s, t, lab, divergence="reverse_kl")
-    assert torch.equal(distillation_loss(s, t, lab, divergence="jsd", beta=0.0), fkl)
-    assert torch.equal(distillation_loss(s, t, lab, divergence="jsd", beta=1.0), rkl)
-    assert torch.equal(distillation_loss(s, t, lab, divergence="skew_kl", beta=0.0), fkl)
+    fkl = kd_term(s, t, lab, divergence="forward_kl")
+    rkl = kd_term(s, t, lab, divergence="reverse_kl")
+    assert torch.equal(kd_term(s, t, lab, divergence="jsd", beta=0.0), fkl)
+    assert torch.equal(kd_term(s, t, lab, divergence="jsd", beta=1.0), rkl)
+    assert torch.equal(kd_term(s, t, lab, divergence="skew_kl", beta=0.0), fkl)
     assert not torch.allclose(fkl, rkl)
     # the interior of the JSD family stays below both KLs' mixture bound and is positive
-    mid = distillation_loss(s, t, lab, divergence="jsd", beta=0.5)
+    mid = kd_term(s, t, lab, divergence="jsd", beta=0.5)
     assert 0 < mid.item() <= math.log(2) + 1e-6
 
 
 def test_forward_kl_agrees_with_torch_kl_div():
     s, t, lab = random_batch(seed=3)
-    got = distillation_loss(s, t, lab, divergence="forward_kl", temperature=1.5)
+    got = kd_term(s, t, lab, divergence="forward_kl", temperature=1.5)
     sl, ll = shift_for_causal(s, lab)
     mask = ll != -100
     q_log = F.log_softmax(sl[mask] / 1.5, dim=-1)
@@ -181,15 +196,15 @@ def test_forward_kl_agrees_with_torch_kl_div():
 def test_all_masked_batch_gives_exact_zero_and_backward_works(kind, beta):
     s, t, lab = random_batch()
     lab = torch.full_like(lab, -100)
-    loss = distillation_loss(s, t, lab, divergence=kind, beta=beta)
+    loss = kd_term(s, t, lab, divergence=kind, beta=beta)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(s.grad, torch.zeros_like(s))
     out = kd_loss(s, t, lab, divergence=kind, beta=beta)
     assert all(v.item() == 0.0 for v in out.values())
-    out["loss"].backward()
+    (out["ce"] + out["kd"]).backward()
     idx = torch.zeros_like(t, dtype=torch.long)[..., :3]
-    assert topk_distillation_loss(s, t[..., :3], idx, lab, divergence=kind, beta=beta).item() == 0.0
+    assert topk_term(s, t[..., :3], idx, lab, divergence=kind, beta=beta).item() == 0.0
 
 
 @pytest.mark.parametrize("kind,beta", KINDS)
@@ -197,7 +212,7 @@ def test_all_masked_batch_gives_exact_zero_and_backward_works(kind, beta):
 def test_gradients_finite_and_only_into_student(kind, beta, scale):
     s, t, lab = random_batch(seed=5, scale=scale)
     t.requires_grad_(True)
-    loss = distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=4)
+    loss = kd_term(s, t, lab, divergence=kind, beta=beta, chunk_size=4)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     if scale < 100:  # at +-1e4 the softmax saturates and exact zero gradients are correct
@@ -205,19 +220,19 @@ def test_gradients_finite_and_only_into_student(kind, beta, scale):
     assert t.grad is None
     s.grad = None
     out = kd_loss(s, t, lab, divergence=kind, beta=beta, temperature=2.0, chunk_size=4)
-    out["loss"].backward()
+    (0.5 * out["ce"] + 0.5 * 4.0 * out["kd"]).backward()
     assert torch.isfinite(s.grad).all() and t.grad is None
 
 
 def test_temperature_scaling():
     s, t, lab = random_batch(seed=7)
     for kind, beta in KINDS:
-        vals = [distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=x).item() for x in (1, 10, 1e4)]
+        vals = [kd_term(s, t, lab, divergence=kind, beta=beta, temperature=x).item() for x in (1, 10, 1e4)]
         assert vals[0] > vals[1] > vals[2] and vals[2] < 1e-3  # KLs shrink like 1/T^2, TVD like 1/T
         # temperature T means softmax(logits / T)
-        t2 = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=2.0)
-        ref = distillation_loss(s / 2, t / 2, lab, divergence=kind, beta=beta, temperature=1.0)
-        t1 = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=1.0)
+        t2 = kd_term(s, t, lab, divergence=kind, beta=beta, temperature=2.0)
+        ref = kd_term(s / 2, t / 2, lab, divergence=kind, beta=beta, temperature=1.0)
+        t1 = kd_term(s, t, lab, divergence=kind, beta=beta, temperature=1.0)
         assert torch.allclose(t2, ref, rtol=1e-5)
         assert not torch.allclose(t1, t2)
 
@@ -225,10 +240,10 @@ def test_temperature_scaling():
 @pytest.mark.parametrize("kind,beta", KINDS)
 def test_chunked_equals_unchunked(kind, beta):
     s, t, lab = random_batch(seed=11)
-    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=None)
+    ref = kd_term(s, t, lab, divergence=kind, beta=beta, chunk_size=None)
     (ref_grad,) = torch.autograd.grad(ref, s)
     for cs in (1, 3, 1024):
-        got = distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=cs)
+        got = kd_term(s, t, lab, divergence=kind, beta=beta, chunk_size=cs)
         (grad,) = torch.autograd.grad(got, s)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
         assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
@@ -238,7 +253,7 @@ def test_chunked_equals_unchunked(kind, beta):
         for key in ref_kd:
             assert torch.allclose(got_kd[key], ref_kd[key], rtol=1e-5, atol=1e-7)
     with torch.no_grad():  # the no-grad path (no checkpointing) gives the same value
-        assert torch.allclose(distillation_loss(s, t, lab, divergence=kind, beta=beta, chunk_size=2), ref, rtol=1e-5)
+        assert torch.allclose(kd_term(s, t, lab, divergence=kind, beta=beta, chunk_size=2), ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,beta", KINDS)
@@ -246,15 +261,15 @@ def test_padded_vocab_rows_are_ignored(kind, beta):
     s, t, lab = random_batch(seed=13)
     v = s.shape[-1]
     t_padded = torch.cat([t, torch.full(t.shape[:2] + (2,), 1e4)], dim=-1)
-    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta)
-    assert torch.allclose(distillation_loss(s, t_padded, lab, divergence=kind, beta=beta, vocab_size=v), ref)
-    assert torch.allclose(distillation_loss(s, t_padded, lab, divergence=kind, beta=beta), ref)  # default: min
+    ref = kd_term(s, t, lab, divergence=kind, beta=beta)
+    assert torch.allclose(kd_term(s, t_padded, lab, divergence=kind, beta=beta, vocab_size=v), ref)
+    assert torch.allclose(kd_term(s, t_padded, lab, divergence=kind, beta=beta), ref)  # default: min
     s_padded = torch.cat([s.detach(), torch.full(s.shape[:2] + (3,), 50.0)], dim=-1)
-    assert torch.allclose(distillation_loss(s_padded, t_padded, lab, divergence=kind, beta=beta, vocab_size=v), ref)
+    assert torch.allclose(kd_term(s_padded, t_padded, lab, divergence=kind, beta=beta, vocab_size=v), ref)
     out = kd_loss(s_padded, t_padded, lab, divergence=kind, beta=beta, vocab_size=v)
     assert torch.allclose(out["kd"], ref)
     with pytest.raises(ValueError):
-        distillation_loss(s, t_padded, lab, vocab_size=v + 1)
+        kd_term(s, t_padded, lab, vocab_size=v + 1)
 
 
 @pytest.mark.parametrize("kind,beta", KINDS)
@@ -267,8 +282,8 @@ def test_masked_positions_do_not_affect_the_loss(kind, beta):
     t2 = t.clone()
     s2[not_target] = torch.randn_like(s2[not_target]) * 100
     t2[not_target] = torch.randn_like(t2[not_target]) * 100
-    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta)
-    assert torch.allclose(distillation_loss(s2, t2, lab, divergence=kind, beta=beta), ref)
+    ref = kd_term(s, t, lab, divergence=kind, beta=beta)
+    assert torch.allclose(kd_term(s2, t2, lab, divergence=kind, beta=beta), ref)
     ref_kd = kd_loss(s, t, lab, divergence=kind, beta=beta)
     got_kd = kd_loss(s2, t2, lab, divergence=kind, beta=beta)
     for key in ref_kd:
@@ -277,7 +292,7 @@ def test_masked_positions_do_not_affect_the_loss(kind, beta):
 
 def test_every_target_token_has_equal_weight():
     s, t, lab = tensors()
-    got = distillation_loss(s, t, lab).item()
+    got = kd_term(s, t, lab).item()
     # 3 target tokens: (0, pos 0), (0, pos 1), (1, pos 1); the per-sequence mean would weigh them 1/4, 1/4, 1/2
     per = [py_kl(py_softmax(T_LIST[b][i]), py_softmax(S_LIST[b][i])) for b, i in ((0, 0), (0, 1), (1, 1))]
     assert got == pytest.approx(sum(per) / 3, rel=1e-5)
@@ -287,39 +302,34 @@ def test_every_target_token_has_equal_weight():
 # ---------------------------------------------------------------------------------------------------- kd_loss
 
 
-def test_kd_loss_alpha_one_is_cross_entropy():
+def test_kd_loss_ce_is_cross_entropy():
     s, t, lab = random_batch(seed=19)
-    out = kd_loss(s, t, lab, alpha=1.0, temperature=3.0)
+    out = kd_loss(s, t, lab, temperature=3.0)
     sl, ll = shift_for_causal(s, lab)
     ref = F.cross_entropy(sl.reshape(-1, sl.shape[-1]), ll.reshape(-1), ignore_index=-100)
-    assert torch.allclose(out["loss"], out["ce"])
+    assert set(out) == {"ce", "kd", "forward_kl"}  # the objective is mixed in one place: train.loss_step
     assert torch.allclose(out["ce"], ref, rtol=1e-5)
     # hand-computed CE on the 2x3x4 example
     s0, t0, lab0 = tensors()
-    ce = kd_loss(s0, t0, lab0, alpha=1.0)["ce"].item()
+    ce = kd_loss(s0, t0, lab0)["ce"].item()
     nll = [-math.log(py_softmax(S_LIST[b][i])[LABELS_LIST[b][i + 1]]) for b, i in ((0, 0), (0, 1), (1, 1))]
     assert ce == pytest.approx(sum(nll) / 3, rel=1e-5)
 
 
-def test_kd_loss_mixture_and_metrics():
+def test_kd_loss_terms_and_metrics():
     s, t, lab = random_batch(seed=23)
-    temp, alpha = 2.0, 0.3
-    out = kd_loss(s, t, lab, alpha=alpha, temperature=temp, divergence="jsd", beta=0.5)
-    d = distillation_loss(s, t, lab, divergence="jsd", beta=0.5, temperature=temp)
-    fkl = distillation_loss(s, t, lab, divergence="forward_kl", temperature=1.0)
-    assert torch.allclose(out["kd"], d)
-    assert torch.allclose(out["forward_kl"], fkl) and not out["forward_kl"].requires_grad
-    assert torch.allclose(out["loss"], alpha * out["ce"] + (1 - alpha) * temp**2 * d)
-    zero_alpha = kd_loss(s, t, lab, alpha=0.0, temperature=temp)
-    assert torch.allclose(zero_alpha["loss"], temp**2 * distillation_loss(s, t, lab, temperature=temp))
-    with pytest.raises(ValueError):
-        kd_loss(s, t, lab, alpha=1.5)
+    out = kd_loss(s, t, lab, temperature=2.0, divergence="jsd", beta=0.5)
+    assert out["kd"].item() == pytest.approx(
+        py_loss(s.tolist(), t.tolist(), lab.tolist(), "jsd", 0.5, temp=2.0), rel=1e-5
+    )
+    fkl = py_loss(s.tolist(), t.tolist(), lab.tolist(), "forward_kl", 0.5, temp=1.0)
+    assert out["forward_kl"].item() == pytest.approx(fkl, rel=1e-5) and not out["forward_kl"].requires_grad
 
 
 def test_bf16_inputs_are_computed_in_fp32():
     s, t, lab = random_batch(seed=29)
-    ref = distillation_loss(s.detach().bfloat16().float(), t.bfloat16().float(), lab)
-    got = distillation_loss(s.detach().bfloat16(), t.bfloat16(), lab)
+    ref = kd_term(s.detach().bfloat16().float(), t.bfloat16().float(), lab)
+    got = kd_term(s.detach().bfloat16(), t.bfloat16(), lab)
     assert got.dtype == torch.float32
     assert torch.allclose(got, ref, rtol=1e-5)
 
@@ -343,22 +353,39 @@ def _aligned_topk(t: torch.Tensor, k: int, temp: float):
 def test_topk_with_full_vocab_equals_distillation_loss(kind, beta, temp):
     s, t, lab = random_batch(seed=31)
     vals, idx = _aligned_topk(t, t.shape[-1], temp)
-    ref = distillation_loss(s, t, lab, divergence=kind, beta=beta, temperature=temp)
+    ref = kd_term(s, t, lab, divergence=kind, beta=beta, temperature=temp)
     (ref_grad,) = torch.autograd.grad(ref, s)
     for cs in (None, 2):
-        got = topk_distillation_loss(s, vals, idx, lab, divergence=kind, beta=beta, temperature=temp, chunk_size=cs)
+        got = topk_term(s, vals, idx, lab, divergence=kind, beta=beta, temperature=temp, chunk_size=cs)
         (grad,) = torch.autograd.grad(got, s)
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
         assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_padded_student_gives_same_ce_and_divergence_online_and_cached(kind, beta):
+    """A student whose embedding matrix is padded (more logit columns than tokens): the cached path with k equal to
+    the real vocabulary renormalises over the same columns as the online path, so CE and D agree."""
+    s, t, lab = random_batch(seed=43)
+    v = t.shape[-1]
+    junk = torch.full((*s.shape[:2], 5), 4.0)  # padding rows with real mass, as an untrained padded head has
+    s_padded = torch.cat([s.detach(), junk], dim=-1).requires_grad_(True)
+    vals, idx = _aligned_topk(t, v, 2.0)
+    online = kd_loss(s_padded, t, lab, divergence=kind, beta=beta, temperature=2.0, vocab_size=v)
+    cached = topk_kd_loss(s_padded, vals, idx, lab, divergence=kind, beta=beta, temperature=2.0, vocab_size=v)
+    assert torch.allclose(cached["ce"], online["ce"], rtol=1e-6)
+    assert torch.allclose(cached["kd"], online["kd"], rtol=1e-4, atol=1e-5)
+    # without vocab_size the padded columns would count: CE differs (the bug this guards against)
+    assert not torch.allclose(topk_kd_loss(s_padded, vals, idx, lab)["ce"], online["ce"], rtol=1e-3)
+
+
 def test_topk_is_a_lower_bound_that_grows_with_k():
     s, t, lab = random_batch(seed=37, v=16)
-    full = distillation_loss(s, t, lab).item()
+    full = kd_term(s, t, lab).item()
     values = []
     for k in (1, 2, 4, 8, 16):
         vals, idx = _aligned_topk(t, k, 1.0)
-        loss = topk_distillation_loss(s, vals, idx, lab)
+        loss = topk_term(s, vals, idx, lab)
         assert torch.isfinite(loss)
         values.append(loss.item())
     assert all(a <= b + 1e-6 for a, b in zip(values, values[1:], strict=False))
@@ -379,7 +406,7 @@ def test_topk_hand_computed_buckets():
     pb = [p[i] for i in top] + [1 - sum(p[i] for i in top)]
     qb = [q[i] for i in top] + [1 - sum(q[i] for i in top)]
     for kind, beta in KINDS:
-        got = topk_distillation_loss(s, vals, idx, lab, divergence=kind, beta=beta)
+        got = topk_term(s, vals, idx, lab, divergence=kind, beta=beta)
         assert got.item() == pytest.approx(py_div(pb, qb, kind, beta), rel=1e-5, abs=1e-7)
 
 
@@ -387,9 +414,9 @@ def test_topk_shape_and_index_errors():
     s, t, lab = random_batch()
     vals, idx = _aligned_topk(t, 3, 1.0)
     with pytest.raises(ValueError):
-        topk_distillation_loss(s, vals, idx[..., :2], lab)
+        topk_term(s, vals, idx[..., :2], lab)
     with pytest.raises(ValueError):
-        topk_distillation_loss(s, vals, idx + 100, lab)
+        topk_term(s, vals, idx + 100, lab)
 
 
 def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):
@@ -412,6 +439,6 @@ def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, temperatu
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_jsd_matches_trl_generalized_jsd(beta):
     s, t, lab = random_batch(seed=41)
-    got = distillation_loss(s, t, lab, divergence="jsd", beta=beta, temperature=2.0)
+    got = kd_term(s, t, lab, divergence="jsd", beta=beta, temperature=2.0)
     ref = _trl_generalized_jsd(s[:, :-1], t[:, :-1], lab[:, 1:], beta, 2.0)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 import pytest
@@ -99,6 +101,47 @@ def test_evaluate_without_bertscore_has_only_bleu_and_chrf():
     assert "bertscore" not in scores
 
 
+def test_every_metric_has_one_shape():
+    scores = metrics.evaluate(HYPS, REFS, bertscore_model=None)
+    assert list(scores) == ["n", "refs_sha256", "chrf", "bleu"]  # metric order = column order
+    assert scores["refs_sha256"] == hashlib.sha256("\n".join(REFS).encode("utf-8")).hexdigest()
+    bleu = sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="zh").score
+    chrf = sacrebleu.corpus_chrf(HYPS, [REFS]).score
+    assert scores["bleu"] == {
+        "name": "BLEU",
+        "score": pytest.approx(bleu),
+        "signature": scores["bleu"]["signature"],
+        "columns": {"BLEU": pytest.approx(bleu)},
+        "decimals": 2,
+    }
+    assert scores["chrf"] == {
+        "name": "chrF",
+        "score": pytest.approx(chrf),
+        "signature": scores["chrf"]["signature"],
+        "columns": {"chrF": pytest.approx(chrf)},
+        "decimals": 2,
+    }
+    assert "tok:zh" in scores["bleu"]["signature"] and "nc:6" in scores["chrf"]["signature"]
+
+
+def test_refs_hash_depends_on_references_only():
+    a = metrics.evaluate(HYPS, REFS, bertscore_model=None)["refs_sha256"]
+    assert metrics.evaluate(list(REFS), REFS, bertscore_model=None)["refs_sha256"] == a
+    assert metrics.evaluate(HYPS, [*REFS[:-1], "别的句子。"], bertscore_model=None)["refs_sha256"] != a
+
+
+def test_unavailable_entry_has_the_columns_and_no_numbers():
+    e = metrics.metric_entry("M", {"M a": 1.0, "M b": 2.0}, decimals=3, score=1.0, signature="s", unavailable="why")
+    assert e == {
+        "name": "M",
+        "score": None,
+        "signature": None,
+        "columns": {"M a": None, "M b": None},
+        "decimals": 3,
+        "unavailable": "why",
+    }
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No hub and an empty HF cache: bert-base-chinese cannot be loaded."""
@@ -122,12 +165,72 @@ def test_evaluate_reports_bertscore_unavailable_without_a_number(offline):
     start = time.perf_counter()
     scores = metrics.evaluate(HYPS, REFS, bertscore_model="bert-base-chinese")
     assert time.perf_counter() - start < 10
-    assert set(scores["bertscore"]) == {"unavailable"}  # no P/R/F invented
-    reason = scores["bertscore"]["unavailable"]
+    assert list(scores) == ["n", "refs_sha256", "bertscore", "chrf", "bleu"]
+    bs = scores["bertscore"]
+    reason = bs.pop("unavailable")
+    assert bs == {  # no P/R/F invented
+        "name": "BERTScore",
+        "score": None,
+        "signature": None,
+        "columns": {"BERTScore P": None, "BERTScore R": None, "BERTScore F1": None},
+        "decimals": 4,
+    }
     assert "bert-base-chinese" in reason
     assert "\n" not in reason
     assert scores["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="zh").score)
     assert scores["chrf"]["score"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score)
+
+
+def _encoder_folder(tmp_path, layers=12):
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": layers}))
+    return str(folder)
+
+
+def test_check_bertscore_refuses_a_layer_the_encoder_does_not_have(tmp_path):
+    folder = _encoder_folder(tmp_path)
+    with pytest.raises(DistillmtError) as err:
+        metrics.check_bertscore(folder, 13)
+    assert str(err.value) == f"eval.bertscore_layer = 13 but {folder} has 12 layers; allowed: 1..12"
+    metrics.check_bertscore(folder, 12)
+    metrics.check_bertscore(folder, 1)
+
+
+def test_check_bertscore_reads_an_imported_store_model(tmp_path, monkeypatch):
+    from distillmt import store
+
+    monkeypatch.setenv("DISTILLMT_HOME", str(tmp_path / "store"))
+    folder = tmp_path / "store" / "multilingual-e5-small"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 12}))
+    (folder / store.IMPORT_INFO).write_text("{}")
+    with pytest.raises(DistillmtError, match=r"= 13 but store:multilingual-e5-small has 12 layers; allowed: 1\.\.12"):
+        metrics.check_bertscore("store:multilingual-e5-small", 13)
+    metrics.check_bertscore("store:multilingual-e5-small", 9)
+
+
+def test_check_bertscore_skips_what_it_cannot_read_offline(offline, monkeypatch, tmp_path):
+    monkeypatch.setenv("DISTILLMT_HOME", str(tmp_path / "store"))
+    metrics.check_bertscore("bert-base-chinese", 99)  # not cached, hub unreachable
+    metrics.check_bertscore("store:multilingual-e5-small", 99)  # known but not imported: not imported by the check
+    metrics.check_bertscore("store:no-such-model", 99)
+    assert not (tmp_path / "store").exists()
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    metrics.check_bertscore(str(no_config), 99)
+
+
+@pytest.mark.parametrize("fn", [metrics.bertscore, metrics.evaluate])
+def test_bertscore_refuses_a_bad_layer_with_a_clear_error(tmp_path, fn):
+    folder = _encoder_folder(tmp_path)
+    kw = (
+        {"model": folder, "layer": 13}
+        if fn is metrics.bertscore
+        else {"bertscore_model": folder, "bertscore_layer": 13}
+    )
+    with pytest.raises(DistillmtError, match=r"eval.bertscore_layer = 13 but .* has 12 layers; allowed: 1\.\.12"):
+        fn(HYPS, REFS, **kw)
 
 
 def test_hub_reachable_honours_hf_hub_offline(monkeypatch):

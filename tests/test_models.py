@@ -2,24 +2,14 @@
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from conftest import build_tiny_qwen
 
 from distillmt.errors import DistillmtError
 from distillmt.models import apply_lora, check_same_tokenizer, load_trained, save_trained, train_bpe_tokenizer
 
 
 def test_saved_adapter_loads_unmerged_and_merged_with_same_logits(tmp_path):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    base = Qwen2ForCausalLM(cfg)
+    base = build_tiny_qwen(50, num_layers=2, max_positions=32)
     base.save_pretrained(tmp_path / "base")
     model = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     with torch.no_grad():  # a non-trivial adapter (B starts at zero)
@@ -40,16 +30,8 @@ def test_saved_adapter_loads_unmerged_and_merged_with_same_logits(tmp_path):
 
 
 def test_lora_on_missing_modules_is_a_clear_error():
-    cfg = Qwen2Config(
-        vocab_size=20,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
     with pytest.raises(DistillmtError, match="c_attn"):
-        apply_lora(Qwen2ForCausalLM(cfg), r=2, alpha=4, dropout=0.0, target_modules=["c_attn"])
+        apply_lora(build_tiny_qwen(20, hidden_size=8), r=2, alpha=4, dropout=0.0, target_modules=["c_attn"])
 
 
 def test_different_tokenizers_are_refused_before_kd(tmp_path):

@@ -4,27 +4,16 @@ import json
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from conftest import build_tiny_qwen
 
 import distillmt.train as train_mod
-from distillmt.train import KDSettings, make_batches, train
+from distillmt.train import KDSettings, loss_step, make_batches, train
 
 VOCAB = 40
 
 
-def tiny_model(seed: int = 0, hidden: int = 16) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return Qwen2ForCausalLM(cfg)
+def tiny_model(seed: int = 0, hidden: int = 16, vocab: int = VOCAB):
+    return build_tiny_qwen(vocab, hidden_size=hidden, seed=seed, pad_token_id=0)
 
 
 def examples(n: int = 8, seed: int = 0) -> list[dict]:
@@ -139,3 +128,113 @@ def test_on_policy_kd_runs_and_logs(tmp_path):
     summary = train(tiny_model(), ex, [], tmp_path / "gkd", max_steps=2, batch_size=4, log_every=1, kd=kd, **COMMON)
     logs = [json.loads(line) for line in (tmp_path / "gkd" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and all(r["on_policy"] for r in logs if "on_policy" in r)
+
+
+# --- loss_step: the one place where every method's micro-batch loss is computed ------------------------------------
+
+
+def _batch(ex):
+    from distillmt.prompts import pad_batch
+
+    return pad_batch(ex, 0)
+
+
+def _kd(**kw) -> KDSettings:
+    base = dict(alpha=0.3, temperature=2.0, divergence="forward_kl", beta=0.5, chunk_size=5, vocab_size=VOCAB)
+    return KDSettings(**{**base, **kw})
+
+
+def test_loss_step_mixes_ce_and_divergence_once():
+    from distillmt.losses import kd_loss
+
+    ex = examples(4)
+    batch = _batch(ex)
+    student, teacher = tiny_model(seed=1), tiny_model(seed=5, hidden=32)
+    n = int(batch["labels"][:, 1:].ne(-100).sum())
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = kd_loss(s_logits, t_logits, batch["labels"], temperature=2.0)
+
+    plain, parts = loss_step(student, batch, ex, None)
+    assert plain.item() == pytest.approx(terms["ce"].item() * n, rel=1e-5) and set(parts) == {"ce"}
+    mixed, parts = loss_step(student, batch, ex, _kd(teacher=teacher))
+    assert mixed.item() == pytest.approx((0.3 * terms["ce"] + 0.7 * 4.0 * terms["kd"]).item() * n, rel=1e-5)
+    assert set(parts) == {"ce", "kd", "forward_kl"}
+    on_policy, _ = loss_step(student, batch, ex, _kd(teacher=teacher), on_policy=True)
+    assert on_policy.item() == pytest.approx(4.0 * terms["kd"].item() * n, rel=1e-5)  # no reference, no CE
+
+
+def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_student(tmp_path):
+    """The cache path renormalises the student over the real vocabulary like the online path: a student whose
+    embedding matrix has padding rows gets the same loss from a top-k cache with k = vocabulary as from the teacher."""
+    from distillmt.logit_cache import build_teacher_cache
+
+    ex = examples(6)
+    batch = _batch(ex)
+    teacher = tiny_model(seed=5, hidden=32)
+    student = tiny_model(seed=1, vocab=VOCAB + 8)  # 8 padding rows
+    with torch.no_grad():  # sharpen both (random init is near uniform, so D would be tiny next to fp16 rounding)
+        teacher.lm_head.weight.mul_(25.0)
+        student.lm_head.weight.mul_(25.0)
+        student.lm_head.weight[VOCAB:] = 3.0  # padding rows that would take real probability mass if counted
+    cache = build_teacher_cache(
+        teacher,
+        ex,
+        tmp_path / "cache",
+        teacher_id="t",
+        k=VOCAB,
+        temperature=2.0,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        progress=False,
+    )
+    online, online_parts = loss_step(student, batch, ex, _kd(teacher=teacher))
+    cached, cached_parts = loss_step(student, batch, ex, _kd(cache=cache))
+    assert cached_parts["ce"] == pytest.approx(online_parts["ce"], rel=1e-5)
+    assert cached_parts["kd"] == pytest.approx(online_parts["kd"], rel=2e-3)  # fp16 cache, 1e-7 rest bucket
+    assert cached.item() == pytest.approx(online.item(), rel=2e-3)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    ex = examples(12)
+    straight = tiny_model()
+    train(straight, ex, [], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
+    args = dict(max_steps=6, batch_size=4, **{**COMMON, "save_every": 2})
+    real_save = train_mod._save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    train_mod._save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_model(), ex, [], tmp_path / "run", **args)
+    finally:
+        train_mod._save_checkpoint = real_save
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-0000002", "step-0000004"]
+    weights = ckpts[-1] / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated by a full disk or a kill
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by kill -9
+    resumed = tiny_model(seed=9)
+    summary = train(resumed, ex, [], tmp_path / "run", **args)
+    assert summary["resumed_from"] == "step-0000002"
+    assert "step-0000004" in caplog.text and "damaged" in caplog.text
+    assert torch.allclose(params(straight), params(resumed), atol=1e-6)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
+    from distillmt.errors import DistillmtError
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(DistillmtError, match=r"training loss is nan at step 1.*last good checkpoint: none"):
+        train(model, examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4, **COMMON)

@@ -1,11 +1,28 @@
-"""Command line: `distillmt run|train|translate|evaluate|models|config`. Errors a user can fix are printed as one
-line (no traceback) with a non-zero exit code."""
+"""Command line: `distillmt run|train|translate|evaluate|models|config`.
+
+No traceback reaches the user. `main` turns every failure into one line on stderr, and the exit status says which kind
+it was:
+
+- 0: success.
+- 2: a problem the user can fix: a bad argument or config value, a missing, unreadable or unwritable file, an
+  unavailable device, an unreachable hub (`distillmt: error: <what and where>`). Usage errors found by argparse
+  exit 2 too, in the same one-line form.
+- 1: an unexpected internal error (a bug, or a library failing in a way distillmt does not know):
+  `distillmt: error: unexpected <Type>: <first line>; full traceback saved to <file> ...`. The traceback goes to
+  `<run folder>/errors/<timestamp>.log` when the command has a run folder (run, train), otherwise to
+  `<temp dir>/distillmt-errors/`.
+- 130: interrupted (Ctrl-C or `kill`); the same command continues where it stopped.
+
+`--debug` (before or after the subcommand) prints the traceback of an expected error before its line, and lets an
+unexpected exception propagate with its full traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,17 +59,27 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    """The validated config; also checks the device and records the run folder (where an unexpected error's
+    traceback is saved) before any work starts."""
     from distillmt.config import load_config
 
     config, overrides = _split_config_args(args.args)
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    args.run_folder = Path(cfg.output_dir) / cfg.name
+    from distillmt.models import pick_device
+
+    try:
+        pick_device(cfg.device)
+    except DistillmtError as e:
+        raise DistillmtError(f"config key 'device': {e}") from None
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # config errors come before the heavy imports below
     from distillmt.pipeline import run_experiment
     from distillmt.report import results_table
 
-    cfg = _load(args)
     command = "distillmt " + " ".join(args.argv)
     report = run_experiment(cfg, progress=not args.no_progress, command=command)
     root = Path(cfg.output_dir) / cfg.name
@@ -65,18 +92,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from distillmt.pipeline import Experiment
+    from distillmt.pipeline import Experiment, preflight
 
     cfg = _load(args)
+    preflight(cfg)
     exp = Experiment(cfg, progress=not args.no_progress)
     exp.stage_data()
     if exp.scratch:
         exp.stage_tokenizer()
-    train_cfg = cfg.train_teacher if args.role == "teacher" else cfg.train_student
-    result = exp.stage_train(f"train_{args.role}", args.role, train_cfg, pairs_fn=lambda: exp._split("train"), extra={})
+    result = exp.stage_train_teacher() if args.role == "teacher" else exp.stage_train_student()
     print(json.dumps({k: v for k, v in result.items() if k != "parameters"}, indent=2))
     print(f"model: {exp.run.root / f'train_{args.role}' / 'model'}")
     return 0
+
+
+def _check_input_file(path: str | None, flag: str) -> None:
+    """An input file given on the command line exists and is a file (`-` or None: stdin)."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DistillmtError(f"{flag} {path} is a folder, not a file")
+    if not p.exists():
+        raise DistillmtError(f"{flag} {path}: file not found")
+    if not os.access(p, os.R_OK):
+        raise DistillmtError(f"{flag} {path}: not readable (permission denied)")
+
+
+def _check_output_file(path: str | None, flag: str) -> None:
+    """The output can be written: refused before any model is loaded, so no work is lost at the end."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DistillmtError(f"{flag} {path} is a folder; give a file name")
+    parent = p.parent
+    if not parent.exists():
+        raise DistillmtError(f"{flag} {path}: folder {parent} does not exist (create it first)")
+    if not parent.is_dir():
+        raise DistillmtError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DistillmtError(f"{flag} {path}: folder {parent} is not writable")
 
 
 def _read_sources(path: str | None) -> list[dict[str, str]]:
@@ -108,11 +164,19 @@ def _read_sources(path: str | None) -> list[dict[str, str]]:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    # Everything that can be checked is checked before a model is loaded (and before the heavy imports).
+    _check_input_file(args.input, "--input")
+    _check_output_file(args.output, "--output")
     from distillmt.generate import translate
     from distillmt.io import write_jsonl
-    from distillmt.models import load_model, load_tokenizer, pick_device, pick_dtype
+    from distillmt.models import check_adapter_dir, load_model, load_tokenizer, pick_device, pick_dtype
 
-    device = pick_device(args.device)
+    if args.adapter is not None:
+        check_adapter_dir(args.adapter, "--adapter")
+    try:
+        device = pick_device(args.device)
+    except DistillmtError as e:
+        raise DistillmtError(f"--device: {e}") from None
     rows = _read_sources(args.input)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     dtype = pick_dtype(args.dtype, device, scratch=False)
@@ -141,34 +205,111 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(path: str) -> list[str]:
+def _read_lines(path: str, flag: str = "file") -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f]
     except FileNotFoundError:
         raise DistillmtError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise DistillmtError(f"{flag} {path} is a folder, not a file") from None
     except UnicodeDecodeError:
         raise DistillmtError(f"{path}: not valid UTF-8") from None
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _looks_like_json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_scored_file(path: str, flag: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]] | None]:
+    """A --hyp/--ref file read by its format: its lines, and its rows (line number, object) when it is JSON lines.
+
+    JSON lines means: the name ends in .jsonl/.ndjson, or the first non-empty line is a JSON object; every non-empty
+    line must then be one (a broken line is an error, never silently scored as text)."""
+    lines = _read_lines(path, flag)
+    first = next((line for line in lines if line.strip()), None)
+    if Path(path).suffix.lower() not in JSONL_SUFFIXES and (first is None or not _looks_like_json_object(first)):
+        return lines, None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistillmtError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DistillmtError(f"{path}:{i}: a JSON lines file needs one JSON object per line")
+        rows.append((i, obj))
+    return lines, rows
+
+
+def _string_field(rows: list[tuple[int, dict[str, Any]]], path: str, name: str) -> list[str]:
+    for i, obj in rows:
+        if not isinstance(obj.get(name), str):
+            raise DistillmtError(f"{path}:{i}: needs a string field '{name}'")
+    return [obj[name] for _, obj in rows]
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def _hyps_and_refs(hyp: str, ref: str | None) -> tuple[list[str], list[str]]:
+    """Hypotheses and references from --hyp (plain text or JSONL with `hyp`, and `ref` when --ref is not given) and
+    --ref (plain text or JSONL with `ref`). A JSONL --hyp whose own `ref` fields disagree with --ref is refused: which
+    references are meant cannot be guessed, and a score against the wrong ones is silently wrong."""
+    hyp_lines, hyp_rows = _read_scored_file(hyp, "--hyp")
+    if ref is None:
+        if hyp_rows is None:
+            raise DistillmtError(
+                f"--hyp {hyp} is plain text (one hypothesis per line): give the references with --ref FILE, "
+                "or pass JSONL with 'hyp' and 'ref' fields (what `distillmt translate` writes)"
+            )
+        for i, obj in hyp_rows:
+            if not isinstance(obj.get("hyp"), str) or not isinstance(obj.get("ref"), str):
+                raise DistillmtError(f"{hyp}:{i}: needs string fields 'hyp' and 'ref' (or pass --ref FILE)")
+        return [obj["hyp"] for _, obj in hyp_rows], [obj["ref"] for _, obj in hyp_rows]
+
+    hyps = hyp_lines if hyp_rows is None else _string_field(hyp_rows, hyp, "hyp")
+    ref_lines, ref_rows = _read_scored_file(ref, "--ref")
+    refs = ref_lines if ref_rows is None else _string_field(ref_rows, ref, "ref")
+    if len(hyps) != len(refs):
+        hyp_unit = "lines" if hyp_rows is None else "JSON rows"
+        ref_unit = "lines" if ref_rows is None else "JSON rows"
+        raise DistillmtError(
+            f"{len(hyps)} hypotheses but {len(refs)} references: --hyp {hyp} has {len(hyps)} {hyp_unit}, "
+            f"--ref {ref} has {len(refs)} {ref_unit}; they must pair up line by line"
+        )
+    if hyp_rows is not None:
+        ref_line_numbers = list(range(1, len(refs) + 1)) if ref_rows is None else [i for i, _ in ref_rows]
+        differ = [
+            (i, obj["ref"], r, j)
+            for (i, obj), r, j in zip(hyp_rows, refs, ref_line_numbers, strict=True)
+            if isinstance(obj.get("ref"), str) and obj["ref"].strip() != r.strip()
+        ]
+        if differ:
+            i, own, given, j = differ[0]
+            raise DistillmtError(
+                f"{hyp}:{i}: its 'ref' field {_short(own)} differs from {ref}:{j} {_short(given)} "
+                f"({len(differ)} of {len(refs)} rows differ): give the references once, either as the 'ref' "
+                "fields of --hyp (drop --ref) or with --ref and a --hyp file without 'ref' fields"
+            )
+    return hyps, refs
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from distillmt.metrics import evaluate
 
-    if args.ref is None:  # one JSONL file with hyp and ref fields (what `translate` writes)
-        hyps, refs = [], []
-        for i, line in enumerate(_read_lines(args.hyp), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistillmtError(f"{args.hyp}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("hyp"), str) or not isinstance(obj.get("ref"), str):
-                raise DistillmtError(f"{args.hyp}:{i}: needs string fields 'hyp' and 'ref' (or pass --ref FILE)")
-            hyps.append(obj["hyp"])
-            refs.append(obj["ref"])
-    else:
-        hyps, refs = _read_lines(args.hyp), _read_lines(args.ref)
+    hyps, refs = _hyps_and_refs(args.hyp, args.ref)
     scores = evaluate(
         hyps,
         refs,
@@ -203,12 +344,62 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the CLI's one-line form (`distillmt: error: ...`), exit status 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"distillmt: error: {message} (see '{self.prog} --help')\n")
+
+
+def _int_at_least(lo: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= {lo}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: an integer >= {lo}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> Any:
+    allowed = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: {allowed}") from None
+        below = value <= lo if lo_open else value < lo
+        above = value >= hi if hi_open else value > hi
+        if math.isnan(value) or below or above:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {allowed}")
+        return value
+
+    parse.__name__ = f"number in {allowed}"
+    return parse
+
+
+def _add_debug(p: argparse.ArgumentParser, *, top: bool) -> None:
+    # After the subcommand the flag must not reset a --debug given before it: no default there.
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="show the full traceback of any error",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="distillmt",
         description="Distil an LLM translator (EN->ZH by default): "
         "fine-tune teacher and student, hard- and soft-label KD, BLEU/chrF/BERTScore.",
     )
+    _add_debug(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(
@@ -240,14 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tokenizer", help="tokenizer (default: the model's)")
     tr.add_argument("--input", "-i", help="input file (default: stdin)")
     tr.add_argument("--output", "-o", help="output JSONL (default: stdout)")
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--max-new-tokens", type=int, default=128)
-    tr.add_argument("--num-beams", type=int, default=1)
+    tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    tr.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    tr.add_argument("--num-beams", type=_int_at_least(1), default=1)
     tr.add_argument("--do-sample", action="store_true")
-    tr.add_argument("--temperature", type=float, default=1.0)
-    tr.add_argument("--top-k", type=int, default=0)
-    tr.add_argument("--top-p", type=float, default=1.0)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True), default=1.0, help="> 0")
+    tr.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
+    tr.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True, hi_open=False), default=1.0, help="(0, 1]")
+    tr.add_argument("--seed", type=_int_at_least(0), default=0)
     tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     tr.add_argument("--device", default="auto")
     tr.add_argument("--no-progress", action="store_true")
@@ -259,15 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Either --hyp and --ref as plain text files (one sentence per line), or --hyp alone "
         "as JSONL with 'hyp' and 'ref' fields (what `translate` writes).",
     )
-    e.add_argument("--hyp", required=True)
-    e.add_argument("--ref")
+    e.add_argument("--hyp", required=True, help="plain text (one hypothesis per line) or JSONL with 'hyp'")
+    e.add_argument("--ref", help="plain text (one reference per line) or JSONL with 'ref'")
     e.add_argument(
         "--bleu-tokenize",
         default="zh",
         choices=BLEU_TOKENIZERS,
     )
     e.add_argument("--bertscore-model", default="bert-base-chinese", help="hub id, local folder or store:NAME")
-    e.add_argument("--bertscore-layer", type=int, default=8)
+    e.add_argument("--bertscore-layer", type=_int_at_least(1), default=8)
     e.add_argument("--no-bertscore", action="store_true")
     e.set_defaults(fn=cmd_evaluate)
 
@@ -287,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every config key with its default, range and meaning.",
     )
     c.set_defaults(fn=cmd_config)
+    for command in sub.choices.values():
+        _add_debug(command, top=False)
     return p
 
 
@@ -316,12 +509,86 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.fn(args)
-    except DistillmtError as e:
-        print(f"distillmt: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ndistillmt: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`distillmt ... | head`): nothing left to say to anyone
+        _silence_stdout()
+        return 1
+    except (DistillmtError, OSError) as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        message = _os_error_message(e) if isinstance(e, OSError) else str(e)
+        print(f"distillmt: error: {_one_line(message)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        saved = _save_traceback(args)
+        where = f"full traceback saved to {saved}" if saved else "the traceback could not be saved"
+        first = _one_line((str(e).strip().splitlines() or [""])[0])
+        print(
+            f"distillmt: error: unexpected {type(e).__name__}: {first}; {where} (rerun with --debug to see it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " / ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _os_error_message(e: OSError) -> str:
+    """`cannot write PATH: Permission denied`, `PATH: No such file or directory`, or the bare reason."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return reason
+    name = os.fsdecode(e.filename)
+    if e.filename2 is not None:
+        name = f"{name} -> {os.fsdecode(e.filename2)}"
+    action = getattr(e, "action", None)  # set by distillmt.io on a failed write
+    return f"cannot {action} {name}: {reason}" if action else f"{name}: {reason}"
+
+
+def _save_traceback(args: argparse.Namespace) -> Path | None:
+    """The current exception's traceback in ``<run folder>/errors/<timestamp>.log`` (or under the temp folder when
+    the command has no run folder, or it cannot be written); None when no file could be written."""
+    import tempfile
+    import time
+    import traceback
+
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = "?"
+    text = (
+        f"distillmt {' '.join(getattr(args, 'argv', []) or [])}\n"
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}  python {sys.version.split()[0]}  cwd {cwd}\n\n" + traceback.format_exc()
+    )
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    folders = [Path(tempfile.gettempdir()) / "distillmt-errors"]
+    if getattr(args, "run_folder", None) is not None:
+        folders.insert(0, Path(args.run_folder) / "errors")
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

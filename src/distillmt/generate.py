@@ -27,6 +27,15 @@ class TranslationResult:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    def summary(self) -> dict[str, float]:
+        """Speed figures for a results row."""
+        return {
+            "generated_tokens": self.generated_tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_second,
+            "sentences_per_s": len(self.hypotheses) / max(self.seconds, 1e-9),
+        }
+
 
 def mbr_select(candidates: list[str]) -> int:
     """Index of the candidate with the highest mean chrF against the others (minimum Bayes risk with chrF)."""

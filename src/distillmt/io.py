@@ -13,17 +13,30 @@ from typing import Any
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, path) from e
         raise
+
+
+def _write_error(err: OSError, path: Path) -> OSError:
+    """The same error (same class and errno: disk full, permission denied, ...) naming the file the caller asked
+    for instead of the temp file (or none, as a failed write() gives), marked so the CLI says `cannot write PATH`."""
+    new = OSError(err.errno, err.strerror or str(err), str(path))
+    new.action = "write"  # type: ignore[attr-defined]
+    return new
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

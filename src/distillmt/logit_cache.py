@@ -224,6 +224,58 @@ def _remove_stale_files(out_dir: Path, n_shards: int) -> None:
             p.unlink(missing_ok=True)
 
 
+def _finished_cache(out_dir: Path, ckey: str, overwrite: bool) -> TeacherCache | None:
+    """A complete cache already in ``out_dir`` with the same key, or None after clearing the way for a build; a
+    complete cache with other settings is refused unless ``overwrite``."""
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.exists():
+        return None
+    try:
+        old = read_json(manifest_path)
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("complete") is True:
+        if old.get("cache_key") == ckey:  # same teacher, k, temperature, vocabulary and data
+            try:
+                return TeacherCache(out_dir)
+            except DistillmtError:
+                pass  # damaged: rebuild what is missing
+        elif not overwrite:
+            raise DistillmtError(
+                f"{out_dir} already holds a teacher cache built with other settings or data "
+                f"(teacher {old.get('teacher_id')!r}, k={old.get('k')}, temperature={old.get('temperature')}, "
+                f"vocab_size={old.get('vocab_size')}); choose another folder or rebuild it with overwrite"
+            )
+    manifest_path.unlink()  # from here on the folder is an unfinished build
+    return None
+
+
+def _manifest(
+    ckey: str, settings: dict, fingerprint: str, n_examples: int, shard_size: int, shards_info: list, reused: int
+) -> dict[str, Any]:
+    k = settings["k"]
+    n_tokens_total = sum(si["n_tokens"] for si in shards_info)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "cache_key": ckey,
+        **settings,
+        "data_fingerprint": fingerprint,
+        "n_examples": n_examples,
+        "n_tokens": n_tokens_total,
+        "shard_size": shard_size,
+        "logprobs_dtype": "float16",
+        "indices_dtype": "int32",
+        "bytes_per_token": k * BYTES_PER_ENTRY,
+        "total_bytes": n_tokens_total * k * BYTES_PER_ENTRY,
+        "alignment": "row i of an example = teacher distribution for labels[t_i], t_i >= 1 its i-th target position",
+        "ignore_index": IGNORE_INDEX,
+        "shards": shards_info,
+        "reused_shards": reused,
+        "complete": True,
+    }
+
+
 def build_teacher_cache(
     teacher,
     examples: list[dict],
@@ -272,24 +324,9 @@ def build_teacher_cache(
     )
 
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        try:
-            old = read_json(manifest_path)
-        except (OSError, ValueError):
-            old = None
-        if isinstance(old, dict) and old.get("complete") is True:
-            if old.get("cache_key") == ckey:  # same teacher, k, temperature, vocabulary and data
-                try:
-                    return TeacherCache(out_dir)
-                except DistillmtError:
-                    pass  # damaged: rebuild what is missing below
-            elif not overwrite:
-                raise DistillmtError(
-                    f"{out_dir} already holds a teacher cache built with other settings or data "
-                    f"(teacher {old.get('teacher_id')!r}, k={old.get('k')}, temperature={old.get('temperature')}, "
-                    f"vocab_size={old.get('vocab_size')}); choose another folder or rebuild it with overwrite"
-                )
-        manifest_path.unlink()  # from here on the folder is an unfinished build
+    finished = _finished_cache(out_dir, ckey, overwrite)
+    if finished is not None:
+        return finished
 
     n = len(examples)
     n_shards = max(1, math.ceil(n / shard_size))
@@ -327,32 +364,8 @@ def build_teacher_cache(
         teacher.train(was_training)
 
     _remove_stale_files(out_dir, n_shards)
-    n_tokens_total = sum(si["n_tokens"] for si in shards_info)
-    write_json(
-        manifest_path,
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "cache_key": ckey,
-            "teacher_id": str(teacher_id),
-            "k": k,
-            "temperature": temperature,
-            "vocab_size": vocab_size,
-            "data_fingerprint": fingerprint,
-            "n_examples": n,
-            "n_tokens": n_tokens_total,
-            "shard_size": shard_size,
-            "logprobs_dtype": "float16",
-            "indices_dtype": "int32",
-            "bytes_per_token": k * BYTES_PER_ENTRY,
-            "total_bytes": n_tokens_total * k * BYTES_PER_ENTRY,
-            "alignment": "row i of an example = teacher distribution for labels[t_i], t_i >= 1 its i-th target position",
-            "ignore_index": IGNORE_INDEX,
-            "shards": shards_info,
-            "reused_shards": reused,
-            "complete": True,
-        },
-    )
+    settings = {"teacher_id": str(teacher_id), "k": k, "temperature": temperature, "vocab_size": vocab_size}
+    write_json(manifest_path, _manifest(ckey, settings, fingerprint, n, shard_size, shards_info, reused))
     return TeacherCache(out_dir)
 
 
@@ -449,7 +462,7 @@ class TeacherCache:
     def gather(
         self, batch_input_ids: list[list[int]], batch_labels: list[list[int]], seq_len: int
     ) -> tuple[Tensor, Tensor]:
-        """Teacher top-k for a batch, aligned with the labels as :func:`distillmt.losses.topk_distillation_loss` wants.
+        """Teacher top-k for a batch, aligned with the labels as :func:`distillmt.losses.topk_kd_loss` wants.
 
         ``batch_input_ids``/``batch_labels``: the *unpadded* per-example lists (as given to the build); ``seq_len``:
         the padded batch length (≥ every example's length). Returns ``(logprobs float32 [B, seq_len, k],

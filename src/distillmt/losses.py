@@ -1,5 +1,10 @@
 """Distillation losses for causal LMs: pure functions over logits, fp32 inside, masked mean over target tokens.
 
+One public function per job: :func:`divergence` (D between two distributions, per row), :func:`kd_loss` (the CE and
+D terms of a micro-batch against an online teacher's full logits) and :func:`topk_kd_loss` (the same terms against
+a teacher known through its cached top-k). Neither mixes them: the objective ``alpha·CE + (1 − alpha)·T²·D`` is
+written once, in ``distillmt.train.loss_step``.
+
 Conventions used everywhere in this module:
 
 * ``p`` is the **teacher** distribution, ``q`` the **student** distribution, both at temperature ``T``
@@ -178,57 +183,11 @@ def _run(fn, *args: Tensor):
 # full-vocabulary distillation
 
 
-def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
-    chunk_size: int | None = 1024,
-) -> Tensor:
-    """Mean divergence D(p_T, q_T) over target tokens (fp32 scalar); no T² factor (see :func:`kd_loss`).
-
-    ``student_logits`` ``[B, T, Vs]`` and ``teacher_logits`` ``[B, T, Vt]`` are raw model outputs, ``labels``
-    ``[B, T]`` the unshifted labels; the shift and the ``ignore_index`` mask are applied here. Both are divided by
-    ``temperature`` before the softmax. Only the first ``vocab_size`` columns (default ``min(Vs, Vt)``) are compared,
-    renormalised. ``chunk_size`` rows of selected target positions are processed at a time (``None``: one chunk).
-    """
-    kind = divergence
-    _check_kind(kind, beta)
-    _check_shapes(student_logits, labels, teacher_logits, "teacher_logits")
-    temperature = _check_temperature(temperature)
-    vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
-
-    s, lab = shift_for_causal(student_logits, labels)
-    t = teacher_logits.detach()[:, :-1]
-    mask = lab != ignore_index
-    n = int(mask.sum())
-    if n == 0:
-        return _zero(student_logits)
-    s_rows = s[mask]  # [N, Vs] in the input dtype
-    t_rows = t[mask]  # [N, Vt]
-
-    def chunk_sum(s_chunk: Tensor, t_chunk: Tensor) -> Tensor:
-        logq = F.log_softmax(s_chunk[:, :vocab].float() / temperature, dim=-1)
-        logp = F.log_softmax(t_chunk[:, :vocab].float() / temperature, dim=-1)
-        return _divergence_fn(logp, logq, kind, beta).sum()
-
-    total = _zero(student_logits)
-    for a, b in _chunks(n, chunk_size):
-        total = total + _run(chunk_sum, s_rows[a:b], t_rows[a:b])
-    return total / n
-
-
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     labels: Tensor,
     *,
-    alpha: float = 0.5,
     temperature: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
@@ -236,25 +195,28 @@ def kd_loss(
     vocab_size: int | None = None,
     chunk_size: int | None = 1024,
 ) -> dict[str, Tensor]:
-    """Hinton-style soft-label KD mixed with the hard-label loss, all over the same target tokens.
+    """The terms of soft-label KD against a full teacher (the online teacher), over the same target tokens.
 
-    Returns a dict of fp32 scalars:
+    ``student_logits`` ``[B, T, Vs]`` and ``teacher_logits`` ``[B, T, Vt]`` are raw model outputs, ``labels``
+    ``[B, T]`` the unshifted labels; the causal shift and the ``ignore_index`` mask are applied here. Only the first
+    ``vocab_size`` columns (default ``min(Vs, Vt)``) are compared, both sides renormalised there. ``chunk_size``
+    selected target rows are processed at a time (``None``: one chunk). Returns a dict of fp32 scalars, each a mean
+    over target tokens:
 
-    * ``"loss"`` = ``alpha·ce + (1 − alpha)·T²·kd`` (the T² keeps the soft-target gradient scale independent of T),
-    * ``"ce"``: cross entropy of the student on the labels at T = 1 (mean over target tokens, student
-      renormalised over the first ``vocab_size`` columns, like the divergence),
-    * ``"kd"``: the divergence D(p_T, q_T) as :func:`distillation_loss` returns it (no T² factor),
+    * ``"ce"``: cross entropy of the student on the labels at T = 1 (student renormalised over the first
+      ``vocab_size`` columns, like the divergence),
+    * ``"kd"``: the divergence D(p_T, q_T) between teacher ``p`` and student ``q`` at temperature ``T`` (direction
+      as in the module docstring; no T² factor),
     * ``"forward_kl"``: the true KL(teacher‖student) at T = 1, detached (a monitoring metric).
 
-    Everything is computed in one chunked pass (see :func:`distillation_loss`); no fp32 ``[B, T, V]`` copy is built.
+    The training objective ``alpha·ce + (1 − alpha)·T²·kd`` is mixed by the caller (``distillmt.train.loss_step``),
+    the T² keeping the soft-target gradient scale independent of T. Everything comes from one chunked pass; no fp32
+    ``[B, T, V]`` copy is built.
     """
     kind = divergence
     _check_kind(kind, beta)
     _check_shapes(student_logits, labels, teacher_logits, "teacher_logits")
     temperature = _check_temperature(temperature)
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
 
     s, lab = shift_for_causal(student_logits, labels)
@@ -263,7 +225,7 @@ def kd_loss(
     n = int(mask.sum())
     if n == 0:
         zero = _zero(student_logits)
-        return {"loss": zero, "ce": zero, "kd": zero, "forward_kl": zero.detach()}
+        return {"ce": zero, "kd": zero, "forward_kl": zero.detach()}
     targets = lab[mask].to(torch.long)
     if int(targets.min()) < 0 or int(targets.max()) >= vocab:
         raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
@@ -294,10 +256,7 @@ def kd_loss(
         ce_total = ce_total + ce
         d_total = d_total + d
         fkl_total = fkl_total + fkl.detach()
-    ce_mean = ce_total / n
-    d_mean = d_total / n
-    loss = alpha * ce_mean + (1.0 - alpha) * temperature**2 * d_mean
-    return {"loss": loss, "ce": ce_mean, "kd": d_mean, "forward_kl": (fkl_total / n).detach()}
+    return {"ce": ce_total / n, "kd": d_total / n, "forward_kl": (fkl_total / n).detach()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,7 +276,7 @@ def _buckets(topk_logprobs: Tensor) -> Tensor:
     return out - torch.logsumexp(out, dim=-1, keepdim=True)
 
 
-def topk_distillation_loss(
+def topk_kd_loss(
     student_logits: Tensor,
     teacher_topk_logprobs: Tensor,
     teacher_topk_indices: Tensor,
@@ -329,22 +288,27 @@ def topk_distillation_loss(
     ignore_index: int = -100,
     chunk_size: int | None = 1024,
     vocab_size: int | None = None,
-) -> Tensor:
-    """Divergence against a teacher known only through its top-k log-probs (an offline teacher cache).
+) -> dict[str, Tensor]:
+    """The terms of soft-label KD against a teacher known only through its top-k log-probs (the offline cache).
 
     ``teacher_topk_logprobs`` (float) and ``teacher_topk_indices`` (integer) are ``[B, T, k]`` and **aligned with
     the labels**: position ``t`` holds the teacher's distribution for predicting ``labels[:, t]`` (already at
     temperature ``T``, as the cache stores it); entries at masked positions are ignored. ``student_logits``
-    ``[B, T, V]`` are raw and ``labels`` ``[B, T]`` unshifted, as for :func:`distillation_loss`.
+    ``[B, T, V]`` are raw and ``labels`` ``[B, T]`` unshifted, as for :func:`kd_loss`. Returns fp32 scalars, means
+    over target tokens, with the same meaning as :func:`kd_loss`'s (no ``"forward_kl"``: the full teacher
+    distribution is not known):
 
-    Both distributions are represented on k+1 buckets: the k cached token ids plus "everything else". The teacher's
-    buckets are its k log-probs and log(1 − Σ exp(top-k)); the student's are its log-softmax at temperature ``T``
-    gathered at the same ids and its own remaining mass (each rest bucket is clamped to ≥ 1e-7 and each k+1
-    distribution renormalised). The chosen ``divergence`` is then taken between the two bucket distributions.
-    Merging tokens into one bucket can only lower an f-divergence, so for forward KL the value is ≤ the full-vocab
-    value; with k = V (every token cached) it equals :func:`distillation_loss` (up to the 1e-7 rest bucket).
-    ``vocab_size``: if given, the student is renormalised over its first ``vocab_size`` columns (e.g. a padded
-    student); default: all of its columns. Indices must be < that size.
+    * ``"ce"``: cross entropy of the student on the labels at T = 1, student renormalised over its first
+      ``vocab_size`` columns, exactly as :func:`kd_loss` computes it;
+    * ``"kd"``: the divergence on k+1 buckets: the k cached token ids plus "everything else". The teacher's buckets
+      are its k log-probs and log(1 − Σ exp(top-k)); the student's are its log-softmax at temperature ``T``
+      gathered at the same ids and its own remaining mass (each rest bucket is clamped to ≥ 1e-7 and each k+1
+      distribution renormalised). Merging tokens into one bucket can only lower an f-divergence, so for forward KL
+      the value is ≤ the full-vocab value; with k = V (every token cached) it equals :func:`kd_loss`'s (up to the
+      1e-7 rest bucket).
+
+    ``vocab_size``: the real vocabulary (e.g. a student whose embedding matrix is padded); default: all of the
+    student's columns. Indices and labels must be < that size.
     """
     kind = divergence
     _check_kind(kind, beta)
@@ -361,7 +325,11 @@ def topk_distillation_loss(
     mask = lab != ignore_index
     n = int(mask.sum())
     if n == 0:
-        return _zero(student_logits)
+        zero = _zero(student_logits)
+        return {"ce": zero, "kd": zero}
+    targets = lab[mask].to(torch.long)
+    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
+        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
     s_rows = s[mask]
     t_lp = teacher_topk_logprobs.detach()[:, 1:][mask.to(teacher_topk_logprobs.device)].to(s_rows.device)
     t_idx = teacher_topk_indices.detach()[:, 1:][mask.to(teacher_topk_indices.device)]
@@ -369,13 +337,17 @@ def topk_distillation_loss(
     if int(t_idx.min()) < 0 or int(t_idx.max()) >= vocab:
         raise ValueError(f"teacher_topk_indices must be in [0, {vocab}) at target positions")
 
-    def chunk_sum(s_chunk: Tensor, lp_chunk: Tensor, idx_chunk: Tensor) -> Tensor:
-        logq_full = F.log_softmax(s_chunk[:, :vocab].float() / temperature, dim=-1)
-        logq = _buckets(logq_full.gather(1, idx_chunk))
+    def chunk_sums(s_chunk: Tensor, lp_chunk: Tensor, idx_chunk: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        s32 = s_chunk[:, :vocab].float()
+        ce = -F.log_softmax(s32, dim=-1).gather(1, tgt[:, None]).sum()
+        logq = _buckets(F.log_softmax(s32 / temperature, dim=-1).gather(1, idx_chunk))
         logp = _buckets(lp_chunk.float())
-        return _divergence_fn(logp, logq, kind, beta).sum()
+        return ce, _divergence_fn(logp, logq, kind, beta).sum()
 
-    total = _zero(student_logits)
+    ce_total = _zero(student_logits)
+    d_total = _zero(student_logits)
     for a, b in _chunks(n, chunk_size):
-        total = total + _run(chunk_sum, s_rows[a:b], t_lp[a:b], t_idx[a:b])
-    return total / n
+        ce, d = _run(chunk_sums, s_rows[a:b], t_lp[a:b], t_idx[a:b], targets[a:b])
+        ce_total = ce_total + ce
+        d_total = d_total + d
+    return {"ce": ce_total / n, "kd": d_total / n}

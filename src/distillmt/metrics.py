@@ -1,12 +1,27 @@
 """Translation metrics through the libraries that define them: sacrebleu (BLEU, chrF) and bert_score (BERTScore).
 
-Every score is returned with its reproducibility signature. BLEU on Chinese uses sacrebleu's ``zh`` tokenizer: the
-default ``13a`` splits on spaces, which unspaced Chinese does not have, and gives ~0.
+Every metric has one shape, as sacrebleu's Metric/Score/Signature but in plain dicts: a metric function returns its
+*entry*
+
+    {"name": "chrF", "score": 8.17, "signature": "nrefs:1|...", "columns": {"chrF": 8.17}, "decimals": 2}
+
+(optionally ``"note"``: extra text for the report's signature line), and ``evaluate`` stores one entry per metric
+under its key, in table column order, next to ``n`` and ``refs_sha256``. The report builds its columns and signature
+lines from the entries alone, so a new metric is one function here plus one line in ``evaluate``. A metric that cannot
+be computed here raises ``MetricUnavailable`` carrying its entry with ``None`` values and ``"unavailable": reason``:
+never a made-up number.
+
+BLEU on Chinese uses sacrebleu's ``zh`` tokenizer: the default ``13a`` splits on spaces, which unspaced Chinese does
+not have, and gives ~0.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from distillmt.errors import DistillmtError
@@ -15,7 +30,43 @@ log = logging.getLogger("distillmt.metrics")
 
 
 class MetricUnavailable(Exception):
-    """A metric could not be computed here (e.g. its model cannot be loaded offline); the reason is in the message."""
+    """A metric could not be computed here (e.g. its model cannot be loaded offline). ``entry`` is the metric's
+    entry with ``None`` values and the reason under ``"unavailable"``; the message is the reason."""
+
+    def __init__(self, entry: dict[str, Any]):
+        super().__init__(entry["unavailable"])
+        self.entry = entry
+
+
+def metric_entry(
+    name: str,
+    columns: dict[str, float | None],
+    *,
+    decimals: int,
+    score: float | None = None,
+    signature: str | None = None,
+    note: str | None = None,
+    unavailable: str | None = None,
+) -> dict[str, Any]:
+    """One metric's result in the shape the report reads. With ``unavailable`` every value is None."""
+    if unavailable is not None:
+        return {
+            "name": name,
+            "score": None,
+            "signature": None,
+            "columns": dict.fromkeys(columns),
+            "decimals": decimals,
+            "unavailable": unavailable,
+        }
+    entry = {"name": name, "score": score, "signature": signature, "columns": dict(columns), "decimals": decimals}
+    if note:
+        entry["note"] = note
+    return entry
+
+
+def refs_sha256(refs: list[str]) -> str:
+    """Fingerprint of the references (joined by newlines): rows of one table must be scored on the same sentences."""
+    return hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
 
 
 def _check(hyps: list[str], refs: list[str]) -> None:
@@ -30,8 +81,8 @@ def bleu(hyps: list[str], refs: list[str], *, tokenize: str = "zh") -> dict[str,
 
     _check(hyps, refs)
     metric = BLEU(tokenize=tokenize)
-    result = metric.corpus_score(hyps, [refs])
-    return {"score": result.score, "signature": str(metric.get_signature())}
+    score = metric.corpus_score(hyps, [refs]).score
+    return metric_entry("BLEU", {"BLEU": score}, decimals=2, score=score, signature=str(metric.get_signature()))
 
 
 def chrf(hyps: list[str], refs: list[str]) -> dict[str, Any]:
@@ -39,8 +90,8 @@ def chrf(hyps: list[str], refs: list[str]) -> dict[str, Any]:
 
     _check(hyps, refs)
     metric = CHRF()
-    result = metric.corpus_score(hyps, [refs])
-    return {"score": result.score, "signature": str(metric.get_signature())}
+    score = metric.corpus_score(hyps, [refs]).score
+    return metric_entry("chrF", {"chrF": score}, decimals=2, score=score, signature=str(metric.get_signature()))
 
 
 def resolve_bertscore_model(ref: str, *, auto_import: bool = True) -> str:
@@ -56,6 +107,45 @@ def resolve_bertscore_model(ref: str, *, auto_import: bool = True) -> str:
     return store.resolve_model(ref)
 
 
+def _encoder_config(model: str) -> dict[str, Any] | None:
+    """The encoder's config.json when it can be read here without a download or an import, else None."""
+    try:
+        path = resolve_bertscore_model(model, auto_import=False)
+    except DistillmtError:  # a store model that is not imported (yet): nothing to read
+        return None
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        if Path(path).exists():
+            return None
+        try:  # a hub id: its config.json in the HF cache, if any
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+        except Exception:  # a malformed repo id is simply "not cached"
+            return None
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_bertscore(model: str, layer: int) -> None:
+    """Refuse a BERTScore layer the encoder does not have, in seconds and before any training.
+
+    Reads ``num_hidden_layers`` from the encoder's config.json (local folder, imported store model, or HF cache).
+    An encoder that cannot be read here is not checked: BERTScore will be reported as unavailable with the reason.
+    A store model is never imported by this check.
+    """
+    config = _encoder_config(model)
+    layers = config.get("num_hidden_layers") if config else None
+    if isinstance(layers, int) and not isinstance(layers, bool) and not 1 <= layer <= layers:
+        raise DistillmtError(f"eval.bertscore_layer = {layer} but {model} has {layers} layers; allowed: 1..{layers}")
+
+
 def bertscore(
     hyps: list[str],
     refs: list[str],
@@ -66,19 +156,25 @@ def bertscore(
     device: str | None = None,
     lang: str = "zh",
 ) -> dict[str, Any]:
-    """Mean BERTScore P/R/F1 with ``bert_score`` (no baseline rescaling); raises MetricUnavailable when the encoder
-    cannot be loaded (e.g. bert-base-chinese with no hub)."""
+    """Mean BERTScore P/R/F1 with ``bert_score`` (no baseline rescaling); the score is F1. Raises MetricUnavailable
+    when the encoder cannot be loaded (e.g. bert-base-chinese with no hub) and DistillmtError for a layer the encoder
+    does not have."""
     import bert_score
     from bert_score.utils import get_hash
 
     _check(hyps, refs)
     from distillmt.models import check_loadable
 
+    def entry(p: float | None, r: float | None, f: float | None, **kw: Any) -> dict[str, Any]:
+        columns = {"BERTScore P": p, "BERTScore R": r, "BERTScore F1": f}
+        return metric_entry("BERTScore", columns, decimals=4, score=f, **kw)
+
     try:
         path = resolve_bertscore_model(model)
         check_loadable(path)
     except DistillmtError as e:
-        raise MetricUnavailable(str(e)) from None
+        raise MetricUnavailable(entry(None, None, None, unavailable=str(e))) from None
+    check_bertscore(model, layer)
     try:
         p, r, f = bert_score.score(
             hyps,
@@ -91,12 +187,20 @@ def bertscore(
             rescale_with_baseline=False,
             verbose=False,
         )
+    except AssertionError as e:  # bert_score's own layer check, for an encoder whose config.json we could not read
+        if "num_layers" not in str(e):
+            raise
+        raise DistillmtError(f"eval.bertscore_layer = {layer} is not valid for {model}: {e}") from None
     except (OSError, ValueError, KeyError) as e:
-        raise MetricUnavailable(
-            f"BERTScore encoder '{model}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-        ) from None
-    signature = get_hash(model, layer, False, False, False, True)
-    return {"P": float(p.mean()), "R": float(r.mean()), "F": float(f.mean()), "signature": signature}
+        reason = f"BERTScore encoder '{model}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        raise MetricUnavailable(entry(None, None, None, unavailable=reason)) from None
+    return entry(
+        float(p.mean()),
+        float(r.mean()),
+        float(f.mean()),
+        signature=get_hash(model, layer, False, False, False, True),
+        note=f"mean over {len(hyps)} sentences, no baseline rescaling",
+    )
 
 
 def evaluate(
@@ -109,18 +213,21 @@ def evaluate(
     bertscore_batch_size: int = 64,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """All metrics for one system. A BERTScore that cannot be computed is recorded as unavailable with its reason;
-    it is never replaced by a number."""
-    scores: dict[str, Any] = {
-        "n": len(hyps),
-        "bleu": bleu(hyps, refs, tokenize=bleu_tokenize),
-        "chrf": chrf(hyps, refs),
-    }
+    """All metrics for one system: ``{"n", "refs_sha256", <metric key>: <entry>, ...}`` with the metric keys in table
+    column order (bertscore, chrf, bleu). BERTScore is left out when ``bertscore_model`` is None; when it cannot be
+    computed its entry says ``unavailable`` with the reason and holds no number."""
+    _check(hyps, refs)
+    measures: dict[str, Callable[[], dict[str, Any]]] = {}
     if bertscore_model:
+        measures["bertscore"] = lambda: bertscore(
+            hyps, refs, model=bertscore_model, layer=bertscore_layer, batch_size=bertscore_batch_size, device=device
+        )
+    measures["chrf"] = lambda: chrf(hyps, refs)
+    measures["bleu"] = lambda: bleu(hyps, refs, tokenize=bleu_tokenize)
+    scores: dict[str, Any] = {"n": len(hyps), "refs_sha256": refs_sha256(refs)}
+    for key, measure in measures.items():
         try:
-            scores["bertscore"] = bertscore(
-                hyps, refs, model=bertscore_model, layer=bertscore_layer, batch_size=bertscore_batch_size, device=device
-            )
+            scores[key] = measure()
         except MetricUnavailable as e:
-            scores["bertscore"] = {"unavailable": str(e)}
+            scores[key] = e.entry
     return scores

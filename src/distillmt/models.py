@@ -20,9 +20,45 @@ log = logging.getLogger("distillmt.models")
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
 
 
+def available_devices() -> list[str]:
+    """The device names that work on this machine, for error messages: auto, cpu, cuda / cuda:N, mps."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names += ["cuda"] + [f"cuda:{i}" for i in range(n)]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """``name`` as a torch device, refused at once (with what is available) when this machine does not have it: torch
+    would otherwise fail later, deep inside model loading, with a traceback."""
     if name != "auto":
-        return torch.device(name)
+        available = ", ".join(available_devices())
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError):
+            raise DistillmtError(f"device {name!r} is not a device name; available here: {available}") from None
+        if device.type == "cpu":
+            return device
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DistillmtError(
+                    f"device {name!r} is not available: no CUDA GPU found; available here: {available}"
+                )
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                raise DistillmtError(
+                    f"device {name!r} is not available: this machine has {count} CUDA GPU(s) "
+                    f"(cuda:0 to cuda:{count - 1}); available here: {available}"
+                )
+            return device
+        if device.type == "mps":
+            if "mps" not in available_devices():
+                raise DistillmtError(f"device {name!r} is not available on this machine; available here: {available}")
+            return device
+        raise DistillmtError(f"device {name!r} is not supported; use one of: {available}")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -123,6 +159,8 @@ def load_model(
     unmerged adapter's extra matmuls and dtype casts cost more than the merge itself."""
     from transformers import AutoModelForCausalLM
 
+    if adapter is not None:
+        check_adapter_dir(adapter)
     path = resolve_ref(ref)
     check_loadable(path)
     try:
@@ -144,6 +182,18 @@ def load_model(
             model.load_state_dict(merged)
             del merged
     return model.to(device)
+
+
+def check_adapter_dir(path: str | Path, what: str = "adapter") -> None:
+    """Refuse at once a LoRA adapter folder that does not exist or holds no adapter_config.json (peft would otherwise
+    take the path for a hub id, retry the hub for half a minute and end in a traceback)."""
+    p = Path(path)
+    if not p.exists():
+        raise DistillmtError(f"{what} {path}: folder not found")
+    if not p.is_dir():
+        raise DistillmtError(f"{what} {path}: not a folder (a LoRA adapter is a folder with adapter_config.json)")
+    if not (p / "adapter_config.json").is_file():
+        raise DistillmtError(f"{what} {path}: not a LoRA adapter folder (no adapter_config.json)")
 
 
 def load_trained(

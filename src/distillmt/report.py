@@ -1,11 +1,20 @@
-"""The results table: one row per system, written as results.md and results.json in the run folder."""
+"""The results table: one row per system, written as results.md and results.json in the run folder.
+
+The metric columns and signature lines come from the metric entries in each row's scores (see
+``distillmt.metrics``): a new metric needs no change here. Rows scored on different sentences are refused.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from distillmt import systems
+from distillmt.errors import DistillmtError
 from distillmt.io import atomic_write_text, write_json
+
+if TYPE_CHECKING:
+    from distillmt.config import ExperimentConfig
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -18,46 +27,94 @@ def _params(n: int | None) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def results_table(report: dict[str, Any]) -> str:
-    """Markdown table of the systems; BERTScore columns say n/a (with the reason below) when it was not measured."""
-    header = "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | translation tokens/s |\n"
-    header += "|---|---|---|---|---|---|---|---|\n"
-    rows, notes = [], []
-    for system, r in report["systems"].items():
-        s = r["scores"]
-        bs = s.get("bertscore") or {}
-        if "unavailable" in bs and bs["unavailable"] not in notes:
-            notes.append(bs["unavailable"])
-        t = r["translation"]
-        rows.append(
-            f"| {system} | {_fmt(bs.get('P'), '.4f')} | {_fmt(bs.get('R'), '.4f')} | {_fmt(bs.get('F'), '.4f')} | "
-            f"{s['chrf']['score']:.2f} | {s['bleu']['score']:.2f} | {_params(t.get('parameters'))} | "
-            f"{_fmt(t.get('tokens_per_s'), '.0f')} |"
+def metric_entries(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The metric entries of one row's scores (every value that has ``columns``), in column order."""
+    return {k: v for k, v in scores.items() if isinstance(v, dict) and "columns" in v}
+
+
+def _metric_layout(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Metric key -> the first entry seen for it, over the rows in order: the first row's metrics give the column
+    order; a metric only later rows have is appended rather than dropped."""
+    layout: dict[str, dict[str, Any]] = {}
+    for row in report["systems"].values():
+        for key, entry in metric_entries(row["scores"]).items():
+            layout.setdefault(key, entry)
+    return layout
+
+
+def check_comparable(report: dict[str, Any]) -> None:
+    """Refuse a table whose rows were not scored on the same sentences (same count and same references)."""
+    rows = {name: r["scores"] for name, r in report["systems"].items()}
+    if len(rows) < 2:
+        return
+    unhashed = [name for name, s in rows.items() if not s.get("refs_sha256")]
+    if unhashed:
+        raise DistillmtError(
+            f"cannot check that every row was scored on the same sentences: the scores of {', '.join(unhashed)} "
+            "carry no reference hash (refs_sha256; written by an older distillmt). Rerun their evaluate stages"
         )
-    text = header + "\n".join(rows) + "\n"
-    if notes:
-        text += "\nBERTScore not measured: " + "; ".join(notes) + "\n"
+    groups: dict[tuple[Any, str], list[str]] = {}
+    for name, s in rows.items():
+        groups.setdefault((s.get("n"), s["refs_sha256"]), []).append(name)
+    if len(groups) > 1:
+        parts = [f"{', '.join(names)}: {n} sentences (references {sha[:12]})" for (n, sha), names in groups.items()]
+        raise DistillmtError(
+            "the rows were scored on different test sentences and cannot share one table: " + "; ".join(parts)
+        )
+
+
+def results_table(report: dict[str, Any]) -> str:
+    """Markdown table of the systems: one column per metric column, ``n/a`` (with the reason below) where a metric
+    was not measured, then parameters and translation speed."""
+    check_comparable(report)
+    layout = _metric_layout(report)
+    header = ["system"]
+    for entry in layout.values():
+        header += list(entry["columns"])
+    header += ["params", "translation tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes: dict[str, list[str]] = {}
+    for system, r in report["systems"].items():
+        entries = metric_entries(r["scores"])
+        cells = [system]
+        for key, first in layout.items():
+            entry = entries.get(key, {})
+            values = entry.get("columns", {})
+            cells += [_fmt(values.get(col), f".{first['decimals']}f") for col in first["columns"]]
+            reason = entry.get("unavailable")
+            reasons = notes.setdefault(first.get("name", key), [])
+            if reason and reason not in reasons:
+                reasons.append(reason)
+        t = r["translation"]
+        cells += [_params(t.get("parameters")), _fmt(t.get("tokens_per_s"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    missing = [f"{name} not measured: " + "; ".join(reasons) for name, reasons in notes.items() if reasons]
+    if missing:
+        text += "\n" + "\n".join(missing) + "\n"
     return text
 
 
+def _signature_lines(report: dict[str, Any]) -> list[str]:
+    """``- NAME: `signature` (note)`` per metric, from the first row that measured it."""
+    lines = []
+    for key, first in _metric_layout(report).items():
+        for row in report["systems"].values():
+            entry = metric_entries(row["scores"]).get(key)
+            if entry and entry.get("signature"):
+                note = f" ({entry['note']})" if entry.get("note") else ""
+                lines.append(f"- {entry.get('name', first.get('name', key))}: `{entry['signature']}`{note}")
+                break
+    return lines
+
+
 def markdown_report(report: dict[str, Any]) -> str:
-    first = next(iter(report["systems"].values()), None)
     lines = [f"# distillmt results: {report['name']}", ""]
     if report.get("command"):
         lines += [f"Command: `{report['command']}`", ""]
     lines.append(results_table(report))
-    if first is not None:
-        s = first["scores"]
-        lines += [
-            "## Metric signatures",
-            "",
-            f"- BLEU: `{s['bleu']['signature']}`",
-            f"- chrF: `{s['chrf']['signature']}`",
-        ]
-        bs = s.get("bertscore") or {}
-        if "signature" in bs:
-            lines.append(f"- BERTScore: `{bs['signature']}` (mean over {s['n']} sentences, no baseline rescaling)")
-        lines.append("")
+    if report["systems"]:
+        lines += ["## Metric signatures", "", *_signature_lines(report), ""]
     lines += ["## Systems", ""] + [f"- **{name}**: {r['settings']}" for name, r in report["systems"].items()]
     lines += ["", "## Stages", "", "| stage | seconds | status |", "|---|---|---|"]
     for name, t in report["stages"].items():
@@ -74,6 +131,43 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def write_report(run_root: str | Path, report: dict[str, Any]) -> None:
+    check_comparable(report)
     run_root = Path(run_root)
     write_json(run_root / "results.json", report)
     atomic_write_text(run_root / "results.md", markdown_report(report))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Row descriptions ("## Systems")
+
+
+def describe_system(cfg: ExperimentConfig, name: str) -> str:
+    """One line saying what a row is: the model and how it was trained (its KD settings for the KD rows)."""
+    if name not in systems.BY_NAME:
+        raise DistillmtError(f"unknown system {name!r}; known: {', '.join(systems.NAMES)}")
+    if name == "HLKD":
+        h = cfg.hard_kd
+        return (
+            f"labels from the {h.teacher} teacher, {h.num_candidates} candidate(s), "
+            f"selection={h.selection}, beams={h.decoding.num_beams}, sample={h.decoding.do_sample}, "
+            f"mix_references={h.mix_references}"
+        )
+    if name == "SLKD":
+        s = cfg.soft_kd
+        return (
+            f"{s.teacher} teacher, loss={s.alpha}*CE+{1 - s.alpha:g}*T^2*{s.divergence}, "
+            f"T={s.temperature}"
+            + (f", beta={s.beta}" if s.divergence in ("jsd", "skew_kl") else "")
+            + (f", top-{s.cache_k} cache" if s.cache else "")
+        )
+    if name == "GKD":
+        return f"on-policy lambda={cfg.gkd.lmbda}, {cfg.soft_kd.divergence}, T={cfg.soft_kd.temperature}"
+    system = systems.get(name)
+    m = getattr(cfg, system.side)
+    if cfg.teacher.model == "scratch":  # the config allows both sides scratch or neither
+        s = m.scratch
+        return f"{system.side} from scratch (h={s.hidden_size}, layers={s.num_layers}) trained on the references"
+    if system.base:
+        return f"{m.model}, zero-shot"
+    lora = f"LoRA r={m.lora.r} alpha={m.lora.alpha}" if m.lora.enabled else "all weights"
+    return f"{m.model} + {lora} on the references"

@@ -7,12 +7,14 @@ Read top to bottom: setup → resume → loop (window of micro-batches → optim
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distillmt.errors import DistillmtError
-from distillmt.io import atomic_write_bytes, write_json
+from distillmt.io import atomic_write_bytes, atomic_write_text, write_json
+from distillmt.losses import kd_loss, topk_kd_loss
 from distillmt.prompts import IGNORE_INDEX, pad_batch
+
+log = logging.getLogger("distillmt.train")
 
 
 @dataclass
@@ -78,13 +83,16 @@ def _make_scheduler(optimizer: Any, schedule: str, warmup: int, total: int) -> A
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (a folder gets its final name only once complete)."""
+    return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 def _save_checkpoint(ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
-    """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed)."""
+    """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed). The
+    previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from."""
+    import io
+
     from safetensors.torch import save_file
 
     final = ckpt_dir / f"step-{state['step']:07d}"
@@ -94,40 +102,159 @@ def _save_checkpoint(ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any,
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict())):
-        import io
-
         buf = io.BytesIO()
         torch.save(obj, buf)
         atomic_write_bytes(tmp / name, buf.getvalue())
     write_json(tmp / "state.json", state)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in ckpt_dir.glob("step-*"):  # keep the newest only: it has everything resume needs
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in _checkpoints(ckpt_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """Read every file of a checkpoint first, then apply it: a damaged file raises before the model is touched."""
     from safetensors.torch import load_file
 
+    state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(k), (int, float)) for k in ("step", "tokens_seen", "train_seconds")
+    ):
+        raise ValueError("state.json lacks step, tokens_seen or train_seconds")
     trainable = load_file(str(path / "trainable.safetensors"))
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(trainable) != names:
+    opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    sched_state = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(params):
         raise DistillmtError(
             f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
         )
-    params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in trainable.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
-    return json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    return state
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint's state.json records besides the weights."""
+
+    step: int
+    total_steps: int
+    tokens_seen: int
+    train_seconds: float
+
+    def advance(self, tokens: int, seconds: float) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / max(self.train_seconds, 1e-9)
+
+    def summary(self, valid_ce: float | None, resumed_from: Path | None) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "valid_ce": valid_ce,
+            "resumed_from": resumed_from.name if resumed_from is not None else None,
+        }
+
+
+def _resume(
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, total_steps: int
+) -> tuple[_Progress, Path | None]:
+    """Load the newest usable checkpoint; a damaged one falls back to the one before, none usable restarts at 0."""
+    for path in reversed(_checkpoints(ckpt_dir)):
+        try:
+            state = _load_checkpoint(path, model, optimizer, scheduler)
+        except DistillmtError:
+            raise
+        except Exception as e:  # truncated or unreadable file: any of safetensors', torch's or json's errors
+            log.warning("checkpoint %s is damaged (%s: %s): trying the one before", path, type(e).__name__, e)
+            continue
+        if state.get("total_steps") != total_steps:
+            raise DistillmtError(f"checkpoint {path} was made for {state.get('total_steps')} steps, not {total_steps}")
+        log.info("resuming %s from %s", ckpt_dir.parent.name, path.name)
+        return _Progress(state["step"], total_steps, state["tokens_seen"], state["train_seconds"]), path
+    if _checkpoints(ckpt_dir):
+        log.warning("no usable checkpoint in %s: this training stage starts again from step 0", ckpt_dir)
+    return _Progress(0, total_steps, 0, 0.0), None
+
+
+class _MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed). On resume, lines past the checkpoint are dropped (they will
+    be logged again), and so is a line a kill cut short."""
+
+    def __init__(self, out_dir: Path, step: int):
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except (ValueError, AttributeError):
+                    log.warning("%s: dropped a damaged line (%r)", self.path, line[:60])
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.running: dict[str, float] = {}
+        self.running_n = 0
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl always has everything
+            pass
+
+    def add(self, stats: dict[str, float]) -> None:
+        """Add one optimizer step's logged parts to the running means of the next record."""
+        for k, v in stats.items():
+            self.running[k] = self.running.get(k, 0.0) + v
+        self.running_n += 1
+
+    def means(self) -> dict[str, float]:
+        """The running means since the last call, then reset."""
+        out = {k: v / self.running_n for k, v in self.running.items()}
+        self.running, self.running_n = {}, 0
+        return out
+
+    def log_step(self, step: int, *, summary: bool, valid_ce: float | None, **extra: Any) -> None:
+        """One optimizer step's line, if it has anything to say: the running means (every ``log_every`` steps and
+        at the end, with ``extra``) and/or the validation loss."""
+        record: dict[str, Any] = {"step": step}
+        if summary:
+            record.update(self.means(), **extra)
+        if valid_ce is not None:
+            record["valid_ce"] = valid_ce
+        if len(record) > 1:
+            self.log(record)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[dict], *, pad_token_id: int, batch_size: int, device: Any) -> float:
-    """Token-weighted mean cross-entropy on ``examples`` (the validation loss)."""
+def evaluate_loss(model: Any, examples: list[dict], *, pad_token_id: int, batch_size: int, device: Any) -> float | None:
+    """Token-weighted mean cross-entropy on ``examples`` (the validation loss); None when there are none."""
+    if not examples:
+        return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -175,6 +302,151 @@ def _on_policy_examples(model: Any, examples: list[dict], kd: KDSettings, pad_to
     return new
 
 
+def _online_teacher_terms(logits: torch.Tensor, batch: dict, kd: KDSettings) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        t_logits = kd.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # one chunked fp32 pass gives CE, the divergence at T and the true forward KL at T=1
+    return kd_loss(
+        logits,
+        t_logits,
+        batch["labels"],
+        temperature=kd.temperature,
+        divergence=kd.divergence,
+        beta=kd.beta,
+        vocab_size=kd.vocab_size,
+        chunk_size=kd.chunk_size,
+    )
+
+
+def _cached_teacher_terms(logits: torch.Tensor, batch: dict, examples: list[dict], kd: KDSettings) -> dict:
+    labels = batch["labels"]
+    lp, idx = kd.cache.gather([e["input_ids"] for e in examples], [e["labels"] for e in examples], labels.shape[1])
+    return topk_kd_loss(
+        logits,
+        lp.to(logits.device),
+        idx.to(logits.device),
+        labels,
+        divergence=kd.divergence,
+        temperature=kd.temperature,
+        beta=kd.beta,
+        vocab_size=kd.vocab_size,
+        chunk_size=kd.chunk_size,
+    )
+
+
+def loss_step(
+    model: Any, batch: dict, examples: list[dict], kd: KDSettings | None, on_policy: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch, for every method, and its logged parts.
+
+    Returns ``(loss_sum, parts)``: ``loss_sum`` is summed over the micro-batch's target tokens (the loop divides by
+    the target tokens of the whole accumulation window); ``parts`` are means over its target tokens: ``ce``, and
+    with KD ``kd`` (the divergence D, no T²) and, with an online teacher, ``forward_kl``. Without KD the loss is CE
+    on the labels (references or teacher labels); with KD it is ``alpha·CE + (1 − alpha)·T²·D``, D taken against
+    the online teacher or the cached top-k; on-policy (GKD) targets are the student's own samples, which are no
+    reference, so only ``T²·D`` counts there.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    n = _target_tokens(labels)
+    if kd is None:
+        ce_sum = _masked_ce_sum(logits, labels)
+        return ce_sum, {"ce": float(ce_sum.detach()) / max(n, 1)}
+    terms = (
+        _online_teacher_terms(logits, batch, kd)
+        if kd.cache is None
+        else _cached_teacher_terms(logits, batch, examples, kd)
+    )
+    ce_sum, d = terms["ce"] * n, terms["kd"]
+    kd_term = kd.temperature**2 * d
+    loss_sum = kd_term * n if on_policy else kd.alpha * ce_sum + (1 - kd.alpha) * kd_term * n
+    parts = {"ce": float(ce_sum.detach()) / max(n, 1), "kd": float(d.detach())}
+    if "forward_kl" in terms:
+        parts["forward_kl"] = float(terms["forward_kl"])
+    return loss_sum, parts
+
+
+class _Window:
+    """Which examples each optimizer step sees: shuffled length-bucketed micro-batches per epoch, a pure function of
+    (seed, step), so a resumed run sees exactly what an uninterrupted one would."""
+
+    def __init__(self, examples: list[dict], batch_size: int, grad_accum: int, seed: int):
+        self.examples, self.batch_size, self.grad_accum, self.seed = examples, batch_size, grad_accum, seed
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.micro_per_epoch = math.ceil(len(examples) / batch_size)
+        self._epoch: dict[int, list[list[int]]] = {}
+
+    def __call__(self, step: int) -> list[list[dict]]:
+        window = []
+        for m in range(step * self.grad_accum, (step + 1) * self.grad_accum):
+            epoch, pos = divmod(m, self.micro_per_epoch)
+            if epoch not in self._epoch:
+                self._epoch = {epoch: make_batches(self.lengths, self.batch_size, self.seed, epoch)}
+            window.append([self.examples[i] for i in self._epoch[epoch][pos]])
+        return window
+
+
+def _pick_targets(
+    window: list[list[dict]], step: int, seed: int, kd: KDSettings | None, model: Any, pad: int, dev: Any
+):
+    """GKD's choice of data (TRL's ``training_step``): with probability lambda the targets are the student's own
+    samples. Returns the window and whether it is on-policy."""
+    on_policy = kd is not None and kd.on_policy_prob > 0 and random.Random(seed + step).random() < kd.on_policy_prob
+    if on_policy:
+        window = [_on_policy_examples(model, mb, kd, pad, dev) for mb in window]
+    return window, on_policy
+
+
+def _forward_backward(
+    model: Any, window: list[list[dict]], kd: KDSettings | None, on_policy: bool, accelerator: Any, pad: int
+) -> tuple[dict[str, float], int]:
+    """Accumulate the gradients of one window; returns its logged means and its token count (prompt included)."""
+    dev = accelerator.device
+    batches = [{k: v.to(dev) for k, v in pad_batch(mb, pad).items()} for mb in window]
+    # Normalise by the target tokens of the whole window, so gradient accumulation gives the same update as one big
+    # batch (a mean of per-micro-batch means would overweight short batches).
+    n_window = max(sum(_target_tokens(b["labels"]) for b in batches), 1)
+    stats: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else nullcontext()
+        with ctx, accelerator.autocast():
+            loss_sum, parts = loss_step(model, batch, window[i], kd, on_policy)
+            accelerator.backward(loss_sum / n_window)
+        n_mb = _target_tokens(batch["labels"])
+        for k, v in parts.items():
+            stats[k] = stats.get(k, 0.0) + v * n_mb / n_window
+        stats["loss"] = stats.get("loss", 0.0) + float(loss_sum.detach()) / n_window
+    return stats, sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def _check_finite(loss: float, step: int, ckpt_dir: Path) -> None:
+    if not math.isfinite(loss):
+        last = _checkpoints(ckpt_dir)
+        raise DistillmtError(
+            f"training loss is {loss} at step {step}; nothing was saved from this step (last good checkpoint: "
+            f"{last[-1] if last else 'none'}); lower the learning rate or check the data"
+        )
+
+
+def _accelerator(device: str, mixed_precision: str) -> Any:
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # no weight decay on norms and biases
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def train(
     model: Any,
     train_examples: list[dict],
@@ -202,215 +474,70 @@ def train(
     desc: str = "train",
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenised examples ({"input_ids", "labels"}); checkpoints and metrics go to
-    ``out_dir``. Resumes from the newest checkpoint there. Returns a summary (steps, losses, tokens/s)."""
-    from accelerate import Accelerator
-
-    from distillmt.losses import kd_loss, topk_distillation_loss
-
+    ``out_dir``. Resumes from the newest usable checkpoint there. Returns a summary (steps, losses, tokens/s)."""
     if not train_examples:
         raise DistillmtError("no training examples")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    # --- setup -------------------------------------------------------------------------------------------------
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    micro_per_epoch = math.ceil(len(train_examples) / batch_size)
-    total_steps = max_steps or max(1, math.ceil(epochs * micro_per_epoch / grad_accum))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms and biases
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    # --- setup
+    accelerator = _accelerator(device, mixed_precision)
+    window_at = _Window(train_examples, batch_size, grad_accum, seed)
+    total_steps = max_steps or max(1, math.ceil(epochs * window_at.micro_per_epoch / grad_accum))
+    optimizer = _optimizer(model, lr, weight_decay)
     scheduler = _make_scheduler(optimizer, schedule, int(warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    dev = accelerator.device
+    unwrapped, dev = accelerator.unwrap_model(model), accelerator.device
     if kd is not None and kd.teacher is not None:
-        kd.teacher.to(dev).eval()
-        for p in kd.teacher.parameters():
-            p.requires_grad_(False)
+        kd.teacher.to(dev).eval().requires_grad_(False)
 
-    # --- resume ------------------------------------------------------------------------------------------------
-    step, tokens_seen, train_seconds = 0, 0, 0.0
-    last = _latest_checkpoint(ckpt_dir)
-    if last is not None:
-        state = _load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler)
-        step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
-        if state.get("total_steps") != total_steps:
-            raise DistillmtError(f"checkpoint {last} was made for {state.get('total_steps')} steps, not {total_steps}")
-    metrics_path = out_dir / "metrics.jsonl"
-    if metrics_path.exists():  # drop lines past the checkpoint: they will be logged again
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    writer = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    valid_ce = partial(
+        evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev
+    )
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-    except ImportError:  # TensorBoard is optional; metrics.jsonl always has everything
-        pass
+    # --- resume
+    p, resumed_from = _resume(ckpt_dir, unwrapped, optimizer, scheduler, total_steps)
+    metrics = _MetricsLog(out_dir, p.step)
+    save = partial(_save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler)
 
-    def log(record: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, record["step"])
-
-    def save() -> None:
-        state = {"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen, "train_seconds": train_seconds}
-        _save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, state)
-
-    # --- loop ----------------------------------------------------------------------------------------------------
+    # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    epoch_batches: dict[int, list[list[int]]] = {}
-    running: dict[str, float] = {}
-    running_n = 0
+    bar = tqdm(total=total_steps, initial=p.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        while step < total_steps:
+        while p.step < total_steps:
             t0 = time.perf_counter()
             # Dropout and sampling draw from a generator seeded by the step, so a resumed run repeats them exactly.
-            torch.manual_seed(seed * 7919 + step)
-            window = []
-            for m in range(step * grad_accum, (step + 1) * grad_accum):
-                epoch, pos = divmod(m, micro_per_epoch)
-                if epoch not in epoch_batches:
-                    epoch_batches = {epoch: make_batches(lengths, batch_size, seed, epoch)}
-                window.append([train_examples[i] for i in epoch_batches[epoch][pos]])
-            on_policy = (
-                kd is not None and kd.on_policy_prob > 0 and random.Random(seed + step).random() < kd.on_policy_prob
-            )
-            if on_policy:
-                unwrapped = accelerator.unwrap_model(model)
-                window = [_on_policy_examples(unwrapped, mb, kd, pad_token_id, dev) for mb in window]
-            batches = [{k: v.to(dev) for k, v in pad_batch(mb, pad_token_id).items()} for mb in window]
-            # Normalise by the target tokens of the whole window, so gradient accumulation gives the same update as
-            # one big batch (a mean of per-micro-batch means would overweight short batches).
-            n_window = max(sum(_target_tokens(b["labels"]) for b in batches), 1)
-            step_stats: dict[str, float] = {}
-            for i, batch in enumerate(batches):
-                sync = i == len(batches) - 1
-                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else nullcontext()
-                with ctx, accelerator.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    labels = batch["labels"]
-                    n_mb = _target_tokens(labels)
-                    fkl = None
-                    if kd is not None and kd.cache is None:
-                        with torch.no_grad():
-                            t_logits = kd.teacher(
-                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                            ).logits
-                        # one chunked fp32 pass gives CE, the divergence at T and the true forward KL at T=1
-                        out = kd_loss(
-                            logits,
-                            t_logits,
-                            labels,
-                            alpha=kd.alpha,
-                            temperature=kd.temperature,
-                            divergence=kd.divergence,
-                            beta=kd.beta,
-                            vocab_size=kd.vocab_size,
-                            chunk_size=kd.chunk_size,
-                        )
-                        ce_sum, d, fkl = out["ce"] * n_mb, out["kd"], out["forward_kl"]
-                    else:
-                        ce_sum = _masked_ce_sum(logits, labels)
-                    if kd is None:
-                        loss_sum = ce_sum
-                        parts = {"ce": float(ce_sum.detach()) / max(n_mb, 1)}
-                    else:
-                        if kd.cache is not None:
-                            lp, idx = kd.cache.gather(
-                                [e["input_ids"] for e in window[i]], [e["labels"] for e in window[i]], labels.shape[1]
-                            )
-                            d = topk_distillation_loss(
-                                logits,
-                                lp.to(dev),
-                                idx.to(dev),
-                                labels,
-                                divergence=kd.divergence,
-                                temperature=kd.temperature,
-                                beta=kd.beta,
-                                chunk_size=kd.chunk_size,
-                            )
-                        kd_term = kd.temperature**2 * d
-                        if on_policy:  # the student's own samples are no reference: only the teacher signal counts
-                            loss_sum = kd_term * n_mb
-                        else:
-                            loss_sum = kd.alpha * ce_sum + (1 - kd.alpha) * kd_term * n_mb
-                        parts = {"ce": float(ce_sum.detach()) / max(n_mb, 1), "kd": float(d.detach())}
-                        if fkl is not None:
-                            parts["forward_kl"] = float(fkl)
-                    accelerator.backward(loss_sum / n_window)
-                for k, v in parts.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + v * n_mb / n_window
-                step_stats["loss"] = step_stats.get("loss", 0.0) + float(loss_sum.detach()) / n_window
+            torch.manual_seed(seed * 7919 + p.step)
+            window, on_policy = _pick_targets(window_at(p.step), p.step, seed, kd, unwrapped, pad_token_id, dev)
+            stats, tokens = _forward_backward(model, window, kd, on_policy, accelerator, pad_token_id)
+            _check_finite(stats["loss"], p.step + 1, ckpt_dir)
             if max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            tokens_seen += tokens
-            train_seconds += time.perf_counter() - t0
-            for k, v in step_stats.items():
-                running[k] = running.get(k, 0.0) + v
-            running_n += 1
+            p.advance(tokens, time.perf_counter() - t0)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_stats['loss']:.3f}", tok_s=f"{tokens_seen / max(train_seconds, 1e-9):.0f}")
-            if step % log_every == 0 or step == total_steps:
-                record = {
-                    "step": step,
-                    **{k: v / running_n for k, v in running.items()},
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-                    "on_policy": on_policy,
-                }
-                running, running_n = {}, 0
-                if eval_every and step % eval_every == 0 and valid_examples:
-                    record["valid_ce"] = evaluate_loss(
-                        model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev
-                    )
-                log(record)
-            elif eval_every and step % eval_every == 0 and valid_examples:
-                log(
-                    {
-                        "step": step,
-                        "valid_ce": evaluate_loss(
-                            model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev
-                        ),
-                    }
-                )
-            if save_every and step % save_every == 0 and step < total_steps:
-                save()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{p.tokens_per_s:.0f}")
+            metrics.add(stats)
+            metrics.log_step(
+                p.step,
+                summary=p.step % log_every == 0 or p.step == total_steps,
+                valid_ce=valid_ce() if eval_every and p.step % eval_every == 0 else None,
+                lr=scheduler.get_last_lr()[0],
+                tokens_per_s=p.tokens_per_s,
+                on_policy=on_policy,
+            )
+            if save_every and p.step % save_every == 0 and p.step < total_steps:
+                save(asdict(p))
     except KeyboardInterrupt:
         bar.close()
-        save()  # the optimizer state matches `step`: the interrupted window is simply redone
+        save(asdict(p))  # the optimizer state matches `step`: the interrupted window is simply redone
         raise
     bar.close()
-    valid_ce = (
-        evaluate_loss(model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev)
-        if valid_examples
-        else None
-    )
-    log({"step": step, "valid_ce": valid_ce})
-    if writer is not None:
-        writer.close()
-    save()
-    return {
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "train_seconds": train_seconds,
-        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-        "valid_ce": valid_ce,
-        "resumed_from": last.name if last is not None else None,
-    }
+    final_ce = valid_ce()
+    metrics.log({"step": p.step, "valid_ce": final_ce})
+    metrics.close()
+    save(asdict(p))
+    return p.summary(final_ce, resumed_from)

@@ -1,0 +1,181 @@
+"""The run folder as a store of keyed stages: ``<output_dir>/<name>/<stage>/``.
+
+A stage is identified by a key: the hash of the settings that determine its output, upstream stage keys included.
+``stage.json`` is written last and records the key and what the stage produced (every output file with its size
+and a checksum). A stage is complete, and skipped on rerun, only when its key is the current one, its outputs
+still match, and the outputs of the stages it read (``inputs``) are still the ones it read. Otherwise:
+
+* an interrupted stage (no ``stage.json``) resumes in place from what it left (training checkpoints, label and
+  cache shards) as long as ``pending.json`` carries the same key, and starts afresh when it does not;
+* a finished stage whose settings changed, or whose outputs were damaged, is rebuilt beside the old one in
+  ``.<stage>.next/`` and swapped in only when the rebuild succeeded: a failing or interrupted rerun leaves the
+  previous complete result (and the report that shows it) intact.
+
+Checksums: sha256 of the whole file up to 64 MiB; above that, sha256 of the size, the first and the last 4 MiB (a
+truncated or partly written file changes the size or its tail, and a multi-GB checkpoint is not read whole on every
+rerun). Logs (``metrics.jsonl``, ``tensorboard/``) are not outputs: losing them does not rerun a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distillmt.io import read_json, write_json
+
+log = logging.getLogger("distillmt.stages")
+
+STAGE_FILE = "stage.json"
+PENDING_FILE = "pending.json"
+NOT_OUTPUTS = {STAGE_FILE, PENDING_FILE, "metrics.jsonl", "tensorboard", "checkpoints"}
+_FULL_HASH_LIMIT = 64 << 20
+_SAMPLE = 4 << 20
+
+
+def stage_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_checksum(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return "sha256:" + h.hexdigest()
+        h.update(str(size).encode())
+        h.update(f.read(_SAMPLE))
+        f.seek(size - _SAMPLE)
+        h.update(f.read(_SAMPLE))
+    return "sha256-ends:" + h.hexdigest()
+
+
+def list_outputs(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every output file of a stage folder (relative path → size and checksum), logs and bookkeeping excluded."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts[0] in NOT_OUTPUTS or not path.is_file():
+            continue
+        out[rel.as_posix()] = {"size": path.stat().st_size, "checksum": file_checksum(path)}
+    return out
+
+
+def damaged_output(folder: Path, outputs: dict[str, dict[str, Any]]) -> str | None:
+    """A description of the first output that is missing or differs from what ``stage.json`` recorded, or None."""
+    for rel, want in outputs.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, {want['size']} were written"
+        if file_checksum(path) != want["checksum"]:
+            return f"{path} has changed since it was written (checksum differs)"
+    return None
+
+
+def _digest(outputs: dict[str, Any]) -> str:
+    return stage_key(outputs)
+
+
+def _read_json_or_none(path: Path) -> Any:
+    """A bookkeeping file's content, or None when it is missing or damaged (a damaged one is reported)."""
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        log.warning("%s is damaged (%s): treating the stage as not finished", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class RunFolder:
+    """Bookkeeping for one run folder: which stages are done, with which keys and outputs, and how long each took."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, dict[str, Any]] = {}
+        self.digests: dict[str, str] = {}  # stage name → digest of its outputs, for the stages that read it
+
+    def stage(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        fn: Callable[[Path], dict[str, Any] | None],
+        inputs: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Run ``fn(folder)`` as stage ``name`` unless it is complete; return its result (from ``stage.json`` when
+        skipped). ``inputs``: the stages (already run in this invocation) whose outputs ``fn`` reads."""
+        key = stage_key(settings)
+        folder = self.root / name
+        self._finish_interrupted_swap(name)
+        upstream = {n: self.digests[n] for n in inputs}
+        info = _read_json_or_none(folder / STAGE_FILE)
+        if info is not None and info.get("key") == key:
+            problem = damaged_output(folder, info.get("outputs", {}))
+            if problem is None and info.get("inputs", upstream) == upstream:
+                log.info("stage %-22s skipped: complete (key %s)", name, key)
+                self.timings[name] = {"seconds": info.get("seconds"), "skipped": True, "key": key}
+                self.digests[name] = _digest(info.get("outputs", {}))
+                return info["result"]
+            reason = problem or "a stage it reads from was rebuilt with other output"
+            log.warning("stage %-22s %s: running it again (the old output stays until then)", name, reason)
+        elif info is not None:
+            log.info("stage %-22s settings changed (key %s -> %s): running it again", name, info.get("key"), key)
+        finished = (folder / STAGE_FILE).exists()  # complete but stale, damaged, or unreadable: replace, not delete
+        work = self.root / f".{name}.next" if finished else folder
+        pending = _read_json_or_none(work / PENDING_FILE)
+        if (work / PENDING_FILE).exists() and (pending is None or pending.get("key") != key):
+            log.info("stage %-22s partial output from other settings: starting afresh", name)
+            shutil.rmtree(work)
+        resumed = work.exists()
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / PENDING_FILE, {"key": key, "settings": settings})
+        log.info("stage %-22s %s (key %s)", name, "resuming" if resumed else "running", key)
+        start = time.perf_counter()
+        result = fn(work) or {}
+        seconds = time.perf_counter() - start
+        outputs = list_outputs(work)
+        record = {"stage": name, "key": key, "settings": settings, "result": result, "outputs": outputs}
+        record.update(inputs=upstream, seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_json(work / STAGE_FILE, record)
+        (work / PENDING_FILE).unlink(missing_ok=True)
+        if work != folder:
+            self._swap(name)
+        self.timings[name] = {"seconds": seconds, "skipped": False, "resumed": resumed, "key": key}
+        self.digests[name] = _digest(outputs)
+        log.info("stage %-22s done in %.1f s", name, seconds)
+        return result
+
+    def result(self, name: str) -> dict[str, Any]:
+        """The result a finished stage recorded in its ``stage.json``."""
+        return read_json(self.root / name / STAGE_FILE)["result"]
+
+    def _swap(self, name: str) -> None:
+        """Replace the finished folder by its rebuilt twin; each step is a rename, and a kill between the two renames
+        is finished by :meth:`_finish_interrupted_swap` on the next run."""
+        folder, new, old = self.root / name, self.root / f".{name}.next", self.root / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        new.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _finish_interrupted_swap(self, name: str) -> None:
+        folder, new, old = self.root / name, self.root / f".{name}.next", self.root / f".{name}.old"
+        if not folder.exists():
+            if (new / STAGE_FILE).exists():
+                new.rename(folder)
+            elif old.exists():
+                old.rename(folder)
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""Hard-label data for sequence-level KD: the teacher's translations of the training sources, written shard by shard.
+
+The twin of :mod:`distillmt.logit_cache` (soft-label data). Layout of a labels folder::
+
+    shard-00000-<hash>.jsonl   one row per source: {"src", "ref", "label", "candidates"}
+    shard-00001-<hash>.jsonl   ...
+
+A shard's name carries the hash of its sources and of the teacher and decoding settings, so a rerun (after a kill)
+reuses exactly the shards those settings still describe and generates the rest; each shard is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distillmt.data import Pair
+from distillmt.generate import translate
+from distillmt.io import read_jsonl, write_jsonl
+
+log = logging.getLogger("distillmt.teacher_labels")
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_teacher_labels(
+    load_teacher: Callable[[], tuple[Any, Any]],
+    pairs: list[Pair],
+    out_dir: str | Path,
+    *,
+    identity: dict[str, Any],
+    decoding: dict[str, Any],
+    num_candidates: int = 1,
+    selection: str = "score",
+    shard_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Translate the sources of ``pairs`` with the teacher and write them as label shards into ``out_dir``.
+
+    ``load_teacher()`` returns ``(model, tokenizer)``; it is called only when a shard is missing, so a rerun whose
+    shards all exist loads nothing. ``identity`` names the teacher (it goes into the shard hashes with the decoding
+    settings). ``decoding`` holds :func:`distillmt.generate.translate`'s decoding arguments (a ``GenerateConfig`` as
+    a dict); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
+    with ``do_sample``) and one is kept by ``selection`` (``score`` or ``mbr``). Shard ``i`` is decoded with seed
+    ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens", "generation_seconds"}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "teacher": identity,
+        "decoding": decoding,
+        "num_candidates": num_candidates,
+        "selection": selection,
+        "seed": seed,
+    }
+    decode = dict(decoding)
+    if not decode["do_sample"]:  # n-best from beam search: at least as many beams as candidates
+        decode["num_beams"] = max(decode["num_beams"], num_candidates)
+    model = tokenizer = None
+    shards, generated, seconds = [], 0, 0.0
+    n_shards = (len(pairs) + shard_size - 1) // shard_size
+    for i in range(n_shards):
+        chunk = pairs[i * shard_size : (i + 1) * shard_size]
+        path = out_dir / f"shard-{i:05d}-{_digest({'src': [p.src for p in chunk], **settings})}.jsonl"
+        shards.append(path.name)
+        if path.exists():
+            continue
+        if model is None:
+            model, tokenizer = load_teacher()
+        res = translate(
+            model,
+            tokenizer,
+            [p.src for p in chunk],
+            **decode,
+            num_return_sequences=num_candidates,
+            selection=selection,
+            seed=seed + i,
+            progress=progress,
+            desc=f"teacher labels {i + 1}/{n_shards}",
+        )
+        generated += res.generated_tokens
+        seconds += res.seconds
+        rows = [
+            {"src": p.src, "ref": p.tgt, "label": hyp, "candidates": c}
+            for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True)
+        ]
+        write_jsonl(path, rows)
+    return {"shards": shards, "generated_tokens": generated, "generation_seconds": seconds}
+
+
+def read_label_pairs(out_dir: str | Path, shards: list[str], *, mix_references: float, seed: int) -> list[Pair]:
+    """The training pairs of sequence-level KD: each source with its teacher label, or with its human reference for
+    a seeded random ``mix_references`` share of them."""
+    rows = []
+    for name in shards:
+        rows.extend(read_jsonl(Path(out_dir) / name))
+    rng = random.Random(seed)
+    keep_ref = set(rng.sample(range(len(rows)), int(round(mix_references * len(rows)))))
+    pairs = [Pair(r["src"], r["ref"] if i in keep_ref else r["label"]) for i, r in enumerate(rows)]
+    empty = sum(1 for p in pairs if not p.tgt.strip())
+    if empty:  # kept: sequence-level KD trains on what the teacher says, even when it says nothing
+        log.warning("%d of %d teacher labels are empty", empty, len(pairs))
+    return pairs

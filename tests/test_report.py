@@ -1,0 +1,245 @@
+"""Tests for distillmt.report: the table and signature lines come from the metric entries alone, rows scored on
+different sentences are refused, and every system gets its description."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from distillmt.config import load_config
+from distillmt.errors import DistillmtError
+from distillmt.report import check_comparable, describe_system, markdown_report, results_table, write_report
+
+SHA = "ab" * 32
+BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0"
+CHRF_SIG = "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"
+BS_SIG = "store:multilingual-e5-small_L9_no-idf_version=0.3.13(hug_trans=5.24.0)_fast-tokenizer"
+REASON = "could not load model 'bert-base-chinese': the hub did not answer"
+
+
+def _scores(p=None, r=None, f=None, chrf=0.0, bleu=0.0, *, n=300, sha=SHA):
+    if f is None:
+        bertscore = {
+            "name": "BERTScore",
+            "score": None,
+            "signature": None,
+            "columns": {"BERTScore P": None, "BERTScore R": None, "BERTScore F1": None},
+            "decimals": 4,
+            "unavailable": REASON,
+        }
+    else:
+        bertscore = {
+            "name": "BERTScore",
+            "score": f,
+            "signature": BS_SIG,
+            "columns": {"BERTScore P": p, "BERTScore R": r, "BERTScore F1": f},
+            "decimals": 4,
+            "note": f"mean over {n} sentences, no baseline rescaling",
+        }
+    return {
+        "n": n,
+        "refs_sha256": sha,
+        "bertscore": bertscore,
+        "chrf": {"name": "chrF", "score": chrf, "signature": CHRF_SIG, "columns": {"chrF": chrf}, "decimals": 2},
+        "bleu": {"name": "BLEU", "score": bleu, "signature": BLEU_SIG, "columns": {"BLEU": bleu}, "decimals": 2},
+    }
+
+
+def _report(**rows):
+    return {
+        "name": "default",
+        "command": "distillmt run",
+        "systems": {
+            name: {"scores": scores, "translation": translation, "settings": f"{name} settings"}
+            for name, (scores, translation) in rows.items()
+        },
+        "stages": {"data": {"seconds": 0.84, "skipped": False}, "evaluate_TEACHER": {"seconds": 3.0, "skipped": True}},
+        "wall_seconds": 720.04,
+        "machine": {"device": "cpu", "cpus": 2, "torch": "2.13.0", "platform": "Linux"},
+    }
+
+
+def two_rows():
+    return _report(
+        TEACHER=(
+            _scores(0.77031, 0.71344, 0.73951, 9.8012, 8.4149),
+            {"parameters": 3_200_123, "tokens_per_s": 3785.4},
+        ),
+        STUDENT=(_scores(chrf=5.2849, bleu=2.7213), {"parameters": 305_321, "tokens_per_s": 8692.2}),
+    )
+
+
+TABLE = (
+    "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | translation tokens/s |\n"
+    "|---|---|---|---|---|---|---|---|\n"
+    "| TEACHER | 0.7703 | 0.7134 | 0.7395 | 9.80 | 8.41 | 3.2M | 3785 |\n"
+    "| STUDENT | n/a | n/a | n/a | 5.28 | 2.72 | 305K | 8692 |\n"
+    "\n"
+    f"BERTScore not measured: {REASON}\n"
+)
+
+
+def test_results_table_is_the_default_layout():
+    assert results_table(two_rows()) == TABLE
+
+
+def test_table_without_unavailable_metrics_has_no_note():
+    report = _report(SLKD=(_scores(0.7476, 0.6788, 0.7101, 8.17, 6.57), {"parameters": 305_000}))
+    assert results_table(report) == (
+        "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | translation tokens/s |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| SLKD | 0.7476 | 0.6788 | 0.7101 | 8.17 | 6.57 | 305K | n/a |\n"
+    )
+
+
+def test_markdown_report_signature_lines_come_from_the_entries():
+    text = markdown_report(two_rows())
+    assert text.startswith("# distillmt results: default\n\nCommand: `distillmt run`\n\n" + TABLE)
+    assert (
+        "## Metric signatures\n\n"
+        f"- BERTScore: `{BS_SIG}` (mean over 300 sentences, no baseline rescaling)\n"
+        f"- chrF: `{CHRF_SIG}`\n"
+        f"- BLEU: `{BLEU_SIG}`\n\n"
+        "## Systems\n\n- **TEACHER**: TEACHER settings\n- **STUDENT**: STUDENT settings\n"
+    ) in text
+    assert "| data | 0.8 | ran |\n| evaluate_TEACHER | 3.0 | reused (complete) |" in text
+
+
+def test_signature_of_a_metric_comes_from_the_first_row_that_measured_it():
+    report = two_rows()
+    report["systems"] = dict(reversed(report["systems"].items()))  # STUDENT (BERTScore n/a) first
+    assert f"- BERTScore: `{BS_SIG}` (mean over 300 sentences" in markdown_report(report)
+    no_bertscore = two_rows()
+    del no_bertscore["systems"]["TEACHER"]
+    assert "- BERTScore" not in markdown_report(no_bertscore)
+
+
+def test_a_new_metric_entry_adds_its_column_and_signature_without_code_changes():
+    report = two_rows()
+    for value, row in zip((0.81234, None), report["systems"].values(), strict=True):
+        row["scores"]["comet"] = {
+            "name": "COMET",
+            "score": value,
+            "signature": "Unbabel/wmt22-comet-da" if value is not None else None,
+            "columns": {"COMET": value},
+            "decimals": 3,
+            "note": "wmt22-comet-da, batch 8",
+        }
+        if value is None:
+            row["scores"]["comet"]["unavailable"] = "no GPU"
+    assert results_table(report) == (
+        "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | COMET | params | translation tokens/s |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        "| TEACHER | 0.7703 | 0.7134 | 0.7395 | 9.80 | 8.41 | 0.812 | 3.2M | 3785 |\n"
+        "| STUDENT | n/a | n/a | n/a | 5.28 | 2.72 | n/a | 305K | 8692 |\n"
+        "\n"
+        f"BERTScore not measured: {REASON}\n"
+        "COMET not measured: no GPU\n"
+    )
+    assert "- BLEU: `" + BLEU_SIG + "`\n- COMET: `Unbabel/wmt22-comet-da` (wmt22-comet-da, batch 8)\n" in (
+        markdown_report(report)
+    )
+
+
+def test_metric_order_in_the_scores_is_the_column_order():
+    report = two_rows()
+    for row in report["systems"].values():
+        s = row["scores"]
+        row["scores"] = {"n": s["n"], "refs_sha256": s["refs_sha256"], "bleu": s["bleu"], "chrf": s["chrf"]}
+    assert results_table(report).splitlines()[:3] == [
+        "| system | BLEU | chrF | params | translation tokens/s |",
+        "|---|---|---|---|---|",
+        "| TEACHER | 8.41 | 9.80 | 3.2M | 3785 |",
+    ]
+
+
+def test_a_row_without_a_metric_shows_n_a():
+    report = two_rows()
+    del report["systems"]["STUDENT"]["scores"]["bleu"]
+    assert "| STUDENT | n/a | n/a | n/a | 5.28 | n/a | 305K | 8692 |" in results_table(report)
+
+
+def test_rows_scored_on_different_sentences_are_refused(tmp_path):
+    fewer = two_rows()
+    fewer["systems"]["STUDENT"]["scores"]["n"] = 200
+    other_refs = two_rows()
+    other_refs["systems"]["STUDENT"]["scores"]["refs_sha256"] = "cd" * 32
+    for report in (fewer, other_refs):
+        with pytest.raises(DistillmtError, match=r"different test sentences.*TEACHER: 300 sentences.*STUDENT"):
+            check_comparable(report)
+        with pytest.raises(DistillmtError, match=r"different test sentences"):
+            results_table(report)
+        with pytest.raises(DistillmtError, match=r"different test sentences"):
+            write_report(tmp_path, report)
+        assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_rows_without_a_reference_hash_are_refused():
+    report = two_rows()
+    del report["systems"]["STUDENT"]["scores"]["refs_sha256"]
+    with pytest.raises(DistillmtError, match=r"scores of STUDENT carry no reference hash.*Rerun their evaluate"):
+        check_comparable(report)
+    del report["systems"]["TEACHER"]["scores"]["refs_sha256"]
+    with pytest.raises(DistillmtError, match=r"scores of TEACHER, STUDENT carry no reference hash"):
+        check_comparable(report)
+
+
+def test_same_sentences_pass_and_the_report_is_written(tmp_path):
+    report = two_rows()
+    check_comparable(report)
+    write_report(tmp_path, copy.deepcopy(report))
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == markdown_report(report)
+    assert (tmp_path / "results.json").is_file()
+
+
+SCRATCH = {
+    "TEACHER": "teacher from scratch (h=224, layers=4) trained on the references",
+    "STUDENT": "student from scratch (h=64, layers=1) trained on the references",
+    "HLKD": "labels from the finetuned teacher, 1 candidate(s), selection=score, beams=1, sample=False, "
+    "mix_references=0.0",
+    "SLKD": "finetuned teacher, loss=0.5*CE+0.5*T^2*forward_kl, T=2.0",
+    "GKD": "on-policy lambda=0.5, forward_kl, T=2.0",
+}
+
+
+@pytest.mark.parametrize("name", list(SCRATCH))
+def test_describe_system_scratch(name):
+    assert describe_system(load_config(None, []), name) == SCRATCH[name]
+
+
+PRETRAINED = {
+    "TEACHER": "some/id, zero-shot",
+    "STUDENT": "other/id, zero-shot",
+    "TEACHER_PEFT": "some/id + LoRA r=8 alpha=16 on the references",
+    "STUDENT_PEFT": "other/id + all weights on the references",
+    "HLKD": "labels from the base teacher, 4 candidate(s), selection=mbr, beams=1, sample=True, mix_references=0.25",
+    "SLKD": "finetuned teacher, loss=0.3*CE+0.7*T^2*jsd, T=1.0, beta=0.5, top-8 cache",
+    "GKD": "on-policy lambda=0.25, jsd, T=1.0",
+}
+
+
+@pytest.mark.parametrize("name", list(PRETRAINED))
+def test_describe_system_pretrained(name):
+    cfg = load_config(
+        None,
+        [
+            "teacher.model=some/id",
+            "student.model=other/id",
+            "teacher.lora={enabled: true, r: 8, alpha: 16}",
+            "hard_kd={teacher: base, num_candidates: 4, selection: mbr, mix_references: 0.25}",
+            "hard_kd.decoding.do_sample=true",
+            "soft_kd={alpha: 0.3, temperature: 1.0, divergence: jsd, cache: true, cache_k: 8}",
+            "gkd.lmbda=0.25",
+        ],
+    )
+    assert describe_system(cfg, name) == PRETRAINED[name]
+
+
+def test_describe_system_kd_details():
+    cfg = load_config(None, ["soft_kd.divergence=skew_kl", "soft_kd.beta=0.1", "soft_kd.alpha=0.25"])
+    assert describe_system(cfg, "SLKD") == "finetuned teacher, loss=0.25*CE+0.75*T^2*skew_kl, T=2.0, beta=0.1"
+    cfg = load_config(None, ["soft_kd.divergence=tvd"])
+    assert describe_system(cfg, "SLKD") == "finetuned teacher, loss=0.5*CE+0.5*T^2*tvd, T=2.0"
+    with pytest.raises(DistillmtError, match=r"unknown system 'XKD'"):
+        describe_system(cfg, "XKD")
