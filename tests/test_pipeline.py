@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from distillmt.config import load_config
+from distillmt.errors import DistillmtError
 from distillmt.io import read_json
 from distillmt.pipeline import Experiment, run_experiment
 
@@ -123,3 +124,50 @@ def test_teacher_label_shards_resume_and_follow_settings(tmp_path):
     # another decoding setting: every shard gets a new name (new hash) and is generated again
     run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,HLKD]", "hard_kd.decoding.num_beams=2"), progress=False)
     assert not set(kept) & {p.name for p in labels.glob("shard-*.jsonl")}
+
+
+def test_damaged_translations_or_model_file_reruns_that_stage(tmp_path):
+    cfg = micro_cfg(tmp_path, "systems=[TEACHER,STUDENT]")
+    first = run_experiment(cfg, progress=False)
+    root = tmp_path / "micro"
+    translations = root / "translate_STUDENT" / "translations.jsonl"
+    translations.write_text("".join(translations.read_text().splitlines(keepends=True)[:3]))  # cut short
+    weights = next((root / "train_teacher" / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    again = run_experiment(cfg, progress=False)
+    rerun = {name for name, t in again["stages"].items() if not t["skipped"]}
+    assert rerun == {"train_teacher", "translate_STUDENT"}  # same bytes again, so nothing downstream reruns
+    assert len(translations.read_text().splitlines()) == 6
+    assert again["systems"]["STUDENT"]["scores"] == first["systems"]["STUDENT"]["scores"]
+    assert again["systems"]["TEACHER"]["scores"] == first["systems"]["TEACHER"]["scores"]
+
+
+def test_failing_rerun_with_changed_settings_leaves_old_outputs_and_report(tmp_path, monkeypatch):
+    import distillmt.generate
+
+    cfg = micro_cfg(tmp_path, "systems=[TEACHER,STUDENT]")
+    run_experiment(cfg, progress=False)
+    root = tmp_path / "micro"
+    kept = {p: p.read_bytes() for p in [root / "results.md", root / "results.json", *root.glob("translate_*/*")]}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(distillmt.generate, "translate", broken)
+    with pytest.raises(RuntimeError):
+        run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,STUDENT]", "generate.max_new_tokens=5"), progress=False)
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def test_missing_local_data_file_is_an_error_that_deletes_nothing(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"en": f"Sentence number {i}.", "zh": f"第{i}句。"} for i in range(60)]
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    extra = ["systems=[STUDENT]", "data.source=jsonl", f"data.path={corpus}", "data.train_size=40"]
+    run_experiment(micro_cfg(tmp_path, *extra), progress=False)
+    root = tmp_path / "micro"
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    corpus.unlink()
+    with pytest.raises(DistillmtError, match="data.path.*file not found"):
+        run_experiment(micro_cfg(tmp_path, *extra), progress=False)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

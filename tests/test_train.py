@@ -195,7 +195,8 @@ def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_stude
     assert cached.item() == pytest.approx(online.item(), rel=2e-3)
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "state.json", "optimizer.pt"])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damaged):
     ex = examples(12)
     straight = tiny_model()
     train(straight, ex, [], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
@@ -217,17 +218,30 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog
         train_mod._save_checkpoint = real_save
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-0000002", "step-0000004"]
-    weights = ckpts[-1] / "trainable.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated by a full disk or a kill
+    broken = ckpts[-1] / damaged
+    broken.write_bytes(broken.read_bytes()[:20])  # truncated by a full disk or a kill
     with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # a line cut short by kill -9
     resumed = tiny_model(seed=9)
     summary = train(resumed, ex, [], tmp_path / "run", **args)
     assert summary["resumed_from"] == "step-0000002"
-    assert "step-0000004" in caplog.text and "damaged" in caplog.text
+    assert "step-0000004 is damaged" in caplog.text
     assert torch.allclose(params(straight), params(resumed), atol=1e-6)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)
+
+
+def test_no_usable_checkpoint_restarts_the_stage_and_says_so(tmp_path, caplog):
+    ex = examples(8)
+    straight = tiny_model()
+    train(straight, ex, [], tmp_path / "straight", max_steps=3, batch_size=4, **COMMON)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{not json")
+    restarted = tiny_model()
+    summary = train(restarted, ex, [], tmp_path / "run", max_steps=3, batch_size=4, **COMMON)
+    assert summary["resumed_from"] is None and "starts again from step 0" in caplog.text
+    assert torch.allclose(params(straight), params(restarted), atol=1e-6)
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):

@@ -171,11 +171,14 @@ class RunFolder:
         shutil.rmtree(old, ignore_errors=True)
 
     def _finish_interrupted_swap(self, name: str) -> None:
+        """A rebuilt twin that was complete but not yet swapped in (a kill during :meth:`_swap`) replaces the old
+        folder now; an old folder moved aside whose twin never arrived is moved back."""
         folder, new, old = self.root / name, self.root / f".{name}.next", self.root / f".{name}.old"
-        if not folder.exists():
-            if (new / STAGE_FILE).exists():
+        if (new / STAGE_FILE).exists():
+            if folder.exists():
+                self._swap(name)
+            else:
                 new.rename(folder)
-            elif old.exists():
-                old.rename(folder)
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        elif not folder.exists() and old.exists():
+            old.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,7 +1,11 @@
 """The one training loop: supervised fine-tuning on references or teacher labels, and logit KD (online teacher,
 offline teacher cache, or on-policy GKD), on ``accelerate``.
 
-Read top to bottom: setup → resume → loop (window of micro-batches → optimizer step → log/eval/checkpoint) → save.
+Two parts, as in torchtune's KD recipe and TRL's GKD trainer: :func:`loss_step` scores one micro-batch for every
+method (CE alone, or ``alpha·CE + (1 − alpha)·T²·D`` against the online teacher or the cached top-k, or ``T²·D`` on
+the student's own samples) and returns the loss with its logged parts; :func:`train` reads top to bottom: setup →
+resume → loop (pick the window's data → accumulate its gradients → optimizer step → log/eval/checkpoint) → save, and
+never branches on the KD method.
 """
 
 from __future__ import annotations
