@@ -239,3 +239,53 @@ def test_hub_reachable_honours_hf_hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(models, "_HUB_REACHABLE", None)
     assert models.hub_reachable() is False
+
+
+# --- per-sentence scores ---------------------------------------------------------------------------------------------
+
+
+def test_evaluate_with_sentences_gives_the_same_scores_and_sacrebleus_sentence_scores():
+    scores, sentences = metrics.evaluate_with_sentences(HYPS, REFS, bertscore_model=None)
+    assert scores == metrics.evaluate(HYPS, REFS, bertscore_model=None)  # nothing per sentence in the scores
+    assert len(sentences) == len(HYPS)
+    bleu = sacrebleu.BLEU(tokenize="zh", effective_order=True)
+    for record, hyp, ref in zip(sentences, HYPS, REFS, strict=True):
+        assert list(record) == ["chrF", "BLEU"]
+        assert record["chrF"] == sacrebleu.sentence_chrf(hyp, [ref]).score
+        assert record["BLEU"] == bleu.sentence_score(hyp, [ref]).score
+    assert sentences[0] == {"chrF": pytest.approx(100.0), "BLEU": pytest.approx(100.0)}
+    assert sentences[3] == {"chrF": 0.0, "BLEU": 0.0}  # the empty hypothesis
+    _, with_13a = metrics.evaluate_with_sentences(HYPS, REFS, bertscore_model=None, bleu_tokenize="13a")
+    assert with_13a[1]["BLEU"] < sentences[1]["BLEU"]
+
+
+def test_bertscore_sentences_come_from_the_one_bert_score_call(tmp_path, monkeypatch):
+    import bert_score
+    import torch
+
+    calls = []
+    p, r, f = (torch.linspace(0.5, 0.9, len(HYPS)) + d for d in (0.0, 0.01, 0.02))
+
+    def fake_score(hyps, refs, **kwargs):
+        calls.append(len(hyps))
+        return p, r, f
+
+    monkeypatch.setattr(bert_score, "score", fake_score)
+    encoder = _encoder_folder(tmp_path)
+    scores, sentences = metrics.evaluate_with_sentences(HYPS, REFS, bertscore_model=encoder)
+    assert calls == [len(HYPS)]
+    assert list(sentences[0]) == ["BERTScore P", "BERTScore R", "BERTScore F1", "chrF", "BLEU"]
+    assert [s["BERTScore F1"] for s in sentences] == pytest.approx(f.tolist())
+    assert [s["BERTScore P"] for s in sentences] == pytest.approx(p.tolist())
+    assert scores["bertscore"]["score"] == pytest.approx(sum(s["BERTScore F1"] for s in sentences) / len(HYPS))
+    assert "sentences" not in scores["bertscore"]
+    assert "sentences" not in metrics.bertscore(HYPS, REFS, model=encoder)
+    assert metrics.bertscore(HYPS, REFS, model=encoder, sentences=True)["sentences"]["BERTScore R"] == pytest.approx(
+        r.tolist()
+    )
+
+
+def test_an_unavailable_metric_has_no_sentence_scores(offline):
+    scores, sentences = metrics.evaluate_with_sentences(HYPS, REFS, bertscore_model="bert-base-chinese")
+    assert scores["bertscore"]["unavailable"]
+    assert all(list(s) == ["chrF", "BLEU"] for s in sentences)

@@ -8,7 +8,7 @@ import pytest
 
 from distillmt.config import load_config
 from distillmt.errors import DistillmtError
-from distillmt.io import read_json
+from distillmt.io import read_json, read_jsonl
 from distillmt.pipeline import Experiment, run_experiment
 
 MICRO = [
@@ -95,8 +95,48 @@ def test_changed_setting_reruns_only_dependent_stages(tmp_path):
     )
     after = stage_keys(tmp_path / "micro")
     rerun = {name for name, t in report["stages"].items() if not t["skipped"]}
-    assert rerun == {"train_slkd", "translate_SLKD", "evaluate_SLKD"}
+    assert rerun == {"train_slkd", "translate_SLKD", "evaluate_SLKD", "significance"}
     assert {k for k in before if before[k] != after[k]} == rerun
+
+
+def test_sentence_scores_and_significance_follow_the_baseline(tmp_path):
+    import sacrebleu
+
+    report = run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,STUDENT]"), progress=False)
+    root = tmp_path / "micro"
+    for name in ("TEACHER", "STUDENT"):
+        translations = read_jsonl(root / f"translate_{name}" / "translations.jsonl")
+        sentences = read_jsonl(root / f"evaluate_{name}" / "sentences.jsonl")
+        assert len(sentences) == len(translations) == 6
+        assert all(set(s) == {"chrF", "BLEU"} for s in sentences)  # eval.bertscore=false: no BERTScore columns
+        for s, t in zip(sentences, translations, strict=True):
+            assert s["chrF"] == sacrebleu.sentence_chrf(t["hyp"], [t["ref"]]).score
+        assert "sentences" not in json.loads((root / f"evaluate_{name}" / "scores.json").read_text())["chrf"]
+    sig = read_json(root / "significance" / "significance.json")
+    assert sig["baseline"] == "STUDENT" and (sig["n_samples"], sig["seed"]) == (1000, 12345)
+    assert report["significance"] == sig
+    assert sig["systems"]["STUDENT"]["chrf"]["p_value"] is None
+    teacher = sig["systems"]["TEACHER"]["chrf"]
+    assert 0 < teacher["p_value"] <= 1 and teacher["significant"] == (teacher["p_value"] < 0.05)
+    md = (root / "results.md").read_text()
+    score = report["systems"]["TEACHER"]["scores"]["chrf"]["score"]
+    mark = "†" if teacher["significant"] else ""
+    assert f"| {score:.2f}{mark} ({teacher['ci_low']:.2f}–{teacher['ci_high']:.2f}) |" in md
+    assert "| p vs STUDENT (chrF / BLEU) |" in md and "paired bootstrap resampling, 1,000 resamples, seed 12345" in md
+
+    # another baseline reruns only the significance stage; eval.baseline=none or no baseline row skips it
+    again = run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,STUDENT]", "eval.baseline=TEACHER"), progress=False)
+    assert {name for name, t in again["stages"].items() if not t["skipped"]} == {"significance"}
+    assert read_json(root / "significance" / "significance.json")["baseline"] == "TEACHER"
+    for extra, reason in [
+        ("eval.baseline=none", "eval.baseline=none"),
+        ("systems=[TEACHER]", "eval.baseline=auto: no STUDENT_PEFT or STUDENT row to test against (rows: TEACHER)"),
+    ]:
+        off = run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,STUDENT]", extra), progress=False)
+        assert "significance" not in off["stages"] and all(t["skipped"] for t in off["stages"].values())
+        assert off["significance"] == {"skipped": reason}
+        md = (root / "results.md").read_text()
+        assert f"\nNo significance test: {reason}.\n" in md and "p vs" not in md and "–" not in md
 
 
 def test_soft_kd_from_teacher_cache(tmp_path):

@@ -9,7 +9,14 @@ import pytest
 
 from distillmt.config import load_config
 from distillmt.errors import DistillmtError
-from distillmt.report import check_comparable, describe_system, markdown_report, results_table, write_report
+from distillmt.report import (
+    check_comparable,
+    describe_system,
+    markdown_report,
+    results_table,
+    significance_record,
+    write_report,
+)
 
 SHA = "ab" * 32
 BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0"
@@ -191,6 +198,141 @@ def test_same_sentences_pass_and_the_report_is_written(tmp_path):
     write_report(tmp_path, copy.deepcopy(report))
     assert (tmp_path / "results.md").read_text(encoding="utf-8") == markdown_report(report)
     assert (tmp_path / "results.json").is_file()
+
+
+def _record(score, low, high, p):
+    significant = None if p is None else p < 0.05
+    return {
+        "score": score,
+        "mean": (low + high) / 2,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "significant": significant,
+    }
+
+
+def with_significance():
+    """Three rows, STUDENT the baseline; TEACHER differs on every metric, HLKD on BERTScore F1 only."""
+    report = _report(
+        TEACHER=(
+            _scores(0.77031, 0.71344, 0.73951, 9.8012, 8.4149),
+            {"parameters": 3_200_123, "tokens_per_s": 3785.4},
+        ),
+        STUDENT=(_scores(0.69891, 0.61782, 0.65384, 5.2849, 2.7213), {"parameters": 305_321, "tokens_per_s": 8692.2}),
+        HLKD=(_scores(0.74231, 0.67191, 0.70372, 5.4012, 2.9911), {"parameters": 305_321, "tokens_per_s": 9463.0}),
+    )
+    rows = {
+        "TEACHER": [
+            (0.73951, 0.73012, 0.74903, 0.000999),
+            (9.8012, 9.1012, 10.5211, 0.000999),
+            (8.4149, 7.6, 9.3, 0.001),
+        ],
+        "STUDENT": [(0.65384, 0.64401, 0.66302, None), (5.2849, 4.8012, 5.7533, None), (2.7213, 2.3022, 3.2011, None)],
+        "HLKD": [
+            (0.70372, 0.6941, 0.713, 0.000999),
+            (5.4012, 4.9012, 5.9022, 0.3127),
+            (2.9911, 2.5023, 3.4988, 0.2448),
+        ],
+    }
+    systems = {}
+    for name, records in rows.items():
+        systems[name] = {}
+        for key, (score, low, high, p) in zip(("bertscore", "chrf", "bleu"), records, strict=True):
+            systems[name][key] = _record(score, low, high, p)
+    report["significance"] = {
+        "baseline": "STUDENT",
+        "test": "paired bootstrap resampling",
+        "n_samples": 1000,
+        "seed": 12345,
+        "confidence": 0.95,
+        "alpha": 0.05,
+        "signatures": {
+            "bertscore": "mean of sentence scores|bs:1000|seed:12345",
+            "chrf": "nrefs:1|bs:1000|seed:12345|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
+            "bleu": "nrefs:1|bs:1000|seed:12345|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0",
+        },
+        "systems": systems,
+        "identical_to_baseline": [],
+    }
+    return report
+
+
+LEGEND = (
+    "Cells: score (95% CI); † = differs from the baseline STUDENT at p < 0.05. Test: paired bootstrap resampling, "
+    "1,000 resamples, seed 12345 (sacrebleu's paired test for chrF and BLEU; BERTScore F1 on its sentence scores "
+    "with the same resamples).\n"
+)
+
+TABLE_WITH_CI = (
+    "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | p vs STUDENT (BERTScore F1 / chrF / BLEU) "
+    "| params | translation tokens/s |\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
+    "| TEACHER | 0.7703 | 0.7134 | 0.7395† (0.7301–0.7490) | 9.80† (9.10–10.52) | 8.41† (7.60–9.30) "
+    "| 0.0010 / 0.0010 / 0.0010 | 3.2M | 3785 |\n"
+    "| STUDENT | 0.6989 | 0.6178 | 0.6538 (0.6440–0.6630) | 5.28 (4.80–5.75) | 2.72 (2.30–3.20) "
+    "| baseline | 305K | 8692 |\n"
+    "| HLKD | 0.7423 | 0.6719 | 0.7037† (0.6941–0.7130) | 5.40 (4.90–5.90) | 2.99 (2.50–3.50) "
+    "| 0.0010 / 0.3127 / 0.2448 | 305K | 9463 |\n"
+    "\n" + LEGEND
+)
+
+
+def test_table_with_significance_shows_ci_marks_p_values_and_legend():
+    report = with_significance()
+    assert results_table(report) == TABLE_WITH_CI
+    assert significance_record(report, "HLKD", "chrf")["p_value"] == 0.3127
+    assert significance_record(report, "STUDENT", "bleu")["significant"] is None
+    assert significance_record(two_rows(), "HLKD", "chrf") is None
+
+
+def test_markdown_report_with_significance_lists_the_test_signatures():
+    text = markdown_report(with_significance())
+    assert "Command: `distillmt run`\n\n" + TABLE_WITH_CI + "\n## Metric signatures\n" in text
+    assert (
+        "- BERTScore F1 paired bootstrap vs STUDENT: `mean of sentence scores|bs:1000|seed:12345`\n"
+        "- chrF paired bootstrap vs STUDENT: `nrefs:1|bs:1000|seed:12345|case:mixed|eff:yes|nc:6|nw:0|space:no|"
+        "version:2.6.0`\n"
+        "- BLEU paired bootstrap vs STUDENT: `nrefs:1|bs:1000|seed:12345|"
+    ) in text
+    assert "No significance test" not in text
+
+
+def test_table_with_significance_and_an_unmeasured_metric():
+    report = with_significance()
+    for row in report["significance"]["systems"].values():
+        del row["bertscore"]
+    report["systems"]["HLKD"]["scores"] = _scores(chrf=5.4012, bleu=2.9911)  # BERTScore n/a
+    report["significance"]["identical_to_baseline"] = ["HLKD"]
+    lines = results_table(report).splitlines()
+    assert lines[0].startswith(
+        "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | p vs STUDENT (chrF / BLEU) |"
+    )
+    assert (
+        lines[2]
+        == "| TEACHER | 0.7703 | 0.7134 | 0.7395 | 9.80† (9.10–10.52) | 8.41† (7.60–9.30) | 0.0010 / 0.0010 | 3.2M | 3785 |"
+    )
+    assert (
+        lines[4] == "| HLKD | n/a | n/a | n/a | 5.40 (4.90–5.90) | 2.99 (2.50–3.50) | 0.3127 / 0.2448 | 305K | 9463 |"
+    )
+    assert lines[6].endswith("(sacrebleu's paired test for chrF and BLEU).")
+    assert lines[7:] == [
+        "Translations identical to the baseline's, not tested (p = 1): HLKD.",
+        "",
+        f"BERTScore not measured: {REASON}",
+    ]
+
+
+@pytest.mark.parametrize("significance", [None, {"skipped": "eval.baseline=none"}])
+def test_without_significance_results_the_table_is_the_plain_one(significance):
+    report = two_rows()
+    if significance is not None:
+        report["significance"] = significance
+    assert results_table(report) == TABLE
+    text = markdown_report(report)
+    assert text.startswith("# distillmt results: default\n\nCommand: `distillmt run`\n\n" + TABLE)
+    assert ("No significance test: eval.baseline=none.\n" in text) == (significance is not None)
+    assert "paired bootstrap" not in text
 
 
 SCRATCH = {

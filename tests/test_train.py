@@ -59,21 +59,28 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert torch.allclose(params(big), params(acc), atol=1e-6)
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
-    ex = examples(12)
-    straight = tiny_model()
-    train(straight, ex, ex[:2], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
-
+def die_after_save(monkeypatch, n: int):
+    """The n-th checkpoint save raises KeyboardInterrupt right after writing (a kill just after a checkpoint);
+    returns the real save function to put back."""
     real_save = train_mod._save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == n:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    return real_save
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
+    ex = examples(12)
+    straight = tiny_model()
+    train(straight, ex, ex[:2], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
+
+    real_save = die_after_save(monkeypatch, 1)
     first = tiny_model()
     with pytest.raises(KeyboardInterrupt):
         train(first, ex, ex[:2], tmp_path / "resumed", max_steps=6, batch_size=4, **{**COMMON, "save_every": 3})
@@ -196,26 +203,15 @@ def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_stude
 
 
 @pytest.mark.parametrize("damaged", ["trainable.safetensors", "state.json", "optimizer.pt"])
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damaged):
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, monkeypatch, damaged):
     ex = examples(12)
     straight = tiny_model()
     train(straight, ex, [], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
     args = dict(max_steps=6, batch_size=4, **{**COMMON, "save_every": 2})
-    real_save = train_mod._save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    train_mod._save_checkpoint = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_model(), ex, [], tmp_path / "run", **args)
-    finally:
-        train_mod._save_checkpoint = real_save
+    real_save = die_after_save(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), ex, [], tmp_path / "run", **args)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-0000002", "step-0000004"]
     broken = ckpts[-1] / damaged

@@ -91,6 +91,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from distillmt.sweep import load_sweep, output_root, run_sweep
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise DistillmtError(f"unexpected argument {bad[0]!r}: give one sweep file and key=value overrides")
+    sweep = load_sweep(args.sweep, args.overrides)
+    root = output_root(sweep)
+    args.run_folder = root
+    rows = run_sweep(sweep, progress=not args.no_progress, command="distillmt " + " ".join(args.argv))
+    print()
+    print((root / "report.md").read_text(encoding="utf-8"))
+    print(f"sweep folder: {root}  (results.csv with {len(rows)} rows, report.md)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from distillmt.pipeline import Experiment, preflight
 
@@ -410,6 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(r)
     r.set_defaults(fn=cmd_run)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run an experiment at every point of a grid over any config keys, for several seeds",
+        description="Run a sweep file (configs/sweeps/*.yaml): one run folder per point and seed under "
+        "<output_dir>/<sweep name>/, stages shared between points through one stage store, results.csv and "
+        "report.md with a plot. Finished points are skipped; an interrupted sweep resumes.",
+    )
+    sw.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every point")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    sw.set_defaults(fn=cmd_sweep)
 
     t = sub.add_parser(
         "train",

@@ -132,6 +132,13 @@ class EvalConfig:
         "sacrebleu tokenizer for BLEU ('zh' for Chinese; 13a gives ~0 on unspaced text)",
         choices=BLEU_TOKENIZERS,
     )
+    baseline: str = _f(
+        "auto",
+        "row every other row is tested against (paired bootstrap; CI and p-value per metric): auto = STUDENT_PEFT "
+        "when it is a row, else STUDENT; none = no significance test",
+        choices=["auto", "none", *SYSTEMS],
+    )
+    bootstrap_samples: int = _f(1000, "bootstrap resamples for the CIs and the significance test", range=(100, None))
 
 
 @dataclass
@@ -398,6 +405,11 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
             raise DistillmtError(
                 f"config key '{side}.scratch': hidden_size must be divisible by num_heads and num_heads by num_kv_heads"
             )
+    if cfg.eval.baseline not in ("auto", "none") and cfg.eval.baseline not in cfg.systems:
+        raise DistillmtError(
+            f"config key 'eval.baseline' = {cfg.eval.baseline!r} is not a row of the table; choose one of: "
+            + ", ".join(["auto", "none", *cfg.systems])
+        )
     if cfg.hard_kd.selection == "mbr" and cfg.hard_kd.num_candidates < 2:
         raise DistillmtError("hard_kd.selection=mbr needs hard_kd.num_candidates >= 2")
 
@@ -427,28 +439,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML mapping from a file, with one-line errors naming the file (and line) for every way it can be bad."""
+    path = Path(path)
+    if path.is_dir():
+        raise DistillmtError(f"{what} file {path} is a folder, not a YAML file")
+    if not path.is_file():
+        raise DistillmtError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise DistillmtError(f"{what} file {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DistillmtError(f"cannot read {what} file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = (str(getattr(e, "problem", None) or e).splitlines() or [""])[0]
+        raise DistillmtError(f"{where}: invalid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise DistillmtError(f"{path}: a {what} must be a mapping of keys to values")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config (or the built-in defaults when ``path`` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise DistillmtError(f"config file {path} is a folder, not a YAML file")
-        if not path.is_file():
-            raise DistillmtError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise DistillmtError(f"config file {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
-        except OSError as e:
-            raise DistillmtError(f"cannot read config file {path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            problem = (str(getattr(e, "problem", None) or e).splitlines() or [""])[0]
-            raise DistillmtError(f"{where}: invalid YAML ({problem})") from None
-        if not isinstance(data, dict):
-            raise DistillmtError(f"{path}: a config must be a mapping of keys to values")
+    data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(ExperimentConfig, data)
     validate(cfg)

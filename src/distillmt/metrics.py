@@ -13,6 +13,13 @@ never a made-up number.
 
 BLEU on Chinese uses sacrebleu's ``zh`` tokenizer: the default ``13a`` splits on spaces, which unspaced Chinese does
 not have, and gives ~0.
+
+Per-sentence scores (``sentences=True``, or :func:`evaluate_with_sentences`) sit next to the corpus scores for the
+significance tests (:mod:`distillmt.stats`): sentence chrF and sentence BLEU through sacrebleu's ``sentence_score``
+(BLEU with ``effective_order=True``, as sacrebleu recommends for single sentences), and BERTScore P/R/F1 per sentence
+as ``bert_score`` returns them (one computation for the mean and the sentences). A metric entry made with
+``sentences=True`` carries them under ``"sentences"`` (column -> list); :func:`evaluate_with_sentences` moves them
+into one record per sentence, so the scores themselves stay small.
 """
 
 from __future__ import annotations
@@ -76,22 +83,31 @@ def _check(hyps: list[str], refs: list[str]) -> None:
         raise DistillmtError("nothing to score: no hypotheses")
 
 
-def bleu(hyps: list[str], refs: list[str], *, tokenize: str = "zh") -> dict[str, Any]:
+def bleu(hyps: list[str], refs: list[str], *, tokenize: str = "zh", sentences: bool = False) -> dict[str, Any]:
+    """Corpus BLEU; with ``sentences`` also sentence BLEU (``effective_order=True``) under ``entry["sentences"]``."""
     from sacrebleu.metrics import BLEU
 
     _check(hyps, refs)
     metric = BLEU(tokenize=tokenize)
     score = metric.corpus_score(hyps, [refs]).score
-    return metric_entry("BLEU", {"BLEU": score}, decimals=2, score=score, signature=str(metric.get_signature()))
+    entry = metric_entry("BLEU", {"BLEU": score}, decimals=2, score=score, signature=str(metric.get_signature()))
+    if sentences:
+        sentence = BLEU(tokenize=tokenize, effective_order=True)
+        entry["sentences"] = {"BLEU": [sentence.sentence_score(h, [r]).score for h, r in zip(hyps, refs, strict=True)]}
+    return entry
 
 
-def chrf(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+def chrf(hyps: list[str], refs: list[str], *, sentences: bool = False) -> dict[str, Any]:
+    """Corpus chrF; with ``sentences`` also sentence chrF under ``entry["sentences"]``."""
     from sacrebleu.metrics import CHRF
 
     _check(hyps, refs)
     metric = CHRF()
     score = metric.corpus_score(hyps, [refs]).score
-    return metric_entry("chrF", {"chrF": score}, decimals=2, score=score, signature=str(metric.get_signature()))
+    entry = metric_entry("chrF", {"chrF": score}, decimals=2, score=score, signature=str(metric.get_signature()))
+    if sentences:
+        entry["sentences"] = {"chrF": [metric.sentence_score(h, [r]).score for h, r in zip(hyps, refs, strict=True)]}
+    return entry
 
 
 def resolve_bertscore_model(ref: str, *, auto_import: bool = True) -> str:
@@ -155,10 +171,12 @@ def bertscore(
     batch_size: int = 64,
     device: str | None = None,
     lang: str = "zh",
+    sentences: bool = False,
 ) -> dict[str, Any]:
-    """Mean BERTScore P/R/F1 with ``bert_score`` (no baseline rescaling); the score is F1. Raises MetricUnavailable
-    when the encoder cannot be loaded (e.g. bert-base-chinese with no hub) and DistillmtError for a layer the encoder
-    does not have."""
+    """Mean BERTScore P/R/F1 with ``bert_score`` (no baseline rescaling); the score is F1. With ``sentences`` the
+    per-sentence P/R/F1 that bert_score returned go under ``entry["sentences"]``. Raises MetricUnavailable when the
+    encoder cannot be loaded (e.g. bert-base-chinese with no hub) and DistillmtError for a layer the encoder does not
+    have."""
     import bert_score
     from bert_score.utils import get_hash
 
@@ -194,13 +212,18 @@ def bertscore(
     except (OSError, ValueError, KeyError) as e:
         reason = f"BERTScore encoder '{model}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         raise MetricUnavailable(entry(None, None, None, unavailable=reason)) from None
-    return entry(
+    result = entry(
         float(p.mean()),
         float(r.mean()),
         float(f.mean()),
         signature=get_hash(model, layer, False, False, False, True),
         note=f"mean over {len(hyps)} sentences, no baseline rescaling",
     )
+    if sentences:
+        result["sentences"] = {
+            column: [float(x) for x in values] for column, values in zip(result["columns"], (p, r, f), strict=True)
+        }
+    return result
 
 
 def evaluate(
@@ -216,18 +239,53 @@ def evaluate(
     """All metrics for one system: ``{"n", "refs_sha256", <metric key>: <entry>, ...}`` with the metric keys in table
     column order (bertscore, chrf, bleu). BERTScore is left out when ``bertscore_model`` is None; when it cannot be
     computed its entry says ``unavailable`` with the reason and holds no number."""
+    kwargs = {"bleu_tokenize": bleu_tokenize, "bertscore_model": bertscore_model, "bertscore_layer": bertscore_layer}
+    kwargs.update(bertscore_batch_size=bertscore_batch_size, device=device)
+    return _evaluate(hyps, refs, sentences=False, **kwargs)[0]
+
+
+def evaluate_with_sentences(
+    hyps: list[str], refs: list[str], **kwargs: Any
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """:func:`evaluate` (same arguments and scores) plus one record per sentence, in input order: ``{column:
+    sentence score}`` for the sentence-level columns (``BERTScore P``, ``BERTScore R``, ``BERTScore F1``, ``chrF``,
+    ``BLEU``); a metric that could not be computed has no keys there."""
+    return _evaluate(hyps, refs, sentences=True, **kwargs)
+
+
+def _evaluate(
+    hyps: list[str],
+    refs: list[str],
+    *,
+    sentences: bool,
+    bleu_tokenize: str = "zh",
+    bertscore_model: str | None = "bert-base-chinese",
+    bertscore_layer: int = 8,
+    bertscore_batch_size: int = 64,
+    device: str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
     _check(hyps, refs)
     measures: dict[str, Callable[[], dict[str, Any]]] = {}
     if bertscore_model:
         measures["bertscore"] = lambda: bertscore(
-            hyps, refs, model=bertscore_model, layer=bertscore_layer, batch_size=bertscore_batch_size, device=device
+            hyps,
+            refs,
+            model=bertscore_model,
+            layer=bertscore_layer,
+            batch_size=bertscore_batch_size,
+            device=device,
+            sentences=sentences,
         )
-    measures["chrf"] = lambda: chrf(hyps, refs)
-    measures["bleu"] = lambda: bleu(hyps, refs, tokenize=bleu_tokenize)
+    measures["chrf"] = lambda: chrf(hyps, refs, sentences=sentences)
+    measures["bleu"] = lambda: bleu(hyps, refs, tokenize=bleu_tokenize, sentences=sentences)
     scores: dict[str, Any] = {"n": len(hyps), "refs_sha256": refs_sha256(refs)}
+    records: list[dict[str, float]] = [{} for _ in hyps] if sentences else []
     for key, measure in measures.items():
         try:
             scores[key] = measure()
         except MetricUnavailable as e:
             scores[key] = e.entry
-    return scores
+        for column, values in scores[key].pop("sentences", {}).items():
+            for record, value in zip(records, values, strict=True):
+                record[column] = value
+    return scores, records

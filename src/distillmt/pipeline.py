@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 import time
@@ -31,7 +32,8 @@ from distillmt.errors import DistillmtError
 from distillmt.io import read_jsonl, write_json, write_jsonl
 from distillmt.stages import RunFolder, stage_key
 
-SCORES_FORMAT = 2  # bumped when scores.json changes shape, so old evaluate stages are recomputed
+log = logging.getLogger("distillmt.pipeline")
+SCORES_FORMAT = 3  # bumped when scores.json (or sentences.jsonl) changes shape, so old evaluate stages are recomputed
 
 
 class Models:
@@ -39,6 +41,9 @@ class Models:
     models, and the teacher side of logit KD. Reads trained models from the run folder; runs no stage."""
 
     def __init__(self, cfg: ExperimentConfig, root: Path, device: torch.device, keys: dict[str, str]):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
         self.cfg, self.root, self.device, self.keys = cfg, root, device, keys
         self.scratch = cfg.teacher.model == "scratch"
 
@@ -57,6 +62,14 @@ class Models:
 
         return load_tokenizer(str(self.root / "tokenizer") if self.scratch else self.cfg.student.model)
 
+    def encode(self, tokenizer: Any, pairs: list[data_mod.Pair]) -> list[dict]:
+        """Training examples: prompt and target token ids, labels masked on the prompt, cut to the data limits."""
+        from distillmt.prompts import encode_example
+
+        d = self.cfg.data
+        encode = partial(encode_example, max_source_tokens=d.max_source_tokens, max_target_tokens=d.max_target_tokens)
+        return [encode(tokenizer, p.src, p.tgt) for p in pairs]
+
     def new_trainable(self, m: ModelConfig, tokenizer: Any) -> Any:
         """A model ready to train: built from scratch, or a pretrained one with LoRA (or all weights) trainable."""
         from distillmt.models import apply_lora, build_scratch_model, load_model
@@ -73,6 +86,14 @@ class Models:
                 model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
             )
         return model.to(self.device)
+
+    def model_settings(self, m: ModelConfig) -> dict[str, Any]:
+        """What a training stage depends on from its model section (and the tokenizer built for scratch models)."""
+        s = {"model": m.model, "dtype": m.dtype, "lora": asdict(m.lora) if m.lora.enabled else None}
+        if self.scratch:
+            s["scratch"] = asdict(m.scratch)
+            s["tokenizer"] = self.keys["tokenizer"]
+        return s
 
     def teacher_identity(self, which: str) -> dict[str, Any]:
         """What a KD stage depends on from its teacher: the fine-tuning stage's key, or the base model."""
@@ -149,24 +170,20 @@ class Models:
 class Experiment:
     """The stages of one config. Heavy objects (models) are loaded inside stage functions and freed when they end."""
 
-    def __init__(self, cfg: ExperimentConfig, *, progress: bool = True):
-        from transformers.utils import logging as hf_logging
-
+    def __init__(self, cfg: ExperimentConfig, *, progress: bool = True, store: Path | None = None):
+        """``store``: a shared stage store (sweeps); stages whose key another run already computed are reused."""
         from distillmt.models import pick_device
 
-        hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
         self.cfg = cfg
         self.progress = progress
-        self.run = RunFolder(Path(cfg.output_dir) / cfg.name)
+        self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store)
         self.device = pick_device(cfg.device)
         self.scratch = cfg.teacher.model == "scratch"
         self.keys: dict[str, str] = {}
         self.models = Models(cfg, self.run.root, self.device, self.keys)
 
     # --- what stages share -----------------------------------------------------------------------------------------
-    def _stage(
-        self, name: str, settings: dict[str, Any], fn: Callable[[Path], dict | None], inputs: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
+    def _stage(self, name: str, settings: dict, fn: Callable[[Path], dict | None], inputs: tuple = ()) -> dict:
         result = self.run.stage(name, settings, fn, inputs=tuple(i for i in inputs if i in self.keys))
         self.keys[name] = stage_key(settings)
         return result
@@ -174,48 +191,30 @@ class Experiment:
     def split(self, name: str) -> list[data_mod.Pair]:
         return data_mod.read_pairs(self.run.root / "data" / f"{name}.jsonl")
 
-    def encoded(self, tokenizer: Any, pairs: list[data_mod.Pair]) -> list[dict]:
-        from distillmt.prompts import encode_example
-
-        lengths = {
-            "max_source_tokens": self.cfg.data.max_source_tokens,
-            "max_target_tokens": self.cfg.data.max_target_tokens,
-        }
-        return [encode_example(tokenizer, p.src, p.tgt, **lengths) for p in pairs]
-
-    def model_settings(self, m: ModelConfig) -> dict[str, Any]:
-        s = {"model": m.model, "dtype": m.dtype, "lora": asdict(m.lora) if m.lora.enabled else None}
-        if self.scratch:
-            s["scratch"] = asdict(m.scratch)
-            s["tokenizer"] = self.keys["tokenizer"]
-        return s
-
-    def _teacher_stage(self, which: str) -> tuple[str, ...]:
-        """The stage a KD stage reads its teacher from, if any."""
-        return ("train_teacher",) if which == "finetuned" else ()
-
     def _train_stage(
         self,
         name: str,
-        m: ModelConfig,
-        train_cfg: TrainConfig,
         extra: dict[str, Any],
         data: Callable[[Any], tuple[list[dict], Any]],
         inputs: tuple[str, ...],
+        m: ModelConfig | None = None,
+        train_cfg: TrainConfig | None = None,
     ) -> dict[str, Any]:
-        """A training stage: ``data(tokenizer)`` gives its encoded examples and its KD settings (None: plain CE)."""
+        """A training stage of model section ``m`` (default: the student, with the student budget): ``data(tokenizer)``
+        gives its encoded examples and its KD settings (None: plain CE)."""
+        m, train_cfg = m or self.cfg.student, train_cfg or self.cfg.train_student
 
         def run(folder: Path) -> dict[str, Any]:
             tokenizer = self.models.tokenizer()
             model = self.models.new_trainable(m, tokenizer)
             examples, kd = data(tokenizer)
             self.models.seed()
-            valid = self.encoded(tokenizer, self.split("valid"))
+            valid = self.models.encode(tokenizer, self.split("valid"))
             args = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
             return train_and_save(model, tokenizer, examples, valid, folder, kd=kd, **args, **asdict(train_cfg))
 
         d = self.cfg.data
-        settings = {"data": self.keys["data"], "model": self.model_settings(m), "train": asdict(train_cfg)}
+        settings = {"data": self.keys["data"], "model": self.models.model_settings(m), "train": asdict(train_cfg)}
         settings.update(seed=self.cfg.seed, max_tokens=[d.max_source_tokens, d.max_target_tokens], **extra)
         return self._stage(name, settings, run, inputs=("data", "tokenizer", *inputs))
 
@@ -249,15 +248,21 @@ class Experiment:
         return self._stage("tokenizer", settings, fn, inputs=("data",))
 
     def references(self, tokenizer: Any) -> tuple[list[dict], None]:
-        return self.encoded(tokenizer, self.split("train")), None
+        """Training data of plain fine-tuning: the references, no KD."""
+        return self.models.encode(tokenizer, self.split("train")), None
+
+    def kd_data(self, tokenizer: Any, on_policy: GKDConfig | None = None) -> tuple[list[dict], Any]:
+        """Training data of logit KD: the references, and the teacher side (see ``Models.kd_settings``)."""
+        examples = self.models.encode(tokenizer, self.split("train"))
+        return examples, self.models.kd_settings(tokenizer, examples, on_policy)
 
     def stage_train_teacher(self) -> dict[str, Any]:
         """The fine-tuned teacher (TEACHER_PEFT; TEACHER itself when built from scratch), on the references."""
-        return self._train_stage("train_teacher", self.cfg.teacher, self.cfg.train_teacher, {}, self.references, ())
+        return self._train_stage("train_teacher", {}, self.references, (), self.cfg.teacher, self.cfg.train_teacher)
 
     def stage_train_student(self) -> dict[str, Any]:
         """The student fine-tuned on the references (STUDENT_PEFT; STUDENT when built from scratch)."""
-        return self._train_stage("train_student", self.cfg.student, self.cfg.train_student, {}, self.references, ())
+        return self._train_stage("train_student", {}, self.references, ())
 
     def stage_teacher_labels(self) -> dict[str, Any]:
         """Sequence-level KD data: the teacher translates every training source, shard by shard."""
@@ -282,7 +287,7 @@ class Experiment:
         settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(h.teacher)}
         settings.update(decoding=asdict(h.decoding), num_candidates=h.num_candidates, selection=h.selection)
         settings.update(seed=self.cfg.seed, shard_size=h.shard_size)
-        return self._stage("teacher_labels", settings, fn, inputs=("data", *self._teacher_stage(h.teacher)))
+        return self._stage("teacher_labels", settings, fn, inputs=("data", *teacher_stage(h.teacher)))
 
     def stage_train_hlkd(self) -> dict[str, Any]:
         """HLKD: a fresh student trained with CE on the teacher's labels (sequence-level KD)."""
@@ -295,12 +300,10 @@ class Experiment:
             labelled = read_label_pairs(
                 self.run.root / "teacher_labels", shards, mix_references=h.mix_references, seed=self.cfg.seed
             )
-            return self.encoded(tokenizer, labelled), None
+            return self.models.encode(tokenizer, labelled), None
 
         extra = {"labels": self.keys["teacher_labels"], "mix_references": h.mix_references}
-        return self._train_stage(
-            "train_hlkd", self.cfg.student, self.cfg.train_student, extra, pairs, ("teacher_labels",)
-        )
+        return self._train_stage("train_hlkd", extra, pairs, ("teacher_labels",))
 
     def stage_teacher_cache(self) -> dict[str, Any]:
         """Soft-label KD data: the teacher's top-k log-probs per target token, so SLKD trains without the teacher."""
@@ -312,7 +315,7 @@ class Experiment:
             tokenizer = self.models.tokenizer()
             cache = build_teacher_cache(
                 self.models.load_teacher(s.teacher),
-                self.encoded(tokenizer, self.split("train")),
+                self.models.encode(tokenizer, self.split("train")),
                 folder,
                 teacher_id=self.models.teacher_id(),
                 k=s.cache_k,
@@ -330,33 +333,25 @@ class Experiment:
         settings.update(temperature=s.temperature, max_tokens=[d.max_source_tokens, d.max_target_tokens])
         if self.scratch:
             settings["tokenizer"] = self.keys["tokenizer"]
-        return self._stage("teacher_cache", settings, fn, inputs=("data", "tokenizer", *self._teacher_stage(s.teacher)))
+        return self._stage("teacher_cache", settings, fn, inputs=("data", "tokenizer", *teacher_stage(s.teacher)))
 
     def stage_train_slkd(self) -> dict[str, Any]:
         """SLKD: a fresh student trained on the references with alpha·CE + (1 − alpha)·T²·D against the teacher."""
         s = self.cfg.soft_kd
 
-        def examples_and_kd(tokenizer: Any) -> tuple[list[dict], Any]:
-            examples = self.encoded(tokenizer, self.split("train"))
-            return examples, self.models.kd_settings(tokenizer, examples)
-
         extra = {"kd": asdict(s), "teacher": self.models.teacher_identity(s.teacher)}
         if s.cache:
             extra["cache"] = self.keys["teacher_cache"]
-        inputs = ("teacher_cache",) if s.cache else self._teacher_stage(s.teacher)
-        return self._train_stage("train_slkd", self.cfg.student, self.cfg.train_student, extra, examples_and_kd, inputs)
+        inputs = ("teacher_cache",) if s.cache else teacher_stage(s.teacher)
+        return self._train_stage("train_slkd", extra, self.kd_data, inputs)
 
     def stage_train_gkd(self) -> dict[str, Any]:
         """GKD: like SLKD, but with probability lambda a step's targets are sampled by the student itself."""
         s = self.cfg.soft_kd
 
-        def examples_and_kd(tokenizer: Any) -> tuple[list[dict], Any]:
-            examples = self.encoded(tokenizer, self.split("train"))
-            return examples, self.models.kd_settings(tokenizer, examples, on_policy=self.cfg.gkd)
-
         extra = {"kd": asdict(s), "gkd": asdict(self.cfg.gkd), "teacher": self.models.teacher_identity(s.teacher)}
-        inputs = self._teacher_stage(s.teacher)
-        return self._train_stage("train_gkd", self.cfg.student, self.cfg.train_student, extra, examples_and_kd, inputs)
+        inputs = teacher_stage(s.teacher)
+        return self._train_stage("train_gkd", extra, partial(self.kd_data, on_policy=self.cfg.gkd), inputs)
 
     def stage_translate(self, name: str) -> dict[str, Any]:
         from distillmt.generate import translate
@@ -379,11 +374,11 @@ class Experiment:
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
         settings = {"system": name, "model": source, "generate": asdict(g), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
-        inputs = ("data", "tokenizer") if stage is None else ("data", "tokenizer", stage)
-        return self._stage(f"translate_{name}", settings, fn, inputs=inputs)
+        return self._stage(f"translate_{name}", settings, fn, inputs=("data", "tokenizer", *([stage] if stage else [])))
 
     def stage_evaluate(self, name: str) -> dict[str, Any]:
-        from distillmt.metrics import evaluate
+        """Corpus scores (scores.json, into the report) and per-sentence scores (sentences.jsonl, in test order)."""
+        from distillmt.metrics import evaluate_with_sentences
 
         e = self.cfg.eval
         source = self.run.root / f"translate_{name}" / "translations.jsonl"
@@ -394,14 +389,40 @@ class Experiment:
                 raise DistillmtError(f"{source} does not hold the {len(test)} test sentences; delete {source.parent}")
             bertscore = {"bertscore_model": e.bertscore_model if e.bertscore else None, "device": str(self.device)}
             bertscore.update(bertscore_layer=e.bertscore_layer, bertscore_batch_size=e.bertscore_batch_size)
-            scores = evaluate(
+            scores, sentences = evaluate_with_sentences(
                 [r["hyp"] for r in rows], [r["ref"] for r in rows], bleu_tokenize=e.bleu_tokenize, **bertscore
             )
             write_json(folder / "scores.json", scores)
+            write_jsonl(folder / "sentences.jsonl", sentences)
             return scores
 
-        settings = {"translations": self.keys[f"translate_{name}"], "eval": asdict(e), "scores_format": SCORES_FORMAT}
+        metric_settings = {k: v for k, v in asdict(e).items() if k not in ("baseline", "bootstrap_samples")}
+        settings = {"translations": self.keys[f"translate_{name}"], "eval": metric_settings}
+        settings["scores_format"] = SCORES_FORMAT
         return self._stage(f"evaluate_{name}", settings, fn, inputs=(f"translate_{name}",))
+
+    def stage_significance(self) -> dict[str, Any]:
+        """Every row against the baseline row by paired bootstrap (score, 95% CI, p-value; see ``stats``); without a
+        baseline row (or with ``eval.baseline=none``) nothing runs and the result is ``{"skipped": reason}``."""
+        from distillmt import stats
+
+        e, rows = self.cfg.eval, list(self.cfg.systems)
+        baseline = stats.pick_baseline(e.baseline, rows)
+        if baseline is None:
+            log.info("stage %-22s skipped: %s", "significance", stats.no_baseline_reason(e.baseline, rows))
+            return {"skipped": stats.no_baseline_reason(e.baseline, rows)}
+
+        def fn(folder: Path) -> dict[str, Any]:
+            refs = [p.tgt for p in self.split("test")]
+            test = {"bleu_tokenize": e.bleu_tokenize, "n_samples": e.bootstrap_samples}
+            result = compare_run_rows(self.run.root, rows, refs, baseline, **test)
+            write_json(folder / "significance.json", result)
+            return result
+
+        settings = {"evaluate": {name: self.keys[f"evaluate_{name}"] for name in rows}, "baseline": baseline}
+        settings.update(n_samples=e.bootstrap_samples, seed=stats.sacrebleu_seed())
+        inputs = tuple(f"{stage}_{name}" for name in rows for stage in ("translate", "evaluate"))
+        return self._stage("significance", settings, fn, inputs=inputs)
 
     # --- the whole experiment ----------------------------------------------------------------------------------------
     def run_all(self, command: str | None = None) -> dict[str, Any]:
@@ -432,7 +453,9 @@ class Experiment:
         for name in cfg.systems:
             translation, scores = self.stage_translate(name), self.stage_evaluate(name)
             rows[name] = {"scores": scores, "translation": translation, "settings": describe_system(cfg, name)}
-        report = {"name": cfg.name, "command": command, "systems": rows, "stages": self.run.timings}
+        significance = self.stage_significance()
+        report = {"name": cfg.name, "command": command, "systems": rows, "significance": significance}
+        report["stages"] = self.run.timings
         report.update(wall_seconds=time.perf_counter() - started, machine=_machine(self.device), config=to_dict(cfg))
         write_report(self.run.root, report)
         return report
@@ -462,6 +485,28 @@ def needed_stages(cfg: ExperimentConfig) -> set[str]:
     if any(s.teacher_from and getattr(cfg, s.teacher_from).teacher == "finetuned" for s in rows):
         needed.add("train_teacher")
     return needed
+
+
+def teacher_stage(which: str) -> tuple[str, ...]:
+    """The stage a KD stage reads its teacher from: the fine-tuning stage, or none for the base model."""
+    return ("train_teacher",) if which == "finetuned" else ()
+
+
+def compare_run_rows(
+    root: Path, rows: list[str], refs: list[str], baseline: str, *, bleu_tokenize: str, n_samples: int
+) -> dict[str, Any]:
+    """The significance test of a run folder's rows against ``baseline``, from their translations and per-sentence
+    BERTScore F1 (``None`` where BERTScore was not measured)."""
+    from distillmt import stats
+
+    hyps, f1 = {}, {}
+    for name in rows:
+        hyps[name] = [r["hyp"] for r in read_jsonl(root / f"translate_{name}" / "translations.jsonl")]
+        values = [s.get("BERTScore F1") for s in read_jsonl(root / f"evaluate_{name}" / "sentences.jsonl")]
+        f1[name] = None if not values or None in values else values
+    return stats.compare_to_baseline(
+        hyps, refs, baseline, sentence_scores={"bertscore": f1}, bleu_tokenize=bleu_tokenize, n_samples=n_samples
+    )
 
 
 def train_and_save(
@@ -496,8 +541,10 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+def run_experiment(
+    cfg: ExperimentConfig, *, progress: bool = True, command: str | None = None, store: Path | None = None
+) -> dict[str, Any]:
     try:
-        return Experiment(cfg, progress=progress).run_all(command)
+        return Experiment(cfg, progress=progress, store=store).run_all(command)
     except FileNotFoundError as e:
         raise DistillmtError(f"missing file: {e.filename}") from None

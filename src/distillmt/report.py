@@ -2,6 +2,11 @@
 
 The metric columns and signature lines come from the metric entries in each row's scores (see
 ``distillmt.metrics``): a new metric needs no change here. Rows scored on different sentences are refused.
+
+With significance data (``report["significance"]``, from :func:`distillmt.stats.compare_to_baseline`) each tested
+metric's score cell also shows its 95% CI, ``9.80† (9.10–10.52)``, with ``†`` when the row differs from the baseline
+at p < 0.05, and one column lists the p-values against the baseline; a legend under the table names the baseline,
+the test and the seed. Without it (old run folders, ``eval.baseline=none``) the table is the plain one.
 """
 
 from __future__ import annotations
@@ -63,14 +68,83 @@ def check_comparable(report: dict[str, Any]) -> None:
         )
 
 
+SIGNIFICANT = "†"
+
+
+def significance_results(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's significance data when a test was run (not skipped), else None."""
+    sig = report.get("significance")
+    return sig if isinstance(sig, dict) and isinstance(sig.get("systems"), dict) else None
+
+
+def significance_record(report: dict[str, Any], system: str, key: str) -> dict[str, Any] | None:
+    """One row's test result for one metric key (``{"score", "mean", "ci_low", "ci_high", "p_value",
+    "significant"}``; p_value None for the baseline row), or None when it was not tested."""
+    sig = significance_results(report)
+    return None if sig is None else sig["systems"].get(system, {}).get(key)
+
+
+def _score_column(report: dict[str, Any], key: str, first: dict[str, Any]) -> str:
+    """The column that shows a metric's score (``BERTScore F1`` for BERTScore): the one holding ``score``."""
+    for row in report["systems"].values():
+        entry = metric_entries(row["scores"]).get(key, {})
+        if entry.get("score") is not None:
+            for column, value in entry["columns"].items():
+                if value == entry["score"]:
+                    return column
+    return list(first["columns"])[-1]
+
+
+def _tested_columns(report: dict[str, Any], sig: dict[str, Any] | None) -> dict[str, str]:
+    """Metric key -> its score column, for the metrics of the table that the significance data covers."""
+    if sig is None:
+        return {}
+    covered = {key for row in sig["systems"].values() for key in row}
+    layout = _metric_layout(report)
+    return {key: _score_column(report, key, first) for key, first in layout.items() if key in covered}
+
+
+def _p_cell(system: str, sig: dict[str, Any], tested: dict[str, str]) -> str:
+    if system == sig.get("baseline"):
+        return "baseline"
+    records = sig["systems"].get(system, {})
+    return " / ".join(_fmt(records.get(key, {}).get("p_value"), ".4f") for key in tested)
+
+
+def _legend(sig: dict[str, Any], tested: dict[str, str]) -> list[str]:
+    n, seed = sig.get("n_samples"), sig.get("seed")
+    sacre = [tested[k] for k in ("chrf", "bleu") if k in tested]
+    own = [column for key, column in tested.items() if key not in ("chrf", "bleu")]
+    how = []
+    if sacre:
+        how.append(f"sacrebleu's paired test for {' and '.join(sacre)}")
+    if own:
+        how.append(f"{' and '.join(own)} on its sentence scores with the same resamples")
+    seed_text = f"seed {seed}" if seed is not None else "no fixed seed"
+    lines = [
+        f"Cells: score (95% CI); {SIGNIFICANT} = differs from the baseline {sig['baseline']} at "
+        f"p < {sig.get('alpha', 0.05):g}. Test: paired bootstrap resampling, {n:,} resamples, {seed_text}"
+        + (f" ({'; '.join(how)})." if how else ".")
+    ]
+    identical = sig.get("identical_to_baseline") or []
+    if identical:
+        lines.append(f"Translations identical to the baseline's, not tested (p = 1): {', '.join(identical)}.")
+    return lines
+
+
 def results_table(report: dict[str, Any]) -> str:
     """Markdown table of the systems: one column per metric column, ``n/a`` (with the reason below) where a metric
-    was not measured, then parameters and translation speed."""
+    was not measured, then parameters and translation speed. With significance data: the 95% CI after each tested
+    score, ``†`` where the row differs from the baseline at p < 0.05, a p-value column and a legend."""
     check_comparable(report)
     layout = _metric_layout(report)
+    sig = significance_results(report)
+    tested = _tested_columns(report, sig)
     header = ["system"]
     for entry in layout.values():
         header += list(entry["columns"])
+    if sig is not None and tested:
+        header.append(f"p vs {sig['baseline']} ({' / '.join(tested.values())})")
     header += ["params", "translation tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: dict[str, list[str]] = {}
@@ -80,15 +154,26 @@ def results_table(report: dict[str, Any]) -> str:
         for key, first in layout.items():
             entry = entries.get(key, {})
             values = entry.get("columns", {})
-            cells += [_fmt(values.get(col), f".{first['decimals']}f") for col in first["columns"]]
+            spec = f".{first['decimals']}f"
+            for col in first["columns"]:
+                cell = _fmt(values.get(col), spec)
+                record = significance_record(report, system, key) if tested.get(key) == col else None
+                if record and values.get(col) is not None and record.get("ci_low") is not None:
+                    mark = SIGNIFICANT if record.get("significant") else ""
+                    cell = f"{cell}{mark} ({format(record['ci_low'], spec)}–{format(record['ci_high'], spec)})"
+                cells.append(cell)
             reason = entry.get("unavailable")
             reasons = notes.setdefault(first.get("name", key), [])
             if reason and reason not in reasons:
                 reasons.append(reason)
+        if sig is not None and tested:
+            cells.append(_p_cell(system, sig, tested))
         t = r["translation"]
         cells += [_params(t.get("parameters")), _fmt(t.get("tokens_per_s"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    if sig is not None and tested:
+        text += "\n" + "\n".join(_legend(sig, tested)) + "\n"
     missing = [f"{name} not measured: " + "; ".join(reasons) for name, reasons in notes.items() if reasons]
     if missing:
         text += "\n" + "\n".join(missing) + "\n"
@@ -108,13 +193,30 @@ def _signature_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _test_signature_lines(report: dict[str, Any]) -> list[str]:
+    """``- NAME paired bootstrap vs BASELINE: `signature``` per tested metric."""
+    sig = significance_results(report)
+    if sig is None:
+        return []
+    tested = _tested_columns(report, sig)
+    signatures = sig.get("signatures", {})
+    return [
+        f"- {column} paired bootstrap vs {sig['baseline']}: `{signatures[key]}`"
+        for key, column in tested.items()
+        if signatures.get(key)
+    ]
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# distillmt results: {report['name']}", ""]
     if report.get("command"):
         lines += [f"Command: `{report['command']}`", ""]
     lines.append(results_table(report))
+    skipped = (report.get("significance") or {}).get("skipped")
+    if skipped:
+        lines += [f"No significance test: {skipped}.", ""]
     if report["systems"]:
-        lines += ["## Metric signatures", "", *_signature_lines(report), ""]
+        lines += ["## Metric signatures", "", *_signature_lines(report), *_test_signature_lines(report), ""]
     lines += ["## Systems", ""] + [f"- **{name}**: {r['settings']}" for name, r in report["systems"].items()]
     lines += ["", "## Stages", "", "| stage | seconds | status |", "|---|---|---|"]
     for name, t in report["stages"].items():

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distillmt.errors import DistillmtError
 from distillmt.io import read_json, write_json
 
 log = logging.getLogger("distillmt.stages")
@@ -99,11 +101,19 @@ def _read_json_or_none(path: Path) -> Any:
 
 
 class RunFolder:
-    """Bookkeeping for one run folder: which stages are done, with which keys and outputs, and how long each took."""
+    """Bookkeeping for one run folder: which stages are done, with which keys and outputs, and how long each took.
 
-    def __init__(self, root: Path):
+    With a ``store`` (sweeps), stage folders live in the store as ``<stage>-<key>/`` and the run folder links to
+    them (``<root>/<stage>`` → ``<store>/<stage>-<key>``): two runs whose stage has the same key share one folder,
+    computed once.
+    """
+
+    def __init__(self, root: Path, store: Path | None = None):
         self.root = root
+        self.store = store
         self.root.mkdir(parents=True, exist_ok=True)
+        if store is not None:
+            store.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, dict[str, Any]] = {}
         self.digests: dict[str, str] = {}  # stage name → digest of its outputs, for the stages that read it
 
@@ -117,8 +127,8 @@ class RunFolder:
         """Run ``fn(folder)`` as stage ``name`` unless it is complete; return its result (from ``stage.json`` when
         skipped). ``inputs``: the stages (already run in this invocation) whose outputs ``fn`` reads."""
         key = stage_key(settings)
-        folder = self.root / name
-        self._finish_interrupted_swap(name)
+        folder = self.root / name if self.store is None else self.store / f"{name}-{key}"
+        _finish_interrupted_swap(folder)
         upstream = {n: self.digests[n] for n in inputs}
         info = _read_json_or_none(folder / STAGE_FILE)
         if info is not None and info.get("key") == key:
@@ -127,13 +137,14 @@ class RunFolder:
                 log.info("stage %-22s skipped: complete (key %s)", name, key)
                 self.timings[name] = {"seconds": info.get("seconds"), "skipped": True, "key": key}
                 self.digests[name] = _digest(info.get("outputs", {}))
+                self._link(name, folder)
                 return info["result"]
             reason = problem or "a stage it reads from was rebuilt with other output"
             log.warning("stage %-22s %s: running it again (the old output stays until then)", name, reason)
         elif info is not None:
             log.info("stage %-22s settings changed (key %s -> %s): running it again", name, info.get("key"), key)
         finished = (folder / STAGE_FILE).exists()  # complete but stale, damaged, or unreadable: replace, not delete
-        work = self.root / f".{name}.next" if finished else folder
+        work = _twin(folder, "next") if finished else folder
         pending = _read_json_or_none(work / PENDING_FILE)
         if (work / PENDING_FILE).exists() and (pending is None or pending.get("key") != key):
             log.info("stage %-22s partial output from other settings: starting afresh", name)
@@ -151,7 +162,8 @@ class RunFolder:
         write_json(work / STAGE_FILE, record)
         (work / PENDING_FILE).unlink(missing_ok=True)
         if work != folder:
-            self._swap(name)
+            _swap(folder)
+        self._link(name, folder)
         self.timings[name] = {"seconds": seconds, "skipped": False, "resumed": resumed, "key": key}
         self.digests[name] = _digest(outputs)
         log.info("stage %-22s done in %.1f s", name, seconds)
@@ -161,24 +173,45 @@ class RunFolder:
         """The result a finished stage recorded in its ``stage.json``."""
         return read_json(self.root / name / STAGE_FILE)["result"]
 
-    def _swap(self, name: str) -> None:
-        """Replace the finished folder by its rebuilt twin; each step is a rename, and a kill between the two renames
-        is finished by :meth:`_finish_interrupted_swap` on the next run."""
-        folder, new, old = self.root / name, self.root / f".{name}.next", self.root / f".{name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        new.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+    def _link(self, name: str, folder: Path) -> None:
+        """In store mode, point ``<root>/<name>`` at the stage's folder in the store (relative, replaced atomically)."""
+        if self.store is None:
+            return
+        link = self.root / name
+        target = os.path.relpath(folder, self.root)
+        if link.is_symlink() and os.readlink(link) == target:
+            return
+        if link.exists() and not link.is_symlink():
+            raise DistillmtError(f"{link} is a folder, not a link into the stage store {self.store}: move it away")
+        tmp = self.root / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
 
-    def _finish_interrupted_swap(self, name: str) -> None:
-        """A rebuilt twin that was complete but not yet swapped in (a kill during :meth:`_swap`) replaces the old
-        folder now; an old folder moved aside whose twin never arrived is moved back."""
-        folder, new, old = self.root / name, self.root / f".{name}.next", self.root / f".{name}.old"
-        if (new / STAGE_FILE).exists():
-            if folder.exists():
-                self._swap(name)
-            else:
-                new.rename(folder)
-        elif not folder.exists() and old.exists():
-            old.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+
+def _twin(folder: Path, kind: str) -> Path:
+    return folder.parent / f".{folder.name}.{kind}"
+
+
+def _swap(folder: Path) -> None:
+    """Replace a finished folder by its rebuilt twin; each step is a rename, and a kill between the two renames is
+    finished by :func:`_finish_interrupted_swap` on the next run."""
+    new, old = _twin(folder, "next"), _twin(folder, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_interrupted_swap(folder: Path) -> None:
+    """A rebuilt twin that was complete but not yet swapped in (a kill during :func:`_swap`) replaces the old folder
+    now; an old folder moved aside whose twin never arrived is moved back."""
+    new, old = _twin(folder, "next"), _twin(folder, "old")
+    if (new / STAGE_FILE).exists():
+        if folder.exists():
+            _swap(folder)
+        else:
+            new.rename(folder)
+    elif not folder.exists() and old.exists():
+        old.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""Sweeps on micro models: points share every stage whose key they share, a rerun skips finished points, an
+interrupted sweep resumes, and the report has a table, results.csv and a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from test_pipeline import MICRO
+
+import distillmt.pipeline
+from distillmt.errors import DistillmtError
+from distillmt.sweep import load_sweep, run_sweep
+
+
+def sweep_file(tmp_path, **extra) -> str:
+    spec = {
+        "name": "temp",
+        "overrides": [*MICRO, "systems=[STUDENT,SLKD]", f"output_dir={tmp_path / 'runs'}"],
+        "grid": {"soft_kd.temperature": [1.0, 2.0]},
+        "seeds": [0],
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return str(path)
+
+
+def test_sweep_shares_stages_between_points_and_reports(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path))
+    assert [p.name for p in sweep.points] == ["p00_temperature=1.0", "p01_temperature=2.0"]
+    rows = run_sweep(sweep, progress=False)
+    root = tmp_path / "runs" / "temp"
+    store = sorted(p.name.rsplit("-", 1)[0] for p in (root / "stages").iterdir())
+    # data, tokenizer, the teacher and the student are computed once; each point has its own SLKD
+    assert store.count("data") == 1 and store.count("train_teacher") == 1 and store.count("train_student") == 1
+    assert store.count("train_slkd") == 2 and store.count("translate_STUDENT") == 1
+    assert (root / "p01_temperature=2.0-seed0" / "train_slkd").is_symlink()
+    table = list(csv.DictReader((root / "results.csv").open()))
+    assert len(table) == len(rows) == 4
+    assert {r["system"] for r in table} == {"STUDENT", "SLKD"}
+    assert {r["soft_kd.temperature"] for r in table} == {"1.0", "2.0"}
+    assert all(float(r["chrf"]) >= 0 for r in table)
+    assert all(float(r["chrf_ci_low"]) <= float(r["chrf"]) <= float(r["chrf_ci_high"]) for r in table)
+    assert {r["chrf_p_value"] for r in table if r["system"] == "STUDENT"} == {""}  # the baseline row
+    student = [r for r in table if r["system"] == "STUDENT"]
+    assert student[0]["chrf"] == student[1]["chrf"]  # the same shared stages, the same score
+    report = (root / "report.md").read_text()
+    assert "| p00_temperature=1.0 | 1.0 | SLKD |" in report and "![chrf](chrf.png)" in report
+    assert (root / "chrf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_skips_finished_points_and_interrupted_sweep_resumes(tmp_path, monkeypatch):
+    path = sweep_file(tmp_path)
+    real = distillmt.pipeline.run_experiment
+    calls = {"n": 0}
+
+    def dies_on_second_run(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distillmt.pipeline, "run_experiment", dies_on_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_sweep(path), progress=False)
+    root = tmp_path / "runs" / "temp"
+    assert len(list(csv.DictReader((root / "results.csv").open()))) == 2  # what finished is already reported
+    monkeypatch.setattr(distillmt.pipeline, "run_experiment", real)
+    reports = []
+    monkeypatch.setattr(
+        distillmt.pipeline, "run_experiment", lambda *a, **k: reports.append(real(*a, **k)) or reports[-1]
+    )
+    run_sweep(load_sweep(path), progress=False)
+    assert all(t["skipped"] for t in reports[0]["stages"].values())  # the first point was finished
+    assert not reports[1]["stages"]["train_slkd"]["skipped"]
+    reports.clear()
+    run_sweep(load_sweep(path), progress=False)
+    assert all(t["skipped"] for r in reports for t in r["stages"].values())
+
+
+def test_bad_sweep_files_name_the_file_and_point(tmp_path):
+    with pytest.raises(DistillmtError, match=r"sweep.yaml: point 1 \(p01_temperature=-1\): config key 'soft_kd.temp"):
+        load_sweep(sweep_file(tmp_path, grid={"soft_kd.temperature": [1.0, -1]}))
+    with pytest.raises(DistillmtError, match="unknown sweep key 'grids'"):
+        load_sweep(sweep_file(tmp_path, grids={}))
+    with pytest.raises(DistillmtError, match="needs a 'grid' or a list of 'points'"):
+        load_sweep(sweep_file(tmp_path, grid={}))
+    with pytest.raises(DistillmtError, match="'seeds' must be"):
+        load_sweep(sweep_file(tmp_path, seeds=[]))
+    with pytest.raises(DistillmtError, match="unknown config key 'soft_kd.temprature'"):
+        load_sweep(sweep_file(tmp_path, grid={}, points=[{"soft_kd.temprature": 1}]))
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/sweeps").glob("*.yaml")))
+def test_shipped_sweep_files_are_valid(path):
+    sweep = load_sweep(path)
+    header = path.read_text().split("\nname:")[0]
+    assert f"# distillmt sweep {path}\n" in header  # each file starts with the command that runs it
+    assert sweep.points and json.dumps([p.settings for p in sweep.points])
