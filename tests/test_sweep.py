@@ -33,7 +33,7 @@ def test_sweep_shares_stages_between_points_and_reports(tmp_path):
     assert [p.name for p in sweep.points] == ["p00_temperature=1.0", "p01_temperature=2.0"]
     rows = run_sweep(sweep, progress=False)
     root = tmp_path / "runs" / "temp"
-    store = sorted(p.name.rsplit("-", 1)[0] for p in (root / "stages").iterdir())
+    store = sorted(p.name.rsplit("-", 1)[0] for p in (root.parent / "stages").iterdir())
     # data, tokenizer, the teacher and the student are computed once; each point has its own SLKD
     assert store.count("data") == 1 and store.count("train_teacher") == 1 and store.count("train_student") == 1
     assert store.count("train_slkd") == 2 and store.count("translate_STUDENT") == 1

@@ -15,8 +15,9 @@ A sweep file (YAML, in ``configs/sweeps/``)::
     plot_metric: chrf                # the metric the plots show: chrf | bleu | bertscore
 
 Each point × seed is a run folder ``<output_dir>/<name>/<point>-seed<k>/`` whose stage folders are links into one
-stage store, ``<output_dir>/<name>/stages/<stage>-<key>/``: a stage whose key is the same in two points (the teacher's
-training, its labels, its logit cache) is computed once and reused by every point. A rerun skips finished points (each
+stage store, ``<output_dir>/stages/<stage>-<key>/``, shared by every sweep under that output folder: a stage whose
+key is the same in two points, or in two sweeps (the teacher's training, its labels, its logit cache), is computed
+once and reused. A rerun skips finished points (each
 stage is checked as in any run) and an interrupted sweep resumes where it stopped.
 """
 
@@ -99,6 +100,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, output_dir:
     name = data.get("name")
     if not isinstance(name, str) or not name or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
         raise DistillmtError(f"{path}: 'name' must be a folder name of letters, digits, '.', '_' or '-', got {name!r}")
+    if name == "stages":
+        raise DistillmtError(f"{path}: 'name' cannot be 'stages': that folder is the sweeps' shared stage store")
     base = data.get("base")
     if base is not None and not Path(base).is_file() and (path.parent / base).is_file():
         base = str(path.parent / base)  # relative to the sweep file when not relative to the working folder
@@ -136,7 +139,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, command: str | None = None
     from distillmt.pipeline import run_experiment
 
     root = output_root(sweep)
-    store = root / "stages"
+    store = root.parent / "stages"
     rows: list[dict[str, Any]] = []
     runs = [(p, s) for p in sweep.points for s in sweep.seeds]
     for i, (point, seed) in enumerate(runs, 1):
@@ -281,9 +284,8 @@ def write_sweep_report(
 ) -> None:
     atomic_write_text(root / "results.csv", _csv(rows))
     image = plot(sweep, rows, root / f"{sweep.plot_metric}.png")
-    store = root / "stages"
-    computed = sum(1 for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) if store.exists() else 0
-    linked = sum(1 for p in root.glob("*/*") if p.is_symlink())
+    links = [p for p in root.glob("*/*") if p.is_symlink()]
+    computed = len({p.resolve() for p in links})
     lines = [f"# Sweep: {sweep.name}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -291,8 +293,8 @@ def write_sweep_report(
         f"Base: `{sweep.base or 'the default experiment'}`; overrides for every point: "
         f"`{' '.join(sweep.overrides) or 'none'}`; seeds: {sweep.seeds}.",
         "",
-        f"Runs finished: {runs[0]} of {runs[1]}. Stage folders computed: {computed}; stage uses across runs: "
-        f"{linked} (the rest were shared).",
+        f"Runs finished: {runs[0]} of {runs[1]}. Stages used by the runs: {len(links)}, of which {computed} distinct "
+        "(the rest were shared between points; the store may also hold stages of other sweeps).",
         "",
         "Metrics are mean ± standard deviation over the seeds (one seed: the score itself). Every run's own table, "
         "with confidence intervals and significance against its baseline row, is in its results.md.",
