@@ -195,9 +195,26 @@ def test_rows_without_a_reference_hash_are_refused():
 def test_same_sentences_pass_and_the_report_is_written(tmp_path):
     report = two_rows()
     check_comparable(report)
-    write_report(tmp_path, copy.deepcopy(report))
-    assert (tmp_path / "results.md").read_text(encoding="utf-8") == markdown_report(report)
+    assert write_report(tmp_path, copy.deepcopy(report)) == tmp_path / "results.md"
+    text = (tmp_path / "results.md").read_text(encoding="utf-8")
+    plots = text[text.index("## Plots\n") : text.index("## Metric signatures\n")]
+    assert text.replace(plots, "") == markdown_report(report)  # the report without plots, plus its plots section
+    assert plots.startswith("## Plots\n\n![scores_bertscore](plots/scores_bertscore.png)\n\n*BERTScore F1 of each")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "scores_bertscore.png",
+        "scores_bleu.png",
+        "scores_chrf.png",
+    ]
     assert (tmp_path / "results.json").is_file()
+
+
+def test_markdown_report_embeds_plots_with_captions():
+    plots = [("plots/scores_chrf.png", "chrF of each system."), (None, "Plot training_x not drawn: OSError: full.")]
+    text = markdown_report(two_rows(), plots)
+    assert (
+        TABLE + "\n## Plots\n\n![scores_chrf](plots/scores_chrf.png)\n\n*chrF of each system.*\n\n"
+        "Plot training_x not drawn: OSError: full.\n\n## Metric signatures\n"
+    ) in text
 
 
 def _record(score, low, high, p):

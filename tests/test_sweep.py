@@ -48,8 +48,12 @@ def test_sweep_shares_stages_between_points_and_reports(tmp_path):
     student = [r for r in table if r["system"] == "STUDENT"]
     assert student[0]["chrf"] == student[1]["chrf"]  # the same shared stages, the same score
     report = (root / "report.md").read_text()
-    assert "| p00_temperature=1.0 | 1.0 | SLKD |" in report and "![chrf](chrf.png)" in report
-    assert (root / "chrf.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| p00_temperature=1.0 | 1.0 | SLKD |" in report and "![chrf_lines](chrf_lines.png)" in report
+    assert (root / "chrf_lines.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (root / "chrf_bars.png").exists()  # drawn while one point was done, gone with the line plot
+    spec = json.loads((root / "sweep.json").read_text())
+    assert [p["name"] for p in spec["points"]] == [p.name for p in sweep.points]
+    assert spec["varied"] == ["soft_kd.temperature"] and spec["seeds"] == [0] and spec["plot_metric"] == "chrf"
 
 
 def test_rerun_skips_finished_points_and_interrupted_sweep_resumes(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Command line: `distillmt run|train|translate|evaluate|models|config`.
+"""Command line: `distillmt run|sweep|report|train|translate|evaluate|models|config`.
 
 No traceback reaches the user. `main` turns every failure into one line on stderr, and the exit status says which kind
 it was:
@@ -104,6 +104,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print((root / "report.md").read_text(encoding="utf-8"))
     print(f"sweep folder: {root}  (results.csv with {len(rows)} rows, report.md)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild the report of a run folder (results.md and plots/ from results.json) or of a sweep folder (report.md
+    and its plots from results.csv and sweep.json)."""
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise DistillmtError(f"{folder}: " + ("not a folder" if folder.exists() else "folder not found"))
+    args.run_folder = folder
+    if (folder / "results.csv").is_file():
+        from distillmt.sweep import rewrite_sweep_report
+
+        report = rewrite_sweep_report(folder)
+    elif (folder / "results.json").is_file():
+        from distillmt.report import rewrite_run_report
+
+        report = rewrite_run_report(folder)
+    else:
+        raise DistillmtError(
+            f"{folder} is neither a run folder (no results.json) nor a sweep folder (no results.csv); "
+            "give the folder `distillmt run` or `distillmt sweep` wrote"
+        )
+    text = report.read_text(encoding="utf-8")
+    images = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    print(f"report: {report}" + (f"  (plots: {', '.join(images)})" if images else "  (no plots)"))
     return 0
 
 
@@ -409,6 +435,52 @@ def _add_debug(p: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _add_translate_parser(sub: Any) -> None:
+    tr = sub.add_parser(
+        "translate",
+        help="translate a file or stdin with a model (and optional LoRA adapter)",
+        description="Input: plain text, one English sentence per line, or JSONL with 'src' (and 'ref'). "
+        "Output: JSONL with src, ref, hyp.",
+    )
+    tr.add_argument("--model", required=True, help="hub id, local folder, store:NAME, or a run's .../model folder")
+    tr.add_argument("--adapter", help="LoRA adapter folder to load on top of --model")
+    tr.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+    tr.add_argument("--input", "-i", help="input file (default: stdin)")
+    tr.add_argument("--output", "-o", help="output JSONL (default: stdout)")
+    tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    tr.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    tr.add_argument("--num-beams", type=_int_at_least(1), default=1)
+    tr.add_argument("--do-sample", action="store_true")
+    tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True), default=1.0, help="> 0")
+    tr.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
+    tr.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True, hi_open=False), default=1.0, help="(0, 1]")
+    tr.add_argument("--seed", type=_int_at_least(0), default=0)
+    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(fn=cmd_translate)
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    e = sub.add_parser(
+        "evaluate",
+        help="score hypotheses against references (BLEU, chrF, BERTScore)",
+        description="Either --hyp and --ref as plain text files (one sentence per line), or --hyp alone "
+        "as JSONL with 'hyp' and 'ref' fields (what `translate` writes).",
+    )
+    e.add_argument("--hyp", required=True, help="plain text (one hypothesis per line) or JSONL with 'hyp'")
+    e.add_argument("--ref", help="plain text (one reference per line) or JSONL with 'ref'")
+    e.add_argument(
+        "--bleu-tokenize",
+        default="zh",
+        choices=BLEU_TOKENIZERS,
+    )
+    e.add_argument("--bertscore-model", default="bert-base-chinese", help="hub id, local folder or store:NAME")
+    e.add_argument("--bertscore-layer", type=_int_at_least(1), default=8)
+    e.add_argument("--no-bertscore", action="store_true")
+    e.set_defaults(fn=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="distillmt",
@@ -439,6 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     sw.set_defaults(fn=cmd_sweep)
 
+    rp = sub.add_parser(
+        "report",
+        help="rebuild the report and plots of a run folder or a sweep folder",
+        description="Write the report of DIR again with its plots (PNG): for a run folder (results.json) its "
+        "results.md and plots/, for a sweep folder (results.csv, sweep.json) its report.md and plots. Nothing is "
+        "trained or scored.",
+    )
+    rp.add_argument("folder", metavar="DIR", help="a run folder or a sweep folder")
+    rp.set_defaults(fn=cmd_report)
+
     t = sub.add_parser(
         "train",
         help="train only the teacher or the student on the references",
@@ -448,47 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(t)
     t.set_defaults(fn=cmd_train)
 
-    tr = sub.add_parser(
-        "translate",
-        help="translate a file or stdin with a model (and optional LoRA adapter)",
-        description="Input: plain text, one English sentence per line, or JSONL with 'src' (and 'ref'). "
-        "Output: JSONL with src, ref, hyp.",
-    )
-    tr.add_argument("--model", required=True, help="hub id, local folder, store:NAME, or a run's .../model folder")
-    tr.add_argument("--adapter", help="LoRA adapter folder to load on top of --model")
-    tr.add_argument("--tokenizer", help="tokenizer (default: the model's)")
-    tr.add_argument("--input", "-i", help="input file (default: stdin)")
-    tr.add_argument("--output", "-o", help="output JSONL (default: stdout)")
-    tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
-    tr.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
-    tr.add_argument("--num-beams", type=_int_at_least(1), default=1)
-    tr.add_argument("--do-sample", action="store_true")
-    tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True), default=1.0, help="> 0")
-    tr.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
-    tr.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True, hi_open=False), default=1.0, help="(0, 1]")
-    tr.add_argument("--seed", type=_int_at_least(0), default=0)
-    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--no-progress", action="store_true")
-    tr.set_defaults(fn=cmd_translate)
-
-    e = sub.add_parser(
-        "evaluate",
-        help="score hypotheses against references (BLEU, chrF, BERTScore)",
-        description="Either --hyp and --ref as plain text files (one sentence per line), or --hyp alone "
-        "as JSONL with 'hyp' and 'ref' fields (what `translate` writes).",
-    )
-    e.add_argument("--hyp", required=True, help="plain text (one hypothesis per line) or JSONL with 'hyp'")
-    e.add_argument("--ref", help="plain text (one reference per line) or JSONL with 'ref'")
-    e.add_argument(
-        "--bleu-tokenize",
-        default="zh",
-        choices=BLEU_TOKENIZERS,
-    )
-    e.add_argument("--bertscore-model", default="bert-base-chinese", help="hub id, local folder or store:NAME")
-    e.add_argument("--bertscore-layer", type=_int_at_least(1), default=8)
-    e.add_argument("--no-bertscore", action="store_true")
-    e.set_defaults(fn=cmd_evaluate)
+    _add_translate_parser(sub)
+    _add_evaluate_parser(sub)
 
     m = sub.add_parser(
         "models",

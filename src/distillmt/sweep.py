@@ -19,6 +19,14 @@ stage store, ``<output_dir>/stages/<stage>-<key>/``, shared by every sweep under
 key is the same in two points, or in two sweeps (the teacher's training, its labels, its logit cache), is computed
 once and reused. A rerun skips finished points (each
 stage is checked as in any run) and an interrupted sweep resumes where it stopped.
+
+The sweep folder holds ``results.csv`` (one row per point, seed and system), ``sweep.json`` (the sweep's spec: name,
+base, overrides, points, seeds, varied keys, plot metric, command), ``report.md`` and the plots of ``plot_metric``:
+for a full grid over two keys ``<metric>_lines.png`` (the metric against the first key, one line per value of the
+second, a panel per KD system) and ``<metric>_heatmap.png``; for one numeric key ``<metric>_lines.png`` (a line per
+system with a band: ± one standard deviation over the seeds, or the 95% CI with one seed; log-scale x past a factor
+of 10); otherwise ``<metric>_bars.png`` (bars per point). ``distillmt report SWEEP_FOLDER`` rebuilds report.md and
+the plots from results.csv and sweep.json.
 """
 
 from __future__ import annotations
@@ -34,12 +42,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distillmt import systems
 from distillmt.config import ExperimentConfig, load_config, read_yaml
 from distillmt.errors import DistillmtError
-from distillmt.io import atomic_write_bytes, atomic_write_text
+from distillmt.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from distillmt.report import Plot
 
 log = logging.getLogger("distillmt.sweep")
 
@@ -217,73 +228,442 @@ def summary_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(sweep: Sweep, rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """The plot metric against the swept setting: a line per system for one varied key (error bars: standard
-    deviation over seeds), a heatmap per KD system for a two-key grid, bars per point otherwise."""
-    import matplotlib
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots (drawn with the helpers of distillmt.report: matplotlib's Agg canvas, PNGs written atomically)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+KEY_AXIS = {
+    "data.train_size": "data.train_size (training pairs)",
+    "soft_kd.temperature": "soft_kd.temperature (softmax T)",
+    "soft_kd.alpha": "soft_kd.alpha (weight of CE)",
+    "gkd.lmbda": "gkd.lmbda (on-policy fraction)",
+    "train_teacher.epochs": "train_teacher.epochs (epochs)",
+    "train_student.epochs": "train_student.epochs (epochs)",
+    "student.lora.r": "student.lora.r (LoRA rank)",
+}
 
-    metric = sweep.plot_metric
-    rows = [r for r in rows if r.get(metric) is not None]
-    if not rows:
+
+def key_axis(key: str) -> str:
+    """An axis label for a swept key, with its unit where it has one: ``data.train_size (training pairs)``."""
+    return KEY_AXIS.get(key, key)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+@dataclass
+class _Cells:
+    """The plot metric's values per (point, system) over the seeds, and what the bands and error bars show: ± one
+    standard deviation over the seeds when a cell has more than one seed, else the row's 95% CI."""
+
+    metric: str
+    values: dict[tuple[str, str], list[dict[str, Any]]]
+    systems: list[str]
+    points: list[Point]
+    multi_seed: bool
+
+    @classmethod
+    def of(cls, sweep: Sweep, rows: list[dict[str, Any]]) -> _Cells | None:
+        metric = sweep.plot_metric
+        rows = [r for r in rows if _number(r.get(metric))]
+        if not rows:
+            return None
+        values: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            values.setdefault((r["point"], r["system"]), []).append(r)
+        names = list(dict.fromkeys(r["system"] for r in rows))
+        points = [p for p in sweep.points if any((p.name, s) in values for s in names)]
+        return cls(metric, values, names, points, any(len(v) > 1 for v in values.values()))
+
+    def mean(self, point: Point, system: str) -> float:
+        group = self.values.get((point.name, system))
+        return statistics.mean(r[self.metric] for r in group) if group else math.nan
+
+    def band(self, point: Point, system: str) -> tuple[float, float] | None:
+        """(low, high) of the band or error bar at one cell, None where there is none."""
+        group = self.values.get((point.name, system)) or []
+        if self.multi_seed:
+            if len(group) < 2:
+                return None
+            mean, sd = self.mean(point, system), statistics.stdev(r[self.metric] for r in group)
+            return mean - sd, mean + sd
+        if len(group) == 1:
+            low, high = group[0].get(f"{self.metric}_ci_low"), group[0].get(f"{self.metric}_ci_high")
+            if _number(low) and _number(high):
+                return low, high
         return None
-    systems = list(dict.fromkeys(r["system"] for r in rows))
-    by = lambda r: (r["point"], r["system"])  # noqa: E731
-    means: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        means.setdefault(by(r), []).append(r[metric])
-    points = [p for p in sweep.points if any((p.name, s) in means for s in systems)]
-    label = {"chrf": "chrF", "bleu": "BLEU", "bertscore": "BERTScore F1"}[metric]
-    if len(sweep.varied) == 2 and all(len({json.dumps(p.settings.get(k)) for p in points}) > 1 for k in sweep.varied):
-        kx, ky = sweep.varied
-        xs = list(dict.fromkeys(p.settings.get(kx) for p in points))
-        ys = list(dict.fromkeys(p.settings.get(ky) for p in points))
-        varying = [s for s in systems if len({round(statistics.mean(means[(p.name, s)]), 6) for p in points}) > 1]
-        shown = varying or systems[-1:]
-        fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
-        for ax, system in zip(axes[0], shown, strict=True):
-            grid = [[math.nan] * len(xs) for _ in ys]
-            for p in points:
-                vals = means.get((p.name, system))
-                if vals:
-                    grid[ys.index(p.settings.get(ky))][xs.index(p.settings.get(kx))] = statistics.mean(vals)
-            im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-            for yi, line in enumerate(grid):
-                for xi, v in enumerate(line):
-                    ax.text(
-                        xi, yi, "" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", color="w", fontsize=8
-                    )
-            ax.set(xticks=range(len(xs)), xticklabels=xs, yticks=range(len(ys)), yticklabels=ys, xlabel=kx, ylabel=ky)
-            ax.set_title(f"{system}: {label}")
-            fig.colorbar(im, ax=ax)
+
+    def band_label(self) -> str:
+        if self.multi_seed:
+            return "± 1 s.d. over seeds"
+        return "95% CI (one seed)"
+
+    def has_bands(self) -> bool:
+        return any(self.band(p, s) is not None for p in self.points for s in self.systems)
+
+    def band_caption(self, what: str) -> str:
+        """``; bands: ...`` for the caption, naming the systems that have none."""
+        if not self.has_bands():
+            why = "fewer than two seeds per point" if self.multi_seed else "one seed and no CI in results.csv"
+            return f"; no {what}: {why}"
+        missing = [s for s in self.systems if all(self.band(p, s) is None for p in self.points)]
+        if self.multi_seed:
+            text = f"; {what}: ± one standard deviation over the seeds (mean of {self.n_seeds()} seeds)"
+        else:
+            text = f"; {what}: the 95% CI of the run's paired bootstrap test (one seed)"
+        if missing:
+            text += f"; none for {', '.join(missing)}"
+        return text
+
+    def n_seeds(self) -> str:
+        counts = sorted({len(v) for v in self.values.values()})
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+    def varies(self, system: str) -> bool:
+        return len({round(self.mean(p, system), 6) for p in self.points if (p.name, system) in self.values}) > 1
+
+
+def _metric_label(metric: str) -> str:
+    from distillmt.report import metric_axis
+
+    return metric_axis(metric)
+
+
+def _short_metric(metric: str) -> str:
+    return {"chrf": "chrF", "bleu": "BLEU", "bertscore": "BERTScore F1"}.get(metric, metric)
+
+
+def _two_key_grid(sweep: Sweep, cells: _Cells) -> tuple[str, str, list[Any], list[Any]] | None:
+    """(first key, second key, their values) when the points are a full grid over exactly two varied keys."""
+    if len(sweep.varied) != 2:
+        return None
+    kx, ky = sweep.varied
+    xs = list(dict.fromkeys(json.dumps(p.settings.get(kx)) for p in cells.points))
+    ys = list(dict.fromkeys(json.dumps(p.settings.get(ky)) for p in cells.points))
+    combos = {(json.dumps(p.settings.get(kx)), json.dumps(p.settings.get(ky))) for p in cells.points}
+    if len(xs) < 2 or len(ys) < 2 or len(combos) != len(xs) * len(ys):
+        return None
+    return kx, ky, [json.loads(x) for x in xs], [json.loads(y) for y in ys]
+
+
+def _one_numeric_key(sweep: Sweep, cells: _Cells) -> bool:
+    """One varied key, numeric, with at least two values among the points that have results."""
+    if len(sweep.varied) != 1:
+        return False
+    values = [p.settings.get(sweep.varied[0]) for p in cells.points]
+    return len(set(map(json.dumps, values))) > 1 and all(_number(v) for v in values)
+
+
+def _shown_systems(cells: _Cells) -> list[str]:
+    """The systems a per-system grid plot shows: the KD rows and any row whose score changes between points."""
+    shown = [s for s in cells.systems if (s in systems.BY_NAME and systems.get(s).teacher_from) or cells.varies(s)]
+    return shown or cells.systems[-1:]
+
+
+def _x_axis(ax: Any, key: str, values: list[Any]) -> list[float]:
+    """Place ``values`` on the x axis: numeric values at their value (log scale past a factor of 10, ticks at the
+    values), anything else at 0, 1, 2, ... with the values as tick labels. Returns the positions."""
+    from distillmt.report import log_scale
+
+    if all(_number(v) for v in values):
+        xs = [float(v) for v in values]
+        if log_scale(xs):
+            ax.set_xscale("log")
+            ax.minorticks_off()
     else:
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(points) + 2), 3.8))
-        one_key = len(sweep.varied) == 1
-        xs = [str(p.settings.get(sweep.varied[0])) if one_key else p.name for p in points]
-        for system in systems:
-            vals = [means.get((p.name, system)) for p in points]
-            mean = [statistics.mean(v) if v else math.nan for v in vals]
-            err = [statistics.stdev(v) if v and len(v) > 1 else 0.0 for v in vals]
-            ax.errorbar(range(len(points)), mean, yerr=err, marker="o", capsize=3, label=system)
-        ax.set_xticks(range(len(points)), xs, rotation=0 if one_key else 30, ha="center" if one_key else "right")
-        ax.set(xlabel=sweep.varied[0] if one_key else "point", ylabel=label, title=f"{sweep.name}: {label}")
+        xs = [float(i) for i in range(len(values))]
+    ax.set_xticks(xs, [_fmt_value(v) for v in values])
+    ax.set_xlabel(key_axis(key) + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    return xs
+
+
+def _line(ax: Any, cells: _Cells, points: list[Point], xs: list[float], system: str, **style: Any) -> None:
+    """One line (mean over seeds) with its band (fill_between) where the cells have one."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    xs, points = [xs[i] for i in order], [points[i] for i in order]
+    ys = [cells.mean(p, system) for p in points]
+    (line,) = ax.plot(xs, ys, marker="o", markersize=4, **style)
+    bands = [cells.band(p, system) for p in points]
+    if any(b is not None for b in bands):
+        low = [b[0] if b else math.nan for b in bands]
+        high = [b[1] if b else math.nan for b in bands]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _band_handles(cells: _Cells) -> list[Any]:
+    """The legend entry of the bands: what they show (none when no cell has a band)."""
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor="0.5", alpha=0.3, label=f"band: {cells.band_label()}")] if cells.has_bands() else []
+
+
+def grid_lines_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
+    """For a full two-key grid: the plot metric against the first varied key, one line per value of the second,
+    one panel per KD system (and per other system whose score changes between points). None otherwise."""
+    from distillmt.report import Plot, new_figure
+
+    cells = _Cells.of(sweep, rows)
+    grid = cells and _two_key_grid(sweep, cells)
+    if not grid:
+        return None
+    kx, ky, x_values, y_values = grid
+    shown = _shown_systems(cells)
+    fig = new_figure(4.6 * len(shown) + 1.6, 3.8)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    for ax, system in zip(axes, shown, strict=True):
+        xs = _x_axis(ax, kx, x_values)
+        for y in y_values:
+            at = [
+                next(p for p in cells.points if p.settings.get(kx) == x and p.settings.get(ky) == y) for x in x_values
+            ]
+            have = [i for i, p in enumerate(at) if (p.name, system) in cells.values]
+            if have:
+                _line(ax, cells, [at[i] for i in have], [xs[i] for i in have], system, label=f"{ky} = {_fmt_value(y)}")
+        ax.set(ylabel=_metric_label(cells.metric), title=f"{system}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+        handles, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=[*handles, *_band_handles(cells)], fontsize=7, title=ky, title_fontsize=7)
+    fig.suptitle(f"{sweep.name}: {_short_metric(cells.metric)} vs {kx}, one line per {ky}")
+    caption = (
+        f"{_short_metric(cells.metric)} against {kx}, one line per value of {ky}, for {', '.join(shown)}"
+        + cells.band_caption("bands")
+    )
+    return Plot(f"{cells.metric}_lines.png", fig, caption + ".")
+
+
+def heatmap_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
+    """For a full two-key grid: a heat map of the plot metric (mean over seeds) per shown system. None otherwise."""
+    from distillmt.report import Plot, new_figure
+
+    cells = _Cells.of(sweep, rows)
+    grid = cells and _two_key_grid(sweep, cells)
+    if not grid:
+        return None
+    kx, ky, xs, ys = grid
+    shown = _shown_systems(cells)
+    fig = new_figure(4.4 * len(shown), 3.8)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    label = _short_metric(cells.metric)
+    for ax, system in zip(axes, shown, strict=True):
+        table = [[math.nan] * len(xs) for _ in ys]
+        for p in cells.points:
+            if (p.name, system) in cells.values:
+                table[ys.index(p.settings.get(ky))][xs.index(p.settings.get(kx))] = cells.mean(p, system)
+        im = ax.imshow(table, cmap="viridis", origin="lower", aspect="auto")
+        for yi, line in enumerate(table):
+            for xi, v in enumerate(line):
+                text = "" if math.isnan(v) else f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
+                ax.text(xi, yi, text, ha="center", va="center", color="w", fontsize=8)
+        ax.set(xticks=range(len(xs)), yticks=range(len(ys)), xlabel=key_axis(kx), ylabel=key_axis(ky))
+        ax.set_xticklabels([_fmt_value(x) for x in xs])
+        ax.set_yticklabels([_fmt_value(y) for y in ys])
+        ax.set_title(f"{sweep.name}: {system} {label}")
+        bar = fig.colorbar(im, ax=ax)
+        bar.set_label(f"{_metric_label(cells.metric)}, mean over seeds")
+    caption = (
+        f"{label} (mean over {cells.n_seeds()} seed(s)) over the {kx} × {ky} grid for {', '.join(shown)}; "
+        "the colour bar is the legend"
+    )
+    return Plot(f"{cells.metric}_heatmap.png", fig, caption + ".")
+
+
+def key_lines_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
+    """For one varied numeric key: the plot metric against it, one line per system with a band (± one standard
+    deviation over the seeds, or the 95% CI with one seed). None otherwise."""
+    from distillmt.report import Plot, new_figure
+
+    cells = _Cells.of(sweep, rows)
+    if cells is None or not _one_numeric_key(sweep, cells):
+        return None
+    key = sweep.varied[0]
+    values = [p.settings.get(key) for p in cells.points]
+    fig = new_figure(6.4, 3.8)
+    ax = fig.subplots()
+    xs = _x_axis(ax, key, values)
+    for system in cells.systems:
+        have = [i for i, p in enumerate(cells.points) if (p.name, system) in cells.values]
+        _line(ax, cells, [cells.points[i] for i in have], [xs[i] for i in have], system, label=system)
+    ax.set(ylabel=_metric_label(cells.metric), title=f"{sweep.name}: {_short_metric(cells.metric)} vs {key}")
+    ax.grid(alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=[*handles, *_band_handles(cells)], fontsize=8)
+    scale = " (log-scale axis)" if ax.get_xscale() == "log" else ""
+    caption = f"{_short_metric(cells.metric)} against {key}{scale}, one line per system" + cells.band_caption("bands")
+    return Plot(f"{cells.metric}_lines.png", fig, caption + ".")
+
+
+def bars_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
+    """The plot metric per point (a group of bars, one per system) with error bars (± one standard deviation over
+    the seeds, or the 95% CI with one seed): for sweeps that are neither one numeric key nor a two-key grid."""
+    from matplotlib.lines import Line2D
+
+    from distillmt.report import Plot, new_figure
+
+    cells = _Cells.of(sweep, rows)
+    if cells is None:
+        return None
+    n, width = len(cells.systems), 0.8 / len(cells.systems)
+    fig = new_figure(max(7.0, 0.5 * n * len(cells.points) + 4.0), 4.2)
+    ax = fig.subplots()
+    for j, system in enumerate(cells.systems):
+        have = [i for i, p in enumerate(cells.points) if (p.name, system) in cells.values]
+        xs = [i - 0.4 + width * (j + 0.5) for i in have]
+        means = [cells.mean(cells.points[i], system) for i in have]
+        bands = [cells.band(cells.points[i], system) for i in have]
+        errors = [
+            [max(m - b[0], 0.0) if b else 0.0 for m, b in zip(means, bands, strict=True)],
+            [max(b[1] - m, 0.0) if b else 0.0 for m, b in zip(means, bands, strict=True)],
+        ]
+        ax.bar(xs, means, width=width, label=system, edgecolor="black", linewidth=0.6)
+        if any(b is not None for b in bands):
+            ax.errorbar(xs, means, yerr=errors, fmt="none", ecolor="black", capsize=3)
+    one_key = len(sweep.varied) == 1
+    names = [_fmt_value(p.settings.get(sweep.varied[0])) if one_key else p.name for p in cells.points]
+    ax.set_xticks(range(len(names)), names, rotation=0 if one_key else 25, ha="center" if one_key else "right")
+    ax.set(
+        xlabel=key_axis(sweep.varied[0]) if one_key else "point (settings)",
+        ylabel=_metric_label(cells.metric),
+        title=f"{sweep.name}: {_short_metric(cells.metric)} per point",
+    )
+    ax.grid(axis="y", alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    if cells.has_bands():
+        label = f"error bar: {cells.band_label()}"
+        handles.append(Line2D([], [], color="black", marker="_", markersize=10, label=label))
+    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
+    caption = f"{_short_metric(cells.metric)} per point, a bar per system" + cells.band_caption("error bars")
+    return Plot(f"{cells.metric}_bars.png", fig, caption + ".")
+
+
+def sweep_plots(sweep: Sweep, rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The sweep's plots as (what, builder) pairs for ``report.draw_plots``: a full two-key grid gets the lines
+    (first key on x, a line per second-key value) and the heat map; one varied numeric key gets the lines with
+    bands; anything else the bars per point."""
+    cells = _Cells.of(sweep, rows)
+    if cells is None:
+        return []
+    if _two_key_grid(sweep, cells):
+        return [("lines", lambda: grid_lines_plot(sweep, rows)), ("heatmap", lambda: heatmap_plot(sweep, rows))]
+    if _one_numeric_key(sweep, cells):
+        return [("lines", lambda: key_lines_plot(sweep, rows))]
+    return [("bars", lambda: bars_plot(sweep, rows))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sweep folder: results.csv, sweep.json, report.md and the plots
+
+SWEEP_FILE = "sweep.json"
+
+
+def sweep_spec(sweep: Sweep, command: str | None = None) -> dict[str, Any]:
+    """What sweep.json holds: enough to rebuild the report (``distillmt report SWEEP_FOLDER``) without the YAML."""
+    return {
+        "name": sweep.name,
+        "base": sweep.base,
+        "overrides": sweep.overrides,
+        "points": [{"name": p.name, "settings": p.settings} for p in sweep.points],
+        "seeds": sweep.seeds,
+        "varied": sweep.varied,
+        "plot_metric": sweep.plot_metric,
+        "command": command,
+    }
+
+
+def sweep_from_spec(spec: dict[str, Any]) -> Sweep:
+    points = [Point(p["name"], dict(p["settings"])) for p in spec["points"]]
+    return Sweep(
+        spec["name"], spec.get("base"), list(spec.get("overrides") or []), points, list(spec["seeds"]),
+        spec.get("plot_metric", "chrf"), list(spec.get("varied") or []),
+    )  # fmt: skip
+
+
+def _cell(text: str) -> Any:
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_results_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a sweep's results.csv, numbers as numbers and empty cells as None."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [{k: _cell(v or "") for k, v in r.items()} for r in csv.DictReader(f)]
+    if rows and not {"point", "seed", "system"} <= set(rows[0]):
+        raise DistillmtError(f"{path}: not a sweep's results.csv (needs the columns point, seed, system)")
+    return rows
+
+
+def _infer_sweep(root: Path, rows: list[dict[str, Any]]) -> Sweep:
+    """A sweep folder without sweep.json (written by an older distillmt): the spec as far as results.csv tells it
+    (the varied keys are the columns between seed and system)."""
+    columns = list(rows[0]) if rows else []
+    varied = columns[columns.index("seed") + 1 : columns.index("system")] if rows else []
+    points: dict[str, Point] = {}
+    for r in rows:
+        points.setdefault(r["point"], Point(r["point"], {k: r[k] for k in varied}))
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))
+    metric = next((m for m in PLOT_METRICS if any(_number(r.get(m)) for r in rows)), "chrf")
+    return Sweep(root.name, None, [], list(points.values()), seeds or [0], metric, varied)
+
+
+def rewrite_sweep_report(root: str | Path) -> Path:
+    """``distillmt report SWEEP_FOLDER``: report.md and the plots again, from results.csv and sweep.json."""
+    root = Path(root)
+    rows = read_results_csv(root / "results.csv")
+    spec_path = root / SWEEP_FILE
+    command = None
+    if spec_path.is_file():
+        try:
+            spec = json.loads(spec_path.read_text(encoding="utf-8"))
+            sweep = sweep_from_spec(spec)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DistillmtError(f"{spec_path}: not a sweep spec ({type(e).__name__}: {e})") from None
+        command = spec.get("command")
+        by_name = {p.name: p for p in sweep.points}
+        for r in rows:  # the settings as the sweep gave them (typed), not as the CSV spelled them
+            if r["point"] in by_name:
+                r.update({k: by_name[r["point"]].settings.get(k) for k in sweep.varied})
+    else:
+        sweep = _infer_sweep(root, rows)
+    finished = len({(r["point"], r["seed"]) for r in rows})
+    return render_sweep_report(
+        sweep, root, rows, command=command, runs=(finished, len(sweep.points) * len(sweep.seeds))
+    )
 
 
 def write_sweep_report(
     sweep: Sweep, root: Path, rows: list[dict[str, Any]], *, command: str | None, runs: tuple[int, int]
 ) -> None:
+    """results.csv, sweep.json (when missing or changed) and :func:`render_sweep_report`."""
     atomic_write_text(root / "results.csv", _csv(rows))
-    image = plot(sweep, rows, root / f"{sweep.plot_metric}.png")
+    spec = json.dumps(sweep_spec(sweep, command), ensure_ascii=False, indent=2) + "\n"
+    spec_path = root / SWEEP_FILE
+    if not spec_path.is_file() or spec_path.read_text(encoding="utf-8") != spec:
+        atomic_write_text(spec_path, spec)
+    render_sweep_report(sweep, root, rows, command=command, runs=runs)
+
+
+def render_sweep_report(
+    sweep: Sweep, root: Path, rows: list[dict[str, Any]], *, command: str | None, runs: tuple[int, int]
+) -> Path:
+    """The plots and report.md (the table, then each plot with its caption). Returns the path of report.md."""
+    from distillmt.report import draw_plots, embed_plots
+
+    plots = draw_plots(sweep_plots(sweep, rows), root)
+    drawn = {path for path, _ in plots if path}
+    for stale in (f"{m}_{kind}.png" for m in PLOT_METRICS for kind in ("lines", "heatmap", "bars")):
+        if stale not in drawn:  # a plot of an earlier state of the sweep (e.g. bars while one point was done)
+            (root / stale).unlink(missing_ok=True)
     links = [p for p in root.glob("*/*") if p.is_symlink()]
     computed = len({p.resolve() for p in links})
     lines = [f"# Sweep: {sweep.name}", ""]
@@ -301,7 +681,8 @@ def write_sweep_report(
         "",
         summary_table(sweep, rows),
     ]
-    if image is not None:
-        lines += [f"![{sweep.plot_metric}]({image.name})", ""]
+    if plots:
+        lines += embed_plots(plots)
     lines += [f"Updated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     atomic_write_text(root / "report.md", "\n".join(lines))
+    return root / "report.md"
