@@ -9,12 +9,13 @@ which resamples the sentence statistics and recomputes the corpus score. A metri
 * CI: sacrebleu's ``estimate_ci``: sort the resampled scores, take the ``n_samples // 40``-th from each end (95%),
   and report the mean of the resampled scores ± half the distance between them;
 * p-value: the observed difference ``|score(system) − score(baseline)|`` against the resampled absolute differences
-  shifted to mean zero (the null hypothesis), ``p = (#{shifted > observed} + 1) / (n_samples + 1)``.
+  shifted to mean zero (the null hypothesis), ``p = (#{shifted > observed} + 1) / (n_samples + 1)`` in sacrebleu.
 
-One property of that p-value to know: a system identical to the baseline, sentence for sentence, gets
-``p = 1 / (n_samples + 1)`` from sacrebleu, not 1 (every resampled difference is 0, and none exceeds the observed 0).
-:func:`compare_to_baseline` therefore does not test a row whose translations equal the baseline's line for line: it
-records ``p = 1.0`` and ``identical_to_baseline: true`` for it.
+One property of sacrebleu's p-value to know: a system identical to the baseline, sentence for sentence, gets
+``p = 1 / (n_samples + 1)``, not 1 (every resampled difference is 0, and none exceeds the observed 0), so it would be
+called significantly different from itself. :func:`p_value` counts ties too (``>=``), which gives p = 1 there and
+changes nothing else; and :func:`compare_to_baseline` does not run sacrebleu's test (BLEU, chrF) on a row whose
+translations equal the baseline's line for line: it records ``p = 1.0`` and ``identical_to_baseline: true``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def estimate_ci(scores: np.ndarray, confidence: float = 0.95) -> tuple[float, fl
 
 
 def p_value(sample_diffs: np.ndarray, real_difference: float) -> float:
-    """sacrebleu's paired-bootstrap p-value: ``sample_diffs`` are the resampled ``|system − baseline|``."""
+    """sacrebleu's paired-bootstrap p-value, ``sample_diffs`` being the resampled ``|system − baseline|`` centred on
+    their mean, with one change: a resample as extreme as the observed difference (a tie) counts against
+    significance. sacrebleu counts only strictly larger ones, so two identical systems (every difference 0) get its
+    smallest p-value, 1/(n+1), and would be called significantly different; here they get p = 1. Without ties, as
+    with any real pair of systems, the two formulas agree exactly."""
     stats = sample_diffs - sample_diffs.mean()
-    return (int(np.sum(stats > real_difference)) + 1) / (len(stats) + 1)
+    return (int(np.sum(stats >= real_difference)) + 1) / (len(stats) + 1)
 
 
 def _interval(mean: float, half: float) -> dict[str, float]:
