@@ -332,7 +332,7 @@ def test_cli_report_on_a_sweep_folder_with_and_without_sweep_json(tmp_path, caps
     assert "chrf_lines.png, chrf_heatmap.png" in capsys.readouterr().out
     text = (root / "report.md").read_text(encoding="utf-8")
     assert "Command: `distillmt sweep t.yaml`" in text and "Runs finished: 18 of 18." in text
-    assert "| p00_temperature=1.0_alpha=0.1 | 1.0 | 0.1 | SLKD | 6.95 ± 0.21 |" in text
+    assert "| p00_temperature=1.0_alpha=0.1 | 1.0 | 0.1 | SLKD | 6.95 ± 0.21† |" in text
     assert _png(root / "chrf_lines.png") and _png(root / "chrf_heatmap.png")
     assert (root / "results.csv").read_text() == csv_before  # the CSV is read, never rewritten
     (root / "sweep.json").unlink()  # an older sweep folder: the spec comes from results.csv

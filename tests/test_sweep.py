@@ -104,3 +104,17 @@ def test_shipped_sweep_files_are_valid(path):
     header = path.read_text().split("\nname:")[0]
     assert f"# distillmt sweep {path}\n" in header  # each file starts with the command that runs it
     assert sweep.points and json.dumps([p.settings for p in sweep.points])
+
+
+def test_summary_table_marks_significance_per_seed_and_shows_ci_for_one_seed():
+    from distillmt.sweep import Point, Sweep, summary_table
+
+    sweep = Sweep("s", None, [], [Point("p00_T=1", {"soft_kd.temperature": 1})], [0, 1], "chrf", [])
+    two = [
+        {"point": "p00_T=1", "seed": s, "system": "SLKD", "chrf": 8.0 + s, "chrf_p_value": p}
+        for s, p in ((0, 0.01), (1, 0.2))
+    ]
+    assert "| p00_T=1 | SLKD | 8.50 ± 0.71†1/2 | 2 |" in summary_table(sweep, two)
+    one = [{"point": "p00_T=1", "seed": 0, "system": "SLKD", "chrf": 8.0, "chrf_ci_low": 7.1, "chrf_ci_high": 8.9}]
+    one[0]["chrf_p_value"] = 0.001
+    assert "| p00_T=1 | SLKD | 8.00† (7.10–8.90) | 1 |" in summary_table(sweep, one)

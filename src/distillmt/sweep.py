@@ -211,8 +211,26 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
 
 
+def _metric_cell(group: list[dict[str, Any]], metric: str) -> str:
+    """mean ± sd over the seeds (one seed: the score and its 95% CI), then † when the row differed from its run's
+    baseline at p < 0.05 in every seed tested, †k/n when in k of n."""
+    text = _mean_std([g.get(metric) for g in group])
+    tested = [g[f"{metric}_p_value"] for g in group if _number(g.get(f"{metric}_p_value"))]
+    significant = sum(1 for p in tested if p < 0.05)
+    if tested and significant == len(tested):
+        text += "†"
+    elif significant:
+        text += f"†{significant}/{len(tested)}"
+    lo, hi = group[0].get(f"{metric}_ci_low"), group[0].get(f"{metric}_ci_high")
+    if len(group) == 1 and _number(lo) and _number(hi):
+        decimals = 4 if abs(hi) <= 1.0 else 2
+        text += f" ({lo:.{decimals}f}–{hi:.{decimals}f})"
+    return text
+
+
 def summary_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per point and system, each metric as mean ± standard deviation over the seeds."""
+    """Markdown: one line per point and system, each metric as mean ± standard deviation over the seeds (one seed:
+    the score with its 95% CI), marked where it differs significantly from the run's baseline row."""
     metrics = [m for m in ("bertscore", "chrf", "bleu") if any(m in r for r in rows)]
     header = ["point", *sweep.varied, "system", *metrics, "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -222,10 +240,15 @@ def summary_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     for (point, system), group in groups.items():
         first = group[0]
         cells = [point, *[str(first.get(k)) for k in sweep.varied], system]
-        cells += [_mean_std([g.get(m) for g in group]) for m in metrics]
+        cells += [_metric_cell(group, m) for m in metrics]
         cells.append(str(len(group)))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    legend = (
+        "\nCells: mean ± standard deviation over the seeds (one seed: the score and its 95% CI); † = differs from "
+        "the run's baseline row (eval.baseline) at p < 0.05 by paired bootstrap in every seed, †k/n = in k of n "
+        "seeds.\n"
+    )
+    return "\n".join(lines) + "\n" + legend
 
 
 # ---------------------------------------------------------------------------------------------------------------------
