@@ -148,3 +148,39 @@ def test_big_files_get_a_sampled_checksum_that_still_sees_truncation(tmp_path, m
     assert full.startswith("sha256-ends:")
     big.write_bytes(bytes(range(199)))
     assert stages.file_checksum(big) != full
+
+
+def test_a_second_process_waits_for_a_stage_in_progress_and_then_skips_it(tmp_path):
+    """Two sweeps on one stage store: the one that finds a stage being run waits for it instead of racing it."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(
+        f"""
+        import logging, sys, time
+        from pathlib import Path
+        from distillmt.stages import RunFolder
+
+        logging.basicConfig(level=logging.INFO)
+
+        def slow(folder):
+            (folder / "out.txt").write_text(sys.argv[1])
+            Path({str(tmp_path)!r}, "started").touch()
+            time.sleep(1.5)
+            return {{"by": sys.argv[1]}}
+
+        store = Path({str(tmp_path)!r}) / "store"
+        print(RunFolder(store.parent / sys.argv[1], store=store).stage("s", {{"a": 1}}, slow)["by"])
+        """
+    )
+    first = subprocess.Popen([sys.executable, "-c", script, "one"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-c", script, "two"], capture_output=True, text=True, timeout=60)
+    assert first.communicate(timeout=60)[0].strip() == "one"
+    assert second.stdout.strip() == "one"  # it waited and found the stage finished by the first
+    assert "being run by another process" in second.stderr
+    assert [p.name.split("-")[0] for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")] == ["s"]

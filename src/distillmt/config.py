@@ -225,6 +225,12 @@ class ExperimentConfig:
     output_dir: str = _f("runs", "folder that holds run folders")
     seed: int = _f(0, "seed for data split, initialisation, data order and sampling", range=(0, None))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    threads: int = _f(
+        0,
+        "PyTorch CPU threads (0 = the cores this process may use); on a machine shared with another busy process, "
+        "fewer threads than cores is much faster than oversubscribing them",
+        range=(0, 1024),
+    )
     systems: list[str] = _f(["TEACHER", "STUDENT", "HLKD", "SLKD"], f"rows of the results table, from {SYSTEMS}")
     tokenizer_vocab_size: int = _f(
         4000, "BPE vocabulary trained on the training split when models are scratch", range=(100, None)

@@ -174,6 +174,7 @@ class Experiment:
         """``store``: a shared stage store (sweeps); stages whose key another run already computed are reused."""
         from distillmt.models import pick_device
 
+        torch.set_num_threads(cfg.threads or available_cores())
         self.cfg = cfg
         self.progress = progress
         self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store)
@@ -485,6 +486,16 @@ def needed_stages(cfg: ExperimentConfig) -> set[str]:
     if any(s.teacher_from and getattr(cfg, s.teacher_from).teacher == "finetuned" for s in rows):
         needed.add("train_teacher")
     return needed
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's or a `taskset`'s share)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def teacher_stage(which: str) -> tuple[str, ...]:

@@ -24,7 +24,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,22 @@ class RunFolder:
         inputs: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Run ``fn(folder)`` as stage ``name`` unless it is complete; return its result (from ``stage.json`` when
-        skipped). ``inputs``: the stages (already run in this invocation) whose outputs ``fn`` reads."""
+        skipped). ``inputs``: the stages (already run in this invocation) whose outputs ``fn`` reads. Another process
+        working on the same stage folder (a second sweep on the same store) is waited for, not raced."""
         key = stage_key(settings)
         folder = self.root / name if self.store is None else self.store / f"{name}-{key}"
+        with _exclusive(folder, name):
+            return self._stage(name, key, folder, settings, fn, inputs)
+
+    def _stage(
+        self,
+        name: str,
+        key: str,
+        folder: Path,
+        settings: dict[str, Any],
+        fn: Callable[[Path], dict[str, Any] | None],
+        inputs: tuple[str, ...],
+    ) -> dict[str, Any]:
         _finish_interrupted_swap(folder)
         upstream = {n: self.digests[n] for n in inputs}
         info = _read_json_or_none(folder / STAGE_FILE)
@@ -187,6 +201,28 @@ class RunFolder:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target, target_is_directory=True)
         os.replace(tmp, link)
+
+
+@contextmanager
+def _exclusive(folder: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on a stage folder (``.<folder>.lock`` beside it) while the stage is checked and run;
+    a process that finds it held waits, then sees the finished stage. POSIX only; elsewhere no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per run folder or store
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(_twin(folder, "lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("stage %-22s is being run by another process: waiting for it", name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _twin(folder: Path, kind: str) -> Path:
