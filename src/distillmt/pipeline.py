@@ -2,11 +2,12 @@
 is keyed, skipped, resumed and replaced).
 
 :meth:`Experiment.run_all` is the table of contents: data → tokenizer → teacher and student fine-tuning → one stage
-per KD method (with its teacher labels or teacher cache first) → translate and evaluate each system → report. Each
-``stage_*`` method states the settings that key its output and a function that makes it; the work itself lives in
-the library modules (``train``, ``teacher_labels``, ``logit_cache``, ``generate``, ``metrics``). Adding a KD method:
-a row in :mod:`distillmt.systems`, a ``stage_train_*`` here and a line in ``run_all``, a description in
-``report.describe_system``.
+per KD method (with its teacher labels or teacher cache first) → translate and evaluate each system → significance
+against the baseline row → report. Each ``stage_*`` method states the settings that key its output and a function
+that makes it; the work itself lives in the library modules (``train``, ``teacher_labels``, ``logit_cache``,
+``generate``, ``metrics``, ``stats``). :class:`Models` is the model side (tokenizer, loading, trainable models, the
+teacher of logit KD). Adding a KD method: a row in :mod:`distillmt.systems`, a ``stage_train_*`` here and a line in
+``run_all``, a description in ``report.describe_system``.
 """
 
 from __future__ import annotations
