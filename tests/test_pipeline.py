@@ -211,3 +211,19 @@ def test_missing_local_data_file_is_an_error_that_deletes_nothing(tmp_path):
     with pytest.raises(DistillmtError, match="data.path.*file not found"):
         run_experiment(micro_cfg(tmp_path, *extra), progress=False)
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_combined_sequence_and_word_level_kd_row(tmp_path):
+    """HLKD+SLKD: soft-label KD on the teacher's labels. It reuses HLKD's label stage and runs the teacher live even
+    when SLKD uses a logit cache (the cache holds the references' positions, not the labels')."""
+    cfg = micro_cfg(tmp_path, "systems=[STUDENT,HLKD,SLKD,HLKD+SLKD]", "soft_kd.cache=true", "soft_kd.cache_k=8")
+    report = run_experiment(cfg, progress=False)
+    root = tmp_path / "micro"
+    assert list(report["systems"]) == ["STUDENT", "HLKD", "SLKD", "HLKD+SLKD"]
+    assert report["systems"]["HLKD+SLKD"]["settings"].startswith("labels from the finetuned teacher (as HLKD)")
+    stage = read_json(root / "train_hlkd_slkd" / "stage.json")
+    assert stage["settings"]["labels"] == read_json(root / "teacher_labels" / "stage.json")["key"]
+    logs = [json.loads(x) for x in (root / "train_hlkd_slkd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("forward_kl" in r for r in logs)  # only the live teacher gives the true forward KL
+    assert report["stages"]["teacher_labels"]["skipped"] is False and "teacher_labels" in report["stages"]
+    assert (root / "translate_HLKD+SLKD" / "translations.jsonl").exists()

@@ -401,10 +401,11 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
                     f"system {system.name} needs pretrained models; with model=scratch, TEACHER and STUDENT are "
                     "already trained"
                 )
-            if system.teacher_from and getattr(cfg, system.teacher_from).teacher == "base":
-                raise DistillmtError(
-                    f"{system.teacher_from}.teacher=base needs a pretrained teacher (teacher.model is 'scratch')"
-                )
+            for section in system.teacher_from:
+                if getattr(cfg, section).teacher == "base":
+                    raise DistillmtError(
+                        f"{section}.teacher=base needs a pretrained teacher (teacher.model is 'scratch')"
+                    )
     for side in ("teacher", "student"):
         m = getattr(cfg, side).scratch
         if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:

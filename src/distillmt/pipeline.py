@@ -131,9 +131,12 @@ class Models:
             return load_model(m.model, dtype=self.dtype(m), device=self.device)
         return load_trained(m.model, self.root / stage / "model", dtype=self.dtype(m), device=self.device, merge=True)
 
-    def kd_settings(self, tokenizer: Any, examples: list[dict], on_policy: GKDConfig | None = None) -> Any:
-        """Everything logit KD needs besides the student: the teacher (live, or its top-k cache), the objective's
-        settings and, for GKD, the on-policy settings."""
+    def kd_settings(
+        self, tokenizer: Any, examples: list[dict], on_policy: GKDConfig | None = None, use_cache: bool = True
+    ) -> Any:
+        """Everything logit KD needs besides the student: the teacher (live, or its top-k cache when
+        ``soft_kd.cache`` and ``use_cache``; never for on-policy targets), the objective's settings and, for GKD,
+        the on-policy settings."""
         from distillmt.logit_cache import TeacherCache
         from distillmt.models import check_same_tokenizer, load_tokenizer
         from distillmt.prompts import end_token_id
@@ -143,7 +146,7 @@ class Models:
         if not self.scratch:  # logit KD compares token by token: refuse mismatched vocabularies before training
             check_same_tokenizer(load_tokenizer(self.cfg.teacher.model), tokenizer)
         cache = None
-        if s.cache and on_policy is None:
+        if s.cache and use_cache and on_policy is None:
             cache = TeacherCache(self.root / "teacher_cache")
             cache.check(
                 teacher_id=self.teacher_id(),
@@ -271,41 +274,43 @@ class Experiment:
         from distillmt.teacher_labels import build_teacher_labels
 
         h = self.cfg.hard_kd
+        labels = {"decoding": asdict(h.decoding), "num_candidates": h.num_candidates, "selection": h.selection}
+        labels.update(seed=self.cfg.seed, shard_size=h.shard_size)
+        identity = self.models.teacher_identity(h.teacher)
 
         def fn(folder: Path) -> dict[str, Any]:
-            return build_teacher_labels(
-                partial(self.models.teacher_for_labels, h.teacher),
-                self.split("train"),
-                folder,
-                identity=self.models.teacher_identity(h.teacher),
-                decoding=asdict(h.decoding),
-                num_candidates=h.num_candidates,
-                selection=h.selection,
-                shard_size=h.shard_size,
-                seed=self.cfg.seed,
-                progress=self.progress,
-            )
+            teacher = partial(self.models.teacher_for_labels, h.teacher)
+            train = self.split("train")
+            return build_teacher_labels(teacher, train, folder, identity=identity, progress=self.progress, **labels)
 
-        settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(h.teacher)}
-        settings.update(decoding=asdict(h.decoding), num_candidates=h.num_candidates, selection=h.selection)
-        settings.update(seed=self.cfg.seed, shard_size=h.shard_size)
+        settings = {"data": self.keys["data"], "teacher": identity, **labels}
         return self._stage("teacher_labels", settings, fn, inputs=("data", *teacher_stage(h.teacher)))
+
+    def label_data(self, tokenizer: Any) -> tuple[list[dict], None]:
+        """Training data of sequence-level KD: the teacher's labels (a seeded share of references mixed in)."""
+        from distillmt.teacher_labels import read_label_pairs
+
+        h, shards = self.cfg.hard_kd, self.run.result("teacher_labels")["shards"]
+        labels = read_label_pairs(self.run.root / "teacher_labels", shards, h.mix_references, seed=self.cfg.seed)
+        return self.models.encode(tokenizer, labels), None
 
     def stage_train_hlkd(self) -> dict[str, Any]:
         """HLKD: a fresh student trained with CE on the teacher's labels (sequence-level KD)."""
-        from distillmt.teacher_labels import read_label_pairs
+        extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
+        return self._train_stage("train_hlkd", extra, self.label_data, ("teacher_labels",))
 
-        h = self.cfg.hard_kd
+    def stage_train_hlkd_slkd(self) -> dict[str, Any]:
+        """HLKD+SLKD (sequence- plus word-level KD, Kim & Rush 2016): a fresh student trained on the teacher's labels
+        with the soft-label objective. The teacher runs live: a logit cache holds the references' positions."""
+        s = self.cfg.soft_kd
 
-        def pairs(tokenizer: Any) -> tuple[list[dict], None]:
-            shards = self.run.result("teacher_labels")["shards"]
-            labelled = read_label_pairs(
-                self.run.root / "teacher_labels", shards, mix_references=h.mix_references, seed=self.cfg.seed
-            )
-            return self.models.encode(tokenizer, labelled), None
+        def data(tokenizer: Any) -> tuple[list[dict], Any]:
+            examples, _ = self.label_data(tokenizer)
+            return examples, self.models.kd_settings(tokenizer, examples, use_cache=False)
 
-        extra = {"labels": self.keys["teacher_labels"], "mix_references": h.mix_references}
-        return self._train_stage("train_hlkd", extra, pairs, ("teacher_labels",))
+        extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
+        extra.update(kd=asdict(s), teacher=self.models.teacher_identity(s.teacher))
+        return self._train_stage("train_hlkd_slkd", extra, data, ("teacher_labels", *teacher_stage(s.teacher)))
 
     def stage_teacher_cache(self) -> dict[str, Any]:
         """Soft-label KD data: the teacher's top-k log-probs per target token, so SLKD trains without the teacher."""
@@ -442,8 +447,9 @@ class Experiment:
             self.stage_train_teacher()
         if "train_student" in needed:
             self.stage_train_student()
-        if "train_hlkd" in needed:
+        if needed & {"train_hlkd", "train_hlkd_slkd"}:
             self.stage_teacher_labels()
+        if "train_hlkd" in needed:
             self.stage_train_hlkd()
         if "train_slkd" in needed and cfg.soft_kd.cache:
             self.stage_teacher_cache()
@@ -451,6 +457,8 @@ class Experiment:
             self.stage_train_slkd()
         if "train_gkd" in needed:
             self.stage_train_gkd()
+        if "train_hlkd_slkd" in needed:
+            self.stage_train_hlkd_slkd()
         rows = {}
         for name in cfg.systems:
             translation, scores = self.stage_translate(name), self.stage_evaluate(name)
@@ -484,7 +492,7 @@ def needed_stages(cfg: ExperimentConfig) -> set[str]:
     that learns from it."""
     rows = [systems.get(name) for name in cfg.systems]
     needed = {s.trained_stage(cfg.teacher.model == "scratch") for s in rows} - {None}
-    if any(s.teacher_from and getattr(cfg, s.teacher_from).teacher == "finetuned" for s in rows):
+    if any(getattr(cfg, section).teacher == "finetuned" for s in rows for section in s.teacher_from):
         needed.add("train_teacher")
     return needed
 

@@ -477,7 +477,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 def _stage_divergence(report: dict[str, Any], stage: str) -> str | None:
     """The divergence D a soft-label KD stage trained with, from the report's config (None when unknown)."""
     system = next((s for s in systems.TABLE if s.stage == stage), None)
-    if system is None or system.teacher_from != "soft_kd":
+    if system is None or "soft_kd" not in system.teacher_from:
         return None
     return ((report.get("config") or {}).get("soft_kd") or {}).get("divergence")
 
@@ -580,6 +580,12 @@ def describe_system(cfg: ExperimentConfig, name: str) -> str:
         )
     if name == "GKD":
         return f"on-policy lambda={cfg.gkd.lmbda}, {cfg.soft_kd.divergence}, T={cfg.soft_kd.temperature}"
+    if name == "HLKD+SLKD":
+        s = cfg.soft_kd
+        return (
+            f"labels from the {cfg.hard_kd.teacher} teacher (as HLKD), trained with "
+            f"{s.alpha}*CE+{1 - s.alpha:g}*T^2*{s.divergence} against the live {s.teacher} teacher, T={s.temperature}"
+        )
     system = systems.get(name)
     m = getattr(cfg, system.side)
     if cfg.teacher.model == "scratch":  # the config allows both sides scratch or neither

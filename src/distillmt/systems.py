@@ -19,7 +19,7 @@ class System:
         False  # the base model itself: zero-shot when pretrained, trained on references when built from scratch
     )
     pretrained_only: bool = False  # a fine-tuned copy of a pretrained model; meaningless for models built from scratch
-    teacher_from: str | None = None  # config section whose `teacher` setting (finetuned | base) picks its teacher
+    teacher_from: tuple[str, ...] = ()  # config sections whose `teacher` setting (finetuned | base) picks a teacher
 
     def trained_stage(self, scratch: bool) -> str | None:
         """The stage whose model this row scores, or None for a pretrained base model used zero-shot."""
@@ -31,9 +31,11 @@ TABLE: tuple[System, ...] = (
     System("STUDENT", "student", "train_student", base=True),
     System("TEACHER_PEFT", "teacher", "train_teacher", pretrained_only=True),
     System("STUDENT_PEFT", "student", "train_student", pretrained_only=True),
-    System("HLKD", "student", "train_hlkd", teacher_from="hard_kd"),
-    System("SLKD", "student", "train_slkd", teacher_from="soft_kd"),
-    System("GKD", "student", "train_gkd", teacher_from="soft_kd"),
+    System("HLKD", "student", "train_hlkd", teacher_from=("hard_kd",)),
+    System("SLKD", "student", "train_slkd", teacher_from=("soft_kd",)),
+    System("GKD", "student", "train_gkd", teacher_from=("soft_kd",)),
+    # sequence-level + word-level KD (Kim & Rush 2016): soft-label KD on the teacher's labels
+    System("HLKD+SLKD", "student", "train_hlkd_slkd", teacher_from=("hard_kd", "soft_kd")),
 )
 BY_NAME: dict[str, System] = {s.name: s for s in TABLE}
 NAMES: list[str] = [s.name for s in TABLE]

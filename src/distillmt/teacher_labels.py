@@ -96,7 +96,7 @@ def build_teacher_labels(
     return {"shards": shards, "generated_tokens": generated, "generation_seconds": seconds}
 
 
-def read_label_pairs(out_dir: str | Path, shards: list[str], *, mix_references: float, seed: int) -> list[Pair]:
+def read_label_pairs(out_dir: str | Path, shards: list[str], mix_references: float, *, seed: int) -> list[Pair]:
     """The training pairs of sequence-level KD: each source with its teacher label, or with its human reference for
     a seeded random ``mix_references`` share of them."""
     rows = []
