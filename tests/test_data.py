@@ -261,3 +261,21 @@ def test_hf_rows_top_level_and_translation_dict(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert load_pairs("hf", path="x/y")[0] == [Pair("Hi.", "嗨。"), Pair("Yes.", "是。")]
     assert load_pairs("hf", path="x/y:cfg")[0] == [Pair("No.", "不。")]
+
+
+def test_unused_sources_share_nothing_with_any_split():
+    from distillmt.data import unused_sources
+
+    pairs = [Pair(f"s{i}", f"t{i}") for i in range(60)]
+    pairs += [Pair("s1", "t-other"), Pair("s-other", "t2"), Pair("s50", "t50b")]  # groups that span two pairs
+    sizes = {"train_size": 20, "valid_size": 5, "test_size": 5}
+    splits = split_pairs(pairs, **sizes, seed=3)
+    extra = unused_sources(pairs, **sizes, seed=3)
+    used_src = {p.src for split in splits.values() for p in split}
+    used_tgt = {p.tgt for split in splits.values() for p in split}
+    by_src = {p.src: p for p in pairs}
+    assert extra and len(extra) == len(set(extra))
+    assert not set(extra) & used_src
+    assert not {by_src[s].tgt for s in extra} & used_tgt  # no target shared either (the whole group is unused)
+    assert extra == unused_sources(pairs, **sizes, seed=3)  # deterministic, like the split
+    assert unused_sources(pairs, **{**sizes, "train_size": 0}, seed=3) == []  # train takes everything left

@@ -227,3 +227,30 @@ def test_combined_sequence_and_word_level_kd_row(tmp_path):
     assert any("forward_kl" in r for r in logs)  # only the live teacher gives the true forward KL
     assert report["stages"]["teacher_labels"]["skipped"] is False and "teacher_labels" in report["stages"]
     assert (root / "translate_HLKD+SLKD" / "translations.jsonl").exists()
+
+
+def test_extra_sources_are_labelled_by_the_teacher_and_trained_on(tmp_path):
+    from distillmt.teacher_labels import read_label_pairs
+
+    sources = tmp_path / "extra.txt"
+    sources.write_text("One more sentence.\n\nAnother one.\nA third.\n", encoding="utf-8")
+    cfg = micro_cfg(tmp_path, "systems=[STUDENT,HLKD]", "hard_kd.extra_sources=12", "hard_kd.mix_references=1.0")
+    run_experiment(cfg, progress=False)
+    labels = tmp_path / "micro" / "teacher_labels"
+    rows = [r for p in sorted(labels.glob("shard-*.jsonl")) for r in read_jsonl(p)]
+    assert len(rows) == 40 + 12 and sum(r["ref"] is None for r in rows) == 12
+    split_text = {t for p in (tmp_path / "micro" / "data").glob("*.jsonl") for r in read_jsonl(p) for t in r.values()}
+    assert not {r["src"] for r in rows[40:]} & split_text  # never a sentence of any split
+    shards = read_json(labels / "stage.json")["result"]["shards"]
+    pairs = read_label_pairs(labels, shards, 1.0, seed=0)
+    assert [p.tgt for p in pairs[:40]] == [r["ref"] for r in rows[:40]]  # references kept where there are some
+    assert [p.tgt for p in pairs[40:]] == [r["label"] for r in rows[40:]]  # teacher labels for the extra sources
+
+    from_file = run_experiment(
+        micro_cfg(tmp_path, "systems=[STUDENT,HLKD]", f"hard_kd.extra_sources_file={sources}"), progress=False
+    )
+    assert not from_file["stages"]["teacher_labels"]["skipped"]
+    rows = [r for p in sorted(labels.glob("shard-*.jsonl")) for r in read_jsonl(p)]
+    assert [r["src"] for r in rows[40:]] == ["One more sentence.", "Another one.", "A third."]
+    with pytest.raises(DistillmtError, match="hard_kd.extra_sources_file': file not found"):
+        run_experiment(micro_cfg(tmp_path, "hard_kd.extra_sources_file=/nonexistent.txt"), progress=False)

@@ -153,6 +153,17 @@ class HardKDConfig:
     )
     decoding: GenerateConfig = _f(GenerateConfig, "decoding settings for the labels")
     shard_size: int = _f(256, "sources per label shard (the resume unit)", range=(1, None))
+    extra_sources: int = _f(
+        0,
+        "extra source sentences the teacher also translates for HLKD (no references needed): taken from the corpus "
+        "pairs left out of every split, never sharing a source or target with a split; 0 = none",
+        range=(0, None),
+    )
+    extra_sources_file: str | None = _f(
+        None,
+        "instead of the corpus: a plain text file of source sentences, one per line (with extra_sources > 0 "
+        "its first N)",
+    )
 
 
 @dataclass

@@ -309,6 +309,36 @@ def _groups(pairs: list[Pair]) -> list[list[Pair]]:
     return list(by_root.values())
 
 
+def _deal(
+    pairs: list[Pair], *, train_size: int, valid_size: int, test_size: int, seed: int
+) -> tuple[dict[str, list[Pair]], int, list[list[Pair]], list[list[Pair]]]:
+    """Deal the seeded-shuffled groups to test, valid, train: (splits, pairs cut at split boundaries, all groups,
+    the groups dealt to no split)."""
+    groups = _groups(pairs)
+    random.Random(seed).shuffle(groups)
+    out: dict[str, list[Pair]] = {"train": [], "valid": [], "test": []}
+    it = iter(groups)
+    dropped = 0
+    for name, size in (("test", test_size), ("valid", valid_size), ("train", train_size or len(pairs))):
+        split = out[name]
+        while len(split) < size:
+            group = next(it, None)
+            if group is None:
+                break
+            split.extend(group)
+        dropped += max(0, len(split) - size)
+        del split[size:]
+    return out, dropped, groups, list(it)
+
+
+def unused_sources(pairs: list[Pair], *, train_size: int, valid_size: int, test_size: int, seed: int) -> list[str]:
+    """Source sentences of the corpus that :func:`split_pairs` with the same arguments puts in no split, in its
+    seeded order: whole groups never dealt, so none shares a source or a target with a test, validation or training
+    pair (a group cut at a split boundary is left out entirely). For sequence-level KD on extra source text."""
+    *_, rest = _deal(pairs, train_size=train_size, valid_size=valid_size, test_size=test_size, seed=seed)
+    return list(dict.fromkeys(p.src for group in rest for p in group))
+
+
 def split_pairs(
     pairs: list[Pair], *, train_size: int, valid_size: int, test_size: int, seed: int
 ) -> dict[str, list[Pair]]:
@@ -326,21 +356,7 @@ def split_pairs(
         raise DistillmtError(
             f"not enough pairs to split: {len(pairs)} available, test_size + valid_size = {test_size + valid_size}"
         )
-    groups = _groups(pairs)
-    random.Random(seed).shuffle(groups)
-
-    out: dict[str, list[Pair]] = {"train": [], "valid": [], "test": []}
-    it = iter(groups)
-    dropped = 0
-    for name, size in (("test", test_size), ("valid", valid_size), ("train", train_size or len(pairs))):
-        split = out[name]
-        while len(split) < size:
-            group = next(it, None)
-            if group is None:
-                break
-            split.extend(group)
-        dropped += max(0, len(split) - size)
-        del split[size:]
+    out, dropped, groups, _ = _deal(pairs, train_size=train_size, valid_size=valid_size, test_size=test_size, seed=seed)
     for name, size in (("test", test_size), ("valid", valid_size)):
         if len(out[name]) < size:
             raise DistillmtError(

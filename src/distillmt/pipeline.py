@@ -280,10 +280,12 @@ class Experiment:
 
         def fn(folder: Path) -> dict[str, Any]:
             teacher = partial(self.models.teacher_for_labels, h.teacher)
-            train = self.split("train")
-            return build_teacher_labels(teacher, train, folder, identity=identity, progress=self.progress, **labels)
+            sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
+            return build_teacher_labels(teacher, sources, folder, identity=identity, progress=self.progress, **labels)
 
         settings = {"data": self.keys["data"], "teacher": identity, **labels}
+        if h.extra_sources or h.extra_sources_file:  # (absent otherwise: the key of a run without them is unchanged)
+            settings["extra_sources"] = {"n": h.extra_sources, "file": _sha256(h.extra_sources_file)}
         return self._stage("teacher_labels", settings, fn, inputs=("data", *teacher_stage(h.teacher)))
 
     def label_data(self, tokenizer: Any) -> tuple[list[dict], None]:
@@ -480,6 +482,9 @@ def preflight(cfg: ExperimentConfig) -> None:
     d = cfg.data
     if d.source in ("jsonl", "tsv") and not (d.path and Path(d.path).is_file()):
         raise DistillmtError(f"config key 'data.path': file not found: {d.path} (data.source={d.source})")
+    extra = cfg.hard_kd.extra_sources_file
+    if extra and not Path(extra).is_file():
+        raise DistillmtError(f"config key 'hard_kd.extra_sources_file': file not found: {extra}")
     if cfg.eval.bertscore:
         check_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layer)
     if cfg.teacher.model != "scratch":
@@ -505,6 +510,32 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def _sha256(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def extra_label_sources(cfg: ExperimentConfig) -> list[str]:
+    """The extra source sentences of sequence-level KD (``hard_kd.extra_sources``): the first N lines of
+    ``extra_sources_file``, or the first N corpus sources that the data split leaves out of every split."""
+    h, d = cfg.hard_kd, cfg.data
+    if h.extra_sources_file:
+        lines = Path(h.extra_sources_file).read_text(encoding="utf-8").splitlines()
+        sources = [data_mod.normalize(line) for line in lines if line.strip()]
+        return sources[: h.extra_sources] if h.extra_sources else sources
+    if not h.extra_sources:
+        return []
+    fields = ("path", "src_field", "tgt_field", "hf_split", "max_chars", "simplified")
+    pairs, _ = data_mod.load_pairs(d.source, **{k: getattr(d, k) for k in fields})
+    sizes = {"train_size": d.train_size, "valid_size": d.valid_size, "test_size": d.test_size}
+    unused = data_mod.unused_sources(pairs, **sizes, seed=cfg.seed)
+    if len(unused) < h.extra_sources:
+        raise DistillmtError(
+            f"hard_kd.extra_sources = {h.extra_sources}, but the corpus has only {len(unused)} sources left out of "
+            "every split; lower it, lower data.train_size, or give hard_kd.extra_sources_file"
+        )
+    return unused[: h.extra_sources]
 
 
 def teacher_stage(which: str) -> tuple[str, ...]:

@@ -89,7 +89,7 @@ def build_teacher_labels(
         generated += res.generated_tokens
         seconds += res.seconds
         rows = [
-            {"src": p.src, "ref": p.tgt, "label": hyp, "candidates": c}
+            {"src": p.src, "ref": p.tgt or None, "label": hyp, "candidates": c}
             for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True)
         ]
         write_jsonl(path, rows)
@@ -98,12 +98,12 @@ def build_teacher_labels(
 
 def read_label_pairs(out_dir: str | Path, shards: list[str], mix_references: float, *, seed: int) -> list[Pair]:
     """The training pairs of sequence-level KD: each source with its teacher label, or with its human reference for
-    a seeded random ``mix_references`` share of them."""
+    a seeded random ``mix_references`` share of the sources that have one (extra sources have none)."""
     rows = []
     for name in shards:
         rows.extend(read_jsonl(Path(out_dir) / name))
-    rng = random.Random(seed)
-    keep_ref = set(rng.sample(range(len(rows)), int(round(mix_references * len(rows)))))
+    with_ref = [i for i, r in enumerate(rows) if r.get("ref") is not None]
+    keep_ref = set(random.Random(seed).sample(with_ref, int(round(mix_references * len(with_ref)))))
     pairs = [Pair(r["src"], r["ref"] if i in keep_ref else r["label"]) for i, r in enumerate(rows)]
     empty = sum(1 for p in pairs if not p.tgt.strip())
     if empty:  # kept: sequence-level KD trains on what the teacher says, even when it says nothing
