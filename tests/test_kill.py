@@ -1,0 +1,68 @@
+"""kill -9 in the middle of a stage: the rerun resumes from the last checkpoint or shard, finished stages do not run
+again, and the results equal those of an uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_pipeline import MICRO
+
+from distillmt.io import read_json
+
+SYSTEMS = "systems=[TEACHER,STUDENT,HLKD]"
+
+
+def run(out: Path, *extra: str, kill_when: Path | str | None = None) -> subprocess.CompletedProcess | None:
+    """`distillmt run` on the micro experiment in a child process; with ``kill_when`` (a path or a glob under the
+    run folder), SIGKILL it as soon as that appears."""
+    args = [sys.executable, "-m", "distillmt.cli", "run", "--no-progress", *MICRO, SYSTEMS, *extra]
+    args += [f"output_dir={out}", "name=micro", "threads=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if kill_when is None:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((out / "micro").glob(str(kill_when))):
+        assert proc.poll() is None, "the run ended before the point where it was to be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def scores(out: Path) -> dict:
+    report = read_json(out / "micro" / "results.json")
+    return {name: {k: v["score"] for k, v in row["scores"].items() if isinstance(v, dict)} for name, row in
+            report["systems"].items()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run(out)
+    return scores(out)
+
+
+@pytest.mark.parametrize(
+    "stage,kill_when,extra",
+    [
+        ("train_teacher", "train_teacher/checkpoints/step-0000002", ["train_teacher.save_every=1"]),
+        ("teacher_labels", "teacher_labels/shard-00000-*.jsonl", []),
+    ],
+)
+def test_kill_9_mid_stage_then_rerun_equals_uninterrupted(tmp_path, uninterrupted, stage, kill_when, extra):
+    run(tmp_path, *extra, kill_when=kill_when)
+    root = tmp_path / "micro"
+    assert not (root / stage / "stage.json").exists()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/stage.json")}
+    done = run(tmp_path, *extra)
+    assert f"stage {stage}" in done.stderr and "resuming" in done.stderr.split(f"stage {stage}")[1].splitlines()[0]
+    assert {name: (root / name / "stage.json").stat().st_mtime_ns for name in finished} == finished
+    assert scores(tmp_path) == uninterrupted
