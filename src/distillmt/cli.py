@@ -133,6 +133,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from distillmt.export import export_system, folder_size
+
+    out = export_system(args.run_dir, args.system, args.output, fmt=args.format, quantization=args.quantization)
+    print(f"{args.system} ({args.format}) -> {out} ({folder_size(out) / 1e6:.1f} MB); README.md says how to load it")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from distillmt.pipeline import Experiment, preflight
 
@@ -209,7 +217,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before a model is loaded (and before the heavy imports).
     _check_input_file(args.input, "--input")
     _check_output_file(args.output, "--output")
-    from distillmt.generate import translate
+    from distillmt.export import exported_format
+    from distillmt.generate import translate, translate_ct2
     from distillmt.io import write_jsonl
     from distillmt.models import check_adapter_dir, load_model, load_tokenizer, pick_device, pick_dtype
 
@@ -219,24 +228,21 @@ def cmd_translate(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
     except DistillmtError as e:
         raise DistillmtError(f"--device: {e}") from None
+    ct2 = exported_format(args.model) == "ct2" if Path(args.model).is_dir() else False
+    if ct2 and args.adapter is not None:
+        raise DistillmtError("--adapter does not apply to a CTranslate2 model (its export merged the adapter)")
     rows = _read_sources(args.input)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    dtype = pick_dtype(args.dtype, device, scratch=False)
-    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, merge=True)
-    res = translate(
-        model,
-        tokenizer,
-        [r["src"] for r in rows],
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    decoding = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    decoding.update(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    decoding.update(seed=args.seed, progress=not args.no_progress)
+    sources = [r["src"] for r in rows]
+    if ct2:
+        res = translate_ct2(args.model, tokenizer, sources, device=device.type, **decoding)
+    else:
+        dtype = pick_dtype(args.dtype, device, scratch=False)
+        model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, merge=True)
+        res = translate(model, tokenizer, sources, **decoding)
     out = [{"src": r["src"], "ref": r["ref"], "hyp": h} for r, h in zip(rows, res.hypotheses, strict=True)]
     if args.output:
         write_jsonl(args.output, out)
@@ -532,6 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_translate_parser(sub)
     _add_evaluate_parser(sub)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a results row's model as a standalone translator folder (Hugging Face or CTranslate2)",
+        description="Write the model of one row of a finished run (LoRA merged) with its tokenizer, chat template and "
+        "a README with its scores, as a Hugging Face folder or a CTranslate2 one (pip install 'distillmt[ct2]'). "
+        "`distillmt translate --model DIR` accepts both.",
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (what `distillmt run` wrote)")
+    ex.add_argument("--system", required=True, help="the row to export, e.g. SLKD")
+    ex.add_argument("--format", default="hf", choices=["hf", "ct2"])
+    ex.add_argument("--quantization", help="ct2 only: int8 (default), int8_float32, float32, float16, ...")
+    ex.add_argument("--output", "-o", required=True, help="the folder to create (must not exist or be empty)")
+    ex.set_defaults(fn=cmd_export)
 
     m = sub.add_parser(
         "models",

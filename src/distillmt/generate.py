@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from distillmt.errors import DistillmtError
 from distillmt.prompts import build_prompt, end_token_id, strip_output
 
 
@@ -146,3 +147,58 @@ def _sequence_scores(model: Any, out: Any, num_beams: int) -> torch.Tensor:
     valid = torch.isfinite(trans)
     length = valid.sum(dim=1).clamp(min=1)
     return torch.where(valid, trans, torch.zeros_like(trans)).sum(dim=1) / length
+
+
+def translate_ct2(
+    model_dir: str,
+    tokenizer: Any,
+    sources: list[str],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "translate (ct2)",
+) -> TranslationResult:
+    """:func:`translate` with a CTranslate2 model folder (``distillmt export --format ct2``): the same prompts, stop
+    tokens and output cleaning, CTranslate2's own batching; one candidate per source."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise DistillmtError(f"{model_dir} is a CTranslate2 model: pip install 'distillmt[ct2]'") from None
+
+    generator = ctranslate2.Generator(str(model_dir), device=device)
+    ctranslate2.set_random_seed(seed)
+    stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
+    prompts = [
+        tokenizer.convert_ids_to_tokens(tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"])
+        for s in sources
+    ]
+    options = {"max_length": max_new_tokens, "beam_size": num_beams, "length_penalty": length_penalty}
+    if do_sample:
+        options.update(sampling_temperature=temperature, sampling_topk=top_k or 0, sampling_topp=top_p)
+    hyps, generated = [], 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(sources), desc=desc, unit="sent", disable=not progress, leave=False)
+    for b in range(0, len(prompts), batch_size):
+        results = generator.generate_batch(
+            prompts[b : b + batch_size],
+            max_batch_size=batch_size,
+            include_prompt_in_result=False,
+            end_token=[tokenizer.convert_ids_to_tokens(i) for i in stop],
+            **options,
+        )
+        for r in results:
+            ids = r.sequences_ids[0]
+            generated += len(ids) + (len(ids) < max_new_tokens)  # the stop token counts, as in translate()
+            hyps.append(strip_output(tokenizer.decode(ids, skip_special_tokens=True)))
+        bar.update(len(results))
+    bar.close()
+    return TranslationResult(hyps, [[h] for h in hyps], generated, time.perf_counter() - start)
