@@ -66,3 +66,44 @@ def test_export_refuses_what_it_cannot_do(run_dir, tmp_path):
     with pytest.raises(DistillmtError, match="--quantization applies to --format ct2 only"):
         export_system(run_dir, "HLKD", tmp_path / "z", quantization="int8")
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_ct2_engine_in_the_pipeline_translates_and_labels(tmp_path):
+    """generate.engine=ct2 converts each model once into its stage folder and decodes with CTranslate2; at float32 the
+    outputs match transformers' (the reference) but for rounding-level ties. The engine is recorded per row."""
+    pytest.importorskip("ctranslate2")
+    ref = run_experiment(micro_cfg(tmp_path, "systems=[STUDENT,HLKD]", "name=hf"), progress=False)
+    ct2 = run_experiment(
+        micro_cfg(
+            tmp_path,
+            "systems=[STUDENT,HLKD]",
+            "name=ct2",
+            "generate.engine=ct2",
+            "generate.quantization=float32",
+            "hard_kd.decoding.engine=ct2",
+            "hard_kd.decoding.quantization=float32",
+        ),
+        progress=False,
+    )
+    assert ct2["systems"]["STUDENT"]["translation"]["engine"] == "ct2 float32"
+    assert ref["systems"]["STUDENT"]["translation"]["engine"] == "hf float32"
+    root = tmp_path / "ct2"
+    assert (root / "translate_STUDENT" / "ct2-model" / "model.bin").exists()
+    assert (root / "teacher_labels" / "ct2-model" / "model.bin").exists()
+    for name in ("translate_STUDENT", "teacher_labels"):
+        files = sorted((tmp_path / "hf" / name).glob("*.jsonl")), sorted(root.glob(f"{name}/*.jsonl"))
+        a = [r.get("hyp", r.get("label")) for f in files[0] for r in read_jsonl(f)]
+        b = [r.get("hyp", r.get("label")) for f in files[1] for r in read_jsonl(f)]
+        assert len(a) == len(b) and sum(x == y for x, y in zip(a, b, strict=True)) >= len(a) - 2, name
+
+
+def test_engine_settings_key_a_stage_only_off_the_default():
+    from dataclasses import replace
+
+    from distillmt.config import GenerateConfig, generation_settings
+
+    assert "engine" not in generation_settings(GenerateConfig())  # stage keys of earlier runs stay valid
+    ct2 = generation_settings(replace(GenerateConfig(), engine="ct2"))
+    assert ct2["engine"] == "ct2" and ct2["quantization"] == "int8"
+    with pytest.raises(DistillmtError, match="engine=ct2 gives one label per source"):
+        micro_cfg(__import__("pathlib").Path("/tmp"), "hard_kd.decoding.engine=ct2", "hard_kd.num_candidates=2")

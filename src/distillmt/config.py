@@ -119,6 +119,26 @@ class GenerateConfig:
     )
     top_k: int = _f(0, "sampling top-k (0 = off)", range=(0, None))
     top_p: float = _f(1.0, "sampling nucleus (1 = off)", range=(1e-6, 1.0))
+    engine: str = _f(
+        "hf",
+        "hf (transformers generate, the reference) | ct2 (CTranslate2: the model is converted once per stage; "
+        "pip install 'distillmt[ct2]')",
+        choices=["hf", "ct2"],
+    )
+    quantization: str = _f(
+        "int8",
+        "ct2 only: weights of the converted model",
+        choices=["float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16"],
+    )
+
+
+def generation_settings(g: GenerateConfig) -> dict[str, Any]:
+    """The decoding settings that key a stage. The engine settings count only off the default engine, so stages made
+    before they existed (all with transformers) keep their keys."""
+    settings = dataclasses.asdict(g)
+    if g.engine == "hf":
+        del settings["engine"], settings["quantization"]
+    return settings
 
 
 @dataclass
@@ -428,6 +448,8 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
             f"config key 'eval.baseline' = {cfg.eval.baseline!r} is not a row of the table; choose one of: "
             + ", ".join(["auto", "none", *cfg.systems])
         )
+    if cfg.hard_kd.decoding.engine == "ct2" and cfg.hard_kd.num_candidates > 1:
+        raise DistillmtError("hard_kd.decoding.engine=ct2 gives one label per source: set hard_kd.num_candidates=1")
     if cfg.hard_kd.selection == "mbr" and cfg.hard_kd.num_candidates < 2:
         raise DistillmtError("hard_kd.selection=mbr needs hard_kd.num_candidates >= 2")
 

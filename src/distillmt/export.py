@@ -119,7 +119,7 @@ def export_system(
         raise DistillmtError(f"{run_dir / stage} is not finished: run the experiment to the end first")
     if fmt == "ct2":
         try:
-            import ctranslate2.converters
+            import ctranslate2  # noqa: F401
         except ImportError:
             raise DistillmtError("--format ct2 needs CTranslate2: pip install 'distillmt[ct2]'") from None
     results = run_dir / "results.json"
@@ -129,13 +129,13 @@ def export_system(
     tokenizer, model = models.tokenizer(), models.load_system(systems.get(system))
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_dir = tmp if fmt == "hf" else tmp.parent / f".{out_dir.name}.export-hf"
-    shutil.rmtree(hf_dir, ignore_errors=True)
     try:
-        model.save_pretrained(str(hf_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(hf_dir))
         if fmt == "ct2":
-            ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(tmp), quantization=quantization)
+            from distillmt.generate import convert_to_ct2
+
+            convert_to_ct2(model, tokenizer, tmp, quantization)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
         marker = {"format": fmt, "quantization": quantization, "system": system, "run": str(run_dir.resolve())}
         marker.update(model=getattr(cfg, systems.get(system).side).model, scores=(row or {}).get("scores"))
@@ -147,8 +147,6 @@ def export_system(
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if fmt == "ct2":
-            shutil.rmtree(hf_dir, ignore_errors=True)
     return out_dir
 
 

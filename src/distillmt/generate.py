@@ -6,8 +6,10 @@ by the model's own length-normalised log-probability or by MBR with chrF between
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -202,3 +204,44 @@ def translate_ct2(
         bar.update(len(results))
     bar.close()
     return TranslationResult(hyps, [[h] for h in hyps], generated, time.perf_counter() - start)
+
+
+def convert_to_ct2(model: Any, tokenizer: Any, out_dir: str | Path, quantization: str) -> Path:
+    """Save ``model`` (a Hugging Face causal LM, LoRA merged) and convert it to a CTranslate2 folder ``out_dir``
+    with the tokenizer beside it; written beside the target and renamed into place when complete."""
+    try:
+        import ctranslate2.converters
+    except ImportError:
+        raise DistillmtError("the ct2 engine and format need CTranslate2: pip install 'distillmt[ct2]'") from None
+    out_dir = Path(out_dir)
+    hf_dir, tmp = out_dir.parent / f".{out_dir.name}.hf", out_dir.parent / f".{out_dir.name}.tmp"
+    for folder in (hf_dir, tmp):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        model.save_pretrained(str(hf_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(hf_dir))
+        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(tmp), quantization=quantization)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def translate_with_engine(
+    model: Any, tokenizer: Any, sources: list[str], *, engine: str, quantization: str, work_dir: str | Path, **decoding
+) -> tuple[TranslationResult, str]:
+    """Translate with transformers (``hf``, the reference) or CTranslate2 (``ct2``: ``model`` is converted once into
+    ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard). Returns the result and the engine with
+    its precision (``hf float32``, ``ct2 int8``). CTranslate2 gives one candidate per source."""
+    if engine == "hf":
+        return translate(model, tokenizer, sources, **decoding), f"hf {str(next(model.parameters()).dtype)[6:]}"
+    ct2_dir = Path(work_dir) / "ct2-model"
+    if not (ct2_dir / "model.bin").is_file():
+        convert_to_ct2(model, tokenizer, ct2_dir, quantization)
+    for key in ("num_return_sequences", "selection"):
+        decoding.pop(key, None)
+    device = next(model.parameters()).device.type
+    return translate_ct2(str(ct2_dir), tokenizer, sources, device=device, **decoding), f"ct2 {quantization}"

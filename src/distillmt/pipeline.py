@@ -28,7 +28,7 @@ import torch
 
 from distillmt import data as data_mod
 from distillmt import systems
-from distillmt.config import ExperimentConfig, GKDConfig, ModelConfig, TrainConfig, to_dict
+from distillmt.config import ExperimentConfig, GKDConfig, ModelConfig, TrainConfig, generation_settings, to_dict
 from distillmt.errors import DistillmtError
 from distillmt.io import read_jsonl, write_json, write_jsonl
 from distillmt.stages import RunFolder, stage_key
@@ -179,8 +179,7 @@ class Experiment:
         from distillmt.models import pick_device
 
         torch.set_num_threads(cfg.threads or available_cores())
-        self.cfg = cfg
-        self.progress = progress
+        self.cfg, self.progress = cfg, progress
         self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store)
         self.device = pick_device(cfg.device)
         self.scratch = cfg.teacher.model == "scratch"
@@ -211,8 +210,7 @@ class Experiment:
 
         def run(folder: Path) -> dict[str, Any]:
             tokenizer = self.models.tokenizer()
-            model = self.models.new_trainable(m, tokenizer)
-            examples, kd = data(tokenizer)
+            model, (examples, kd) = self.models.new_trainable(m, tokenizer), data(tokenizer)
             self.models.seed()
             valid = self.models.encode(tokenizer, self.split("valid"))
             args = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
@@ -274,7 +272,8 @@ class Experiment:
         from distillmt.teacher_labels import build_teacher_labels
 
         h = self.cfg.hard_kd
-        labels = {"decoding": asdict(h.decoding), "num_candidates": h.num_candidates, "selection": h.selection}
+        labels = {"decoding": generation_settings(h.decoding), "num_candidates": h.num_candidates}
+        labels["selection"] = h.selection
         labels.update(seed=self.cfg.seed, shard_size=h.shard_size)
         identity = self.models.teacher_identity(h.teacher)
 
@@ -363,7 +362,7 @@ class Experiment:
         return self._train_stage("train_gkd", extra, partial(self.kd_data, on_policy=self.cfg.gkd), inputs)
 
     def stage_translate(self, name: str) -> dict[str, Any]:
-        from distillmt.generate import translate
+        from distillmt.generate import translate_with_engine
         from distillmt.models import count_parameters
 
         system = systems.get(name)
@@ -372,16 +371,17 @@ class Experiment:
         def fn(folder: Path) -> dict[str, Any]:
             tokenizer, model, test = self.models.tokenizer(), self.models.load_system(system), self.split("test")
             self.models.seed()
-            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}"}
-            res = translate(model, tokenizer, [p.src for p in test], **asdict(g), **run)
+            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", "work_dir": folder}
+            res, engine = translate_with_engine(model, tokenizer, [p.src for p in test], **asdict(g), **run)
             rows = [{"src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(test, res.hypotheses, strict=True)]
             write_jsonl(folder / "translations.jsonl", rows)
-            return {"parameters": count_parameters(model)["total"], **res.summary(), "device": str(self.device)}
+            info = {"parameters": count_parameters(model)["total"], **res.summary(), "device": str(self.device)}
+            return {**info, "engine": engine}
 
         stage = system.trained_stage(self.scratch)
         m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
-        settings = {"system": name, "model": source, "generate": asdict(g), "data": self.keys["data"]}
+        settings = {"system": name, "model": source, "generate": generation_settings(g), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
         return self._stage(f"translate_{name}", settings, fn, inputs=("data", "tokenizer", *([stage] if stage else [])))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillmt.data import Pair
-from distillmt.generate import translate
+from distillmt.generate import translate_with_engine
 from distillmt.io import read_jsonl, write_jsonl
 
 log = logging.getLogger("distillmt.teacher_labels")
@@ -61,9 +61,10 @@ def build_teacher_labels(
         "selection": selection,
         "seed": seed,
     }
-    decode = dict(decoding)
+    decode = {"engine": "hf", "quantization": "int8", **decoding}
     if not decode["do_sample"]:  # n-best from beam search: at least as many beams as candidates
         decode["num_beams"] = max(decode["num_beams"], num_candidates)
+    engines = set()
     model = tokenizer = None
     shards, generated, seconds = [], 0, 0.0
     n_shards = (len(pairs) + shard_size - 1) // shard_size
@@ -75,7 +76,7 @@ def build_teacher_labels(
             continue
         if model is None:
             model, tokenizer = load_teacher()
-        res = translate(
+        res, engine = translate_with_engine(
             model,
             tokenizer,
             [p.src for p in chunk],
@@ -85,7 +86,9 @@ def build_teacher_labels(
             seed=seed + i,
             progress=progress,
             desc=f"teacher labels {i + 1}/{n_shards}",
+            work_dir=out_dir,
         )
+        engines.add(engine)
         generated += res.generated_tokens
         seconds += res.seconds
         rows = [
@@ -93,7 +96,8 @@ def build_teacher_labels(
             for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True)
         ]
         write_jsonl(path, rows)
-    return {"shards": shards, "generated_tokens": generated, "generation_seconds": seconds}
+    result = {"shards": shards, "generated_tokens": generated, "generation_seconds": seconds}
+    return {**result, "engine": ", ".join(sorted(engines))} if engines else result
 
 
 def read_label_pairs(out_dir: str | Path, shards: list[str], mix_references: float, *, seed: int) -> list[Pair]:
