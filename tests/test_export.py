@@ -107,3 +107,65 @@ def test_engine_settings_key_a_stage_only_off_the_default():
     assert ct2["engine"] == "ct2" and ct2["quantization"] == "int8"
     with pytest.raises(DistillmtError, match="engine=ct2 gives one label per source"):
         micro_cfg(__import__("pathlib").Path("/tmp"), "hard_kd.decoding.engine=ct2", "hard_kd.num_candidates=2")
+
+
+class _FakeVllm:
+    """A stand-in for the vllm package (no GPU here): records what distillmt asks of it and echoes the prompt back
+    as a 'translation', so the prompt, stop tokens, sampling settings and output cleaning can be checked."""
+
+    calls: list = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            _FakeVllm.calls.append(("LLM", kwargs))
+
+        def generate(self, prompts, params, use_tqdm=True):
+            import types
+
+            _FakeVllm.calls.append(("generate", prompts, params.kwargs))
+            out = types.SimpleNamespace
+            return [out(outputs=[out(text=f" T:{len(p)}<|im_end|>", token_ids=[1, 2, 3])]) for p in prompts]
+
+
+def test_vllm_engine_with_a_stand_in(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from distillmt.generate import translate_with_engine
+    from distillmt.models import train_bpe_tokenizer
+
+    monkeypatch.setitem(sys.modules, "vllm", _FakeVllm)
+    _FakeVllm.calls = []
+    tok = train_bpe_tokenizer(["hello world", "你好世界"] * 20, 300, tmp_path / "tok")
+    from conftest import build_tiny_qwen
+
+    model = build_tiny_qwen(len(tok), pad_token_id=tok.pad_token_id).to(torch.bfloat16)
+    res, engine = translate_with_engine(
+        model, tok, ["Hello.", "World!"], engine="vllm", quantization="int8", work_dir=tmp_path / "stage",
+        max_new_tokens=7, num_beams=1, do_sample=False, num_return_sequences=1, selection="score", seed=3,
+    )  # fmt: skip
+    assert engine == "vllm bfloat16"
+    assert (tmp_path / "stage" / "vllm-model" / "config.json").exists()  # the model vLLM loads, saved once
+    (_, init), (_, prompts, params) = _FakeVllm.calls
+    assert init["model"] == str(tmp_path / "stage" / "vllm-model") and init["trust_remote_code"] is False
+    assert prompts[0].startswith("English: Hello.")
+    assert params["max_tokens"] == 7 and params["temperature"] == 0.0 and params["seed"] == 3
+    assert params["stop_token_ids"] == [tok.eos_token_id]
+    assert res.hypotheses == [f"T:{len(prompts[0])}", f"T:{len(prompts[1])}"] and res.generated_tokens == 6
+
+
+def test_engines_that_cannot_run_here_are_refused_before_any_stage(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine could run vLLM")
+    with pytest.raises(DistillmtError, match="engine' = vllm needs vLLM and a CUDA GPU"):
+        run_experiment(micro_cfg(tmp_path, "generate.engine=vllm"), progress=False)
+    assert not (tmp_path / "micro" / "data").exists()
+    with pytest.raises(DistillmtError, match="does not do beam search"):
+        micro_cfg(tmp_path, "hard_kd.decoding.engine=vllm", "hard_kd.decoding.num_beams=4")

@@ -122,8 +122,8 @@ class GenerateConfig:
     engine: str = _f(
         "hf",
         "hf (transformers generate, the reference) | ct2 (CTranslate2: the model is converted once per stage; "
-        "pip install 'distillmt[ct2]')",
-        choices=["hf", "ct2"],
+        "pip install 'distillmt[ct2]') | vllm (GPU only, greedy or sampling: pip install vllm)",
+        choices=["hf", "ct2", "vllm"],
     )
     quantization: str = _f(
         "int8",
@@ -448,8 +448,15 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
             f"config key 'eval.baseline' = {cfg.eval.baseline!r} is not a row of the table; choose one of: "
             + ", ".join(["auto", "none", *cfg.systems])
         )
-    if cfg.hard_kd.decoding.engine == "ct2" and cfg.hard_kd.num_candidates > 1:
-        raise DistillmtError("hard_kd.decoding.engine=ct2 gives one label per source: set hard_kd.num_candidates=1")
+    engine = cfg.hard_kd.decoding.engine
+    if engine != "hf" and cfg.hard_kd.num_candidates > 1:
+        raise DistillmtError(
+            f"hard_kd.decoding.engine={engine} gives one label per source: set hard_kd.num_candidates=1"
+        )
+    for section in ("generate", "hard_kd.decoding"):
+        g = cfg.generate if section == "generate" else cfg.hard_kd.decoding
+        if g.engine == "vllm" and g.num_beams > 1:
+            raise DistillmtError(f"{section}.engine=vllm does not do beam search: set {section}.num_beams=1")
     if cfg.hard_kd.selection == "mbr" and cfg.hard_kd.num_candidates < 2:
         raise DistillmtError("hard_kd.selection=mbr needs hard_kd.num_candidates >= 2")
 

@@ -233,15 +233,72 @@ def convert_to_ct2(model: Any, tokenizer: Any, out_dir: str | Path, quantization
 def translate_with_engine(
     model: Any, tokenizer: Any, sources: list[str], *, engine: str, quantization: str, work_dir: str | Path, **decoding
 ) -> tuple[TranslationResult, str]:
-    """Translate with transformers (``hf``, the reference) or CTranslate2 (``ct2``: ``model`` is converted once into
-    ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard). Returns the result and the engine with
-    its precision (``hf float32``, ``ct2 int8``). CTranslate2 gives one candidate per source."""
+    """Translate with transformers (``hf``, the reference), CTranslate2 (``ct2``: ``model`` is converted once into
+    ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard) or vLLM (``vllm``, GPU only: the
+    model, LoRA merged, is saved once into ``work_dir/vllm-model``). Returns the result and the engine with its
+    precision (``hf float32``, ``ct2 int8``, ``vllm bfloat16``). CTranslate2 and vLLM give one candidate per source."""
+    dtype = str(next(model.parameters()).dtype)[6:]
     if engine == "hf":
-        return translate(model, tokenizer, sources, **decoding), f"hf {str(next(model.parameters()).dtype)[6:]}"
+        return translate(model, tokenizer, sources, **decoding), f"hf {dtype}"
+    for key in ("num_return_sequences", "selection"):
+        decoding.pop(key, None)
+    if engine == "vllm":
+        vllm_dir = Path(work_dir) / "vllm-model"
+        if not (vllm_dir / "config.json").is_file():
+            tmp = vllm_dir.parent / f".{vllm_dir.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            tmp.rename(vllm_dir)
+        return translate_vllm(str(vllm_dir), tokenizer, sources, dtype=dtype, **decoding), f"vllm {dtype}"
     ct2_dir = Path(work_dir) / "ct2-model"
     if not (ct2_dir / "model.bin").is_file():
         convert_to_ct2(model, tokenizer, ct2_dir, quantization)
-    for key in ("num_return_sequences", "selection"):
-        decoding.pop(key, None)
     device = next(model.parameters()).device.type
     return translate_ct2(str(ct2_dir), tokenizer, sources, device=device, **decoding), f"ct2 {quantization}"
+
+
+def translate_vllm(
+    model_dir: str,
+    tokenizer: Any,
+    sources: list[str],
+    *,
+    dtype: str = "bfloat16",
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "translate (vllm)",
+) -> TranslationResult:
+    """:func:`translate` with vLLM on a GPU (the engine TRL uses for on-policy generation): the same prompts, stop
+    tokens and output cleaning; vLLM schedules the batches itself (``batch_size`` is not used). Greedy or sampling;
+    beam search is refused (vLLM's sampler has none)."""
+    if num_beams > 1:
+        raise DistillmtError("engine vllm does not do beam search: use num_beams=1, or engine hf or ct2")
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise DistillmtError("engine vllm needs vLLM and a GPU: pip install vllm (on a CUDA machine)") from None
+    stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature if do_sample else 0.0,
+        top_k=(top_k or -1) if do_sample else -1,
+        top_p=top_p if do_sample else 1.0,
+        seed=seed,
+        stop_token_ids=stop,
+    )
+    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=False)
+    prompts = [build_prompt(tokenizer, s) for s in sources]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    seconds = time.perf_counter() - start
+    hyps = [strip_output(o.outputs[0].text) for o in outputs]
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return TranslationResult(hyps, [[h] for h in hyps], generated, seconds)

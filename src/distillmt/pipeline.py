@@ -487,9 +487,25 @@ def preflight(cfg: ExperimentConfig) -> None:
         raise DistillmtError(f"config key 'hard_kd.extra_sources_file': file not found: {extra}")
     if cfg.eval.bertscore:
         check_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layer)
+    for key, g in (("generate", cfg.generate), ("hard_kd.decoding", cfg.hard_kd.decoding)):
+        check_engine(g.engine, key)
     if cfg.teacher.model != "scratch":
         for m in (cfg.teacher, cfg.student):
             check_loadable(resolve_ref(m.model))
+
+
+def check_engine(engine: str, key: str) -> None:
+    """A generation engine that cannot run here is refused before any stage: CTranslate2 must be installed, vLLM must
+    be installed and have a GPU."""
+    import importlib.util
+
+    if engine == "ct2" and importlib.util.find_spec("ctranslate2") is None:
+        raise DistillmtError(f"config key '{key}.engine' = ct2 needs CTranslate2: pip install 'distillmt[ct2]'")
+    if engine == "vllm" and (importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()):
+        raise DistillmtError(
+            f"config key '{key}.engine' = vllm needs vLLM and a CUDA GPU, and this machine lacks "
+            f"{'vLLM' if importlib.util.find_spec('vllm') is None else 'a GPU'}: use engine hf or ct2"
+        )
 
 
 def needed_stages(cfg: ExperimentConfig) -> set[str]:
