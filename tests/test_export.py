@@ -100,11 +100,12 @@ def test_ct2_engine_in_the_pipeline_translates_and_labels(tmp_path):
 def test_engine_settings_key_a_stage_only_off_the_default():
     from dataclasses import replace
 
-    from distillmt.config import GenerateConfig, generation_settings
+    from distillmt.config import GenerateConfig, keyed_settings
 
-    assert "engine" not in generation_settings(GenerateConfig())  # stage keys of earlier runs stay valid
-    ct2 = generation_settings(replace(GenerateConfig(), engine="ct2"))
-    assert ct2["engine"] == "ct2" and ct2["quantization"] == "int8"
+    assert "engine" not in keyed_settings(GenerateConfig())  # stage keys of earlier runs stay valid
+    ct2 = keyed_settings(replace(GenerateConfig(), engine="ct2"))
+    assert ct2["engine"] == "ct2" and "quantization" not in ct2  # at its default, as every added key
+    assert keyed_settings(replace(GenerateConfig(), engine="ct2", quantization="float32"))["quantization"] == "float32"
     with pytest.raises(DistillmtError, match="engine=ct2 gives one label per source"):
         micro_cfg(__import__("pathlib").Path("/tmp"), "hard_kd.decoding.engine=ct2", "hard_kd.num_candidates=2")
 

@@ -442,3 +442,49 @@ def test_jsd_matches_trl_generalized_jsd(beta):
     got = kd_term(s, t, lab, divergence="jsd", beta=beta, temperature=2.0)
     ref = _trl_generalized_jsd(s[:, :-1], t[:, :-1], lab[:, 1:], beta, 2.0)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------- fused
+
+
+@pytest.mark.parametrize("kind,beta", KINDS + [("jsd", 0.0), ("jsd", 1.0), ("skew_kl", 0.0), ("skew_kl", 1.0)])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_fused_loss_and_gradient_equal_autograd(kind, beta, temp):
+    """The closed-form gradient of fused_kd_loss is the one autograd finds through kd_loss, for every divergence."""
+    from distillmt.losses import fused_kd_loss
+
+    s, t, lab = random_batch(seed=47)
+    ref = kd_loss(s, t, lab, divergence=kind, beta=beta, temperature=temp)
+    w_ce, w_kd = 0.3, 0.7 * temp**2
+    (ref_grad,) = torch.autograd.grad(w_ce * ref["ce"] + w_kd * ref["kd"], s)
+    for cs in (None, 3):
+        out = fused_kd_loss(
+            s, t, lab, ce_weight=w_ce, kd_weight=w_kd, divergence=kind, beta=beta, temperature=temp, chunk_size=cs
+        )
+        (grad,) = torch.autograd.grad(out["loss"], s)
+        for key in ("ce", "kd", "forward_kl"):
+            assert torch.allclose(out[key], ref[key], rtol=1e-5, atol=1e-7), key
+        assert torch.allclose(out["loss"], w_ce * ref["ce"] + w_kd * ref["kd"], rtol=1e-5)
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_loss_padded_vocab_masking_bf16_and_empty():
+    from distillmt.losses import fused_kd_loss
+
+    s, t, lab = random_batch(seed=53)
+    v = t.shape[-1]
+    s_padded = torch.cat([s.detach(), torch.full((*s.shape[:2], 3), 5.0)], -1).requires_grad_(True)
+    ref = kd_loss(s_padded, t, lab, temperature=2.0, vocab_size=v)
+    (ref_grad,) = torch.autograd.grad(0.5 * ref["ce"] + 2.0 * ref["kd"], s_padded)
+    out = fused_kd_loss(s_padded, t, lab, ce_weight=0.5, kd_weight=2.0, temperature=2.0, vocab_size=v)
+    (grad,) = torch.autograd.grad(out["loss"], s_padded)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7) and grad[..., v:].abs().sum() == 0
+    low = s.detach().bfloat16().requires_grad_(True)
+    out = fused_kd_loss(low, t.bfloat16(), lab, ce_weight=0.5, kd_weight=0.5)
+    (grad,) = torch.autograd.grad(out["loss"], low)
+    assert out["loss"].dtype == torch.float32 and grad.dtype == torch.bfloat16
+    ref = kd_loss(low.detach().float().requires_grad_(True), t.bfloat16().float(), lab)
+    assert torch.allclose(out["loss"], 0.5 * ref["ce"] + 0.5 * ref["kd"], rtol=1e-5)
+    empty = fused_kd_loss(s, t, torch.full_like(lab, -100), ce_weight=1.0, kd_weight=1.0)
+    assert empty["loss"].item() == 0.0
+    empty["loss"].backward()

@@ -248,3 +248,20 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(DistillmtError, match=r"training loss is nan at step 1.*last good checkpoint: none"):
         train(model, examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4, **COMMON)
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_fused_loss_step_equals_the_autograd_one(on_policy):
+    ex = examples(4)
+    batch = _batch(ex)
+    teacher = tiny_model(seed=5, hidden=32)
+    grads = []
+    for fused in (False, True):
+        student = tiny_model(seed=1)
+        loss, parts = loss_step(student, batch, ex, _kd(teacher=teacher, fused=fused), on_policy=on_policy)
+        loss.backward()
+        grads.append((loss.item(), parts, torch.cat([p.grad.flatten() for p in student.parameters()])))
+    (l0, p0, g0), (l1, p1, g1) = grads
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert p1 == pytest.approx(p0, rel=1e-5)
+    assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)

@@ -132,15 +132,6 @@ class GenerateConfig:
     )
 
 
-def generation_settings(g: GenerateConfig) -> dict[str, Any]:
-    """The decoding settings that key a stage. The engine settings count only off the default engine, so stages made
-    before they existed (all with transformers) keep their keys."""
-    settings = dataclasses.asdict(g)
-    if g.engine == "hf":
-        del settings["engine"], settings["quantization"]
-    return settings
-
-
 @dataclass
 class EvalConfig:
     bertscore: bool = _f(True, "compute BERTScore (reported as unavailable when its model cannot be loaded)")
@@ -205,6 +196,11 @@ class SoftKDConfig:
     chunk_size: int = _f(1024, "target tokens per fp32 chunk of the loss (bounds memory)", range=(1, None))
     cache: bool = _f(False, "precompute top-k teacher log-probs once and train without the teacher in memory")
     cache_k: int = _f(64, "teacher log-probs kept per token in the cache", range=(1, None))
+    fused: bool = _f(
+        False,
+        "online teacher: compute the loss's gradient in closed form in the same chunked pass (no autograd through the "
+        "softmaxes, nothing recomputed); same values up to rounding",
+    )
 
 
 @dataclass
@@ -459,6 +455,21 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
             raise DistillmtError(f"{section}.engine=vllm does not do beam search: set {section}.num_beams=1")
     if cfg.hard_kd.selection == "mbr" and cfg.hard_kd.num_candidates < 2:
         raise DistillmtError("hard_kd.selection=mbr needs hard_kd.num_candidates >= 2")
+
+
+# Keys added after runs were made with the behaviour of their default: they count in a stage's key only when they are
+# set off that default, so finished stages of earlier runs keep their keys and are reused.
+ADDED_LATER = {"GenerateConfig": ("engine", "quantization"), "SoftKDConfig": ("fused",)}
+
+
+def keyed_settings(section: Any) -> dict[str, Any]:
+    """A config section as a stage's key sees it: every field, except those of :data:`ADDED_LATER` at their default."""
+    settings = dataclasses.asdict(section)
+    default = type(section)()
+    for name in ADDED_LATER.get(type(section).__name__, ()):
+        if getattr(section, name) == getattr(default, name):
+            del settings[name]
+    return settings
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -260,6 +260,122 @@ def kd_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# fused: the objective and its gradient in one chunked pass, in closed form
+
+
+def divergence_grad(p_logprobs: Tensor, q_logprobs: Tensor, kind: str, beta: float = 0.5) -> Tensor:
+    """d D(p, q) / d z per row, where ``q = softmax(z)`` (multiply by 1/T for ``q = softmax(z / T)``), ``[..., V]``.
+
+    With ``g = dD/dq`` the chain rule through the softmax gives ``q ⊙ (g − Σ q g)``; written out per divergence:
+    forward KL ``q − p``; reverse KL ``q ⊙ (log q − log p − KL(q‖p))``; JSD_beta ``q ⊙ (g − Σ q g)`` with
+    ``g = (1 − beta)(log q − log m)``, ``m = beta·p + (1 − beta)·q``; skew KL the same with ``g = −(1 − beta)·p/m``;
+    TVD the same with ``g = sign(q − p)/2``. Endpoints as in :func:`divergence` (jsd 0/1 = forward/reverse KL, skew
+    0 = forward KL, skew 1 = 0).
+    """
+    _check_kind(kind, beta)
+    beta = float(beta)
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind == "skew_kl" and beta == 0.0:
+        kind = "forward_kl"
+    q = q_logprobs.exp()
+    if kind == "forward_kl":
+        return q - p_logprobs.exp()
+    if kind == "skew_kl" and beta == 1.0:
+        return torch.zeros_like(q)
+    if kind == "reverse_kl":
+        finfo_min = torch.finfo(q_logprobs.dtype).min
+        g = q_logprobs.clamp(min=finfo_min) - p_logprobs.clamp(min=finfo_min)
+    elif kind == "tvd":
+        g = 0.5 * torch.sign(q - p_logprobs.exp())
+    else:
+        log_m = torch.logaddexp(p_logprobs + math.log(beta), q_logprobs + math.log1p(-beta))
+        if kind == "jsd":
+            g = (1.0 - beta) * (q_logprobs - log_m)
+        else:  # skew_kl: -(1 - beta) p / m, 0 where p is 0
+            g = -(1.0 - beta) * torch.exp(p_logprobs - log_m).nan_to_num(0.0)
+    g = torch.where(q > 0, g, torch.zeros_like(g))
+    return q * (g - (q * g).sum(-1, keepdim=True))
+
+
+class _FusedKD(torch.autograd.Function):
+    """Forward: the objective ``ce_weight·CE + kd_weight·D`` (sums over the rows) and its gradient with respect to
+    the student rows, chunk by chunk in fp32, the gradient kept in the logits' dtype; backward: that gradient times
+    the incoming scalar. Nothing is recomputed and no fp32 intermediate outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, s_rows, t_rows, targets, vocab, temperature, kind, beta, ce_weight, kd_weight, chunk_size):
+        grad = torch.zeros_like(s_rows) if s_rows.requires_grad else None
+        sums = torch.zeros(4, dtype=torch.float32, device=s_rows.device)  # objective, CE, D, forward KL
+        for a, b in _chunks(s_rows.shape[0], chunk_size):
+            s32, t32, tgt = s_rows[a:b, :vocab].float(), t_rows[a:b, :vocab].float(), targets[a:b]
+            logq1, logp1 = F.log_softmax(s32, dim=-1), F.log_softmax(t32, dim=-1)
+            ce = -logq1.gather(1, tgt[:, None]).sum()
+            logq, logp = (logq1, logp1) if temperature == 1.0 else (
+                F.log_softmax(s32 / temperature, dim=-1), F.log_softmax(t32 / temperature, dim=-1)
+            )  # fmt: skip
+            d = _divergence_fn(logp, logq, kind, beta).sum()
+            sums += torch.stack([ce_weight * ce + kd_weight * d, ce, d, _kl(logp1, logq1).sum()])
+            if grad is not None:
+                g = kd_weight / temperature * divergence_grad(logp, logq, kind, beta)
+                if ce_weight:
+                    g += ce_weight * logq1.exp()
+                    g[torch.arange(b - a, device=g.device), tgt] -= ce_weight
+                grad[a:b, :vocab] = g.to(grad.dtype)
+        ctx.save_for_backward(grad)
+        objective, ce, d, fkl = (v.clone() for v in sums)
+        ctx.mark_non_differentiable(ce, d, fkl)
+        return objective, ce, d, fkl
+
+    @staticmethod
+    def backward(ctx, g_objective, *_):
+        (grad,) = ctx.saved_tensors
+        return (grad * g_objective.to(grad.dtype) if grad is not None else None,) + (None,) * 9
+
+
+def fused_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    ce_weight: float,
+    kd_weight: float,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 1024,
+) -> dict[str, Tensor]:
+    """:func:`kd_loss`'s terms and the objective ``ce_weight·CE + kd_weight·D`` (means over target tokens; the
+    training loop passes ``alpha`` and ``(1 − alpha)·T²``), with the gradient computed in closed form in the same
+    chunked pass (:func:`divergence_grad`) instead of by autograd through the softmaxes: one gradient buffer in the
+    logits' dtype is the only thing kept, and nothing is recomputed in the backward pass.
+
+    Same inputs, shapes, masking, vocabulary handling and values as :func:`kd_loss`. Returns ``"loss"`` (the
+    objective, the only differentiable output), ``"ce"``, ``"kd"`` and ``"forward_kl"`` (detached).
+    """
+    kind = divergence
+    _check_kind(kind, beta)
+    _check_shapes(student_logits, labels, teacher_logits, "teacher_logits")
+    temperature = _check_temperature(temperature)
+    vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
+    s, lab = shift_for_causal(student_logits, labels)
+    mask = lab != ignore_index
+    n = int(mask.sum())
+    if n == 0:
+        zero = _zero(student_logits)
+        return {"loss": zero, "ce": zero.detach(), "kd": zero.detach(), "forward_kl": zero.detach()}
+    targets = lab[mask].to(torch.long)
+    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
+        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
+    t_rows = teacher_logits.detach()[:, :-1][mask]
+    weights = (float(ce_weight), float(kd_weight))
+    out = _FusedKD.apply(s[mask], t_rows, targets, vocab, temperature, kind, float(beta), *weights, chunk_size)
+    return dict(zip(("loss", "ce", "kd", "forward_kl"), (v / n for v in out), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # top-k (offline teacher cache) distillation
 
 

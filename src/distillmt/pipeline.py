@@ -28,7 +28,7 @@ import torch
 
 from distillmt import data as data_mod
 from distillmt import systems
-from distillmt.config import ExperimentConfig, GKDConfig, ModelConfig, TrainConfig, generation_settings, to_dict
+from distillmt.config import ExperimentConfig, GKDConfig, ModelConfig, TrainConfig, keyed_settings, to_dict
 from distillmt.errors import DistillmtError
 from distillmt.io import read_jsonl, write_json, write_jsonl
 from distillmt.stages import RunFolder, stage_key
@@ -168,6 +168,7 @@ class Models:
             on_policy_temperature=on_policy.temperature if on_policy else 1.0,
             on_policy_max_new_tokens=on_policy.max_new_tokens if on_policy else 48,
             end_token_id=end_token_id(tokenizer),
+            fused=s.fused,
         )
 
 
@@ -272,7 +273,7 @@ class Experiment:
         from distillmt.teacher_labels import build_teacher_labels
 
         h = self.cfg.hard_kd
-        labels = {"decoding": generation_settings(h.decoding), "num_candidates": h.num_candidates}
+        labels = {"decoding": keyed_settings(h.decoding), "num_candidates": h.num_candidates}
         labels["selection"] = h.selection
         labels.update(seed=self.cfg.seed, shard_size=h.shard_size)
         identity = self.models.teacher_identity(h.teacher)
@@ -310,7 +311,7 @@ class Experiment:
             return examples, self.models.kd_settings(tokenizer, examples, use_cache=False)
 
         extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
-        extra.update(kd=asdict(s), teacher=self.models.teacher_identity(s.teacher))
+        extra.update(kd=keyed_settings(s), teacher=self.models.teacher_identity(s.teacher))
         return self._train_stage("train_hlkd_slkd", extra, data, ("teacher_labels", *teacher_stage(s.teacher)))
 
     def stage_teacher_cache(self) -> dict[str, Any]:
@@ -346,8 +347,7 @@ class Experiment:
     def stage_train_slkd(self) -> dict[str, Any]:
         """SLKD: a fresh student trained on the references with alpha·CE + (1 − alpha)·T²·D against the teacher."""
         s = self.cfg.soft_kd
-
-        extra = {"kd": asdict(s), "teacher": self.models.teacher_identity(s.teacher)}
+        extra = {"kd": keyed_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
         if s.cache:
             extra["cache"] = self.keys["teacher_cache"]
         inputs = ("teacher_cache",) if s.cache else teacher_stage(s.teacher)
@@ -355,11 +355,10 @@ class Experiment:
 
     def stage_train_gkd(self) -> dict[str, Any]:
         """GKD: like SLKD, but with probability lambda a step's targets are sampled by the student itself."""
-        s = self.cfg.soft_kd
-
-        extra = {"kd": asdict(s), "gkd": asdict(self.cfg.gkd), "teacher": self.models.teacher_identity(s.teacher)}
-        inputs = teacher_stage(s.teacher)
-        return self._train_stage("train_gkd", extra, partial(self.kd_data, on_policy=self.cfg.gkd), inputs)
+        s, data = self.cfg.soft_kd, partial(self.kd_data, on_policy=self.cfg.gkd)
+        extra = {"kd": keyed_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
+        extra["gkd"] = asdict(self.cfg.gkd)
+        return self._train_stage("train_gkd", extra, data, teacher_stage(s.teacher))
 
     def stage_translate(self, name: str) -> dict[str, Any]:
         from distillmt.generate import translate_with_engine
@@ -381,7 +380,7 @@ class Experiment:
         stage = system.trained_stage(self.scratch)
         m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
-        settings = {"system": name, "model": source, "generate": generation_settings(g), "data": self.keys["data"]}
+        settings = {"system": name, "model": source, "generate": keyed_settings(g), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
         return self._stage(f"translate_{name}", settings, fn, inputs=("data", "tokenizer", *([stage] if stage else [])))
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from distillmt.errors import DistillmtError
 from distillmt.io import atomic_write_bytes, atomic_write_text, write_json
-from distillmt.losses import kd_loss, topk_kd_loss
+from distillmt.losses import fused_kd_loss, kd_loss, topk_kd_loss
 from distillmt.prompts import IGNORE_INDEX, pad_batch
 
 log = logging.getLogger("distillmt.train")
@@ -50,6 +50,7 @@ class KDSettings:
     on_policy_temperature: float = 1.0
     on_policy_max_new_tokens: int = 48
     end_token_id: int | None = None
+    fused: bool = False  # online teacher: the objective's gradient in closed form (losses.fused_kd_loss)
 
 
 def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -306,20 +307,18 @@ def _on_policy_examples(model: Any, examples: list[dict], kd: KDSettings, pad_to
     return new
 
 
-def _online_teacher_terms(logits: torch.Tensor, batch: dict, kd: KDSettings) -> dict[str, torch.Tensor]:
+def _online_teacher_terms(
+    logits: torch.Tensor, batch: dict, kd: KDSettings, weights: tuple[float, float] | None = None
+) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         t_logits = kd.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # one chunked fp32 pass gives CE, the divergence at T and the true forward KL at T=1
-    return kd_loss(
-        logits,
-        t_logits,
-        batch["labels"],
-        temperature=kd.temperature,
-        divergence=kd.divergence,
-        beta=kd.beta,
-        vocab_size=kd.vocab_size,
-        chunk_size=kd.chunk_size,
-    )
+    # one chunked fp32 pass gives CE, the divergence at T and the true forward KL at T=1 (and, fused, the objective
+    # with its gradient)
+    args = {"temperature": kd.temperature, "divergence": kd.divergence, "beta": kd.beta}
+    args.update(vocab_size=kd.vocab_size, chunk_size=kd.chunk_size)
+    if weights is not None:
+        return fused_kd_loss(logits, t_logits, batch["labels"], ce_weight=weights[0], kd_weight=weights[1], **args)
+    return kd_loss(logits, t_logits, batch["labels"], **args)
 
 
 def _cached_teacher_terms(logits: torch.Tensor, batch: dict, examples: list[dict], kd: KDSettings) -> dict:
@@ -356,14 +355,20 @@ def loss_step(
     if kd is None:
         ce_sum = _masked_ce_sum(logits, labels)
         return ce_sum, {"ce": float(ce_sum.detach()) / max(n, 1)}
+    # The objective's weights, the one place they are set: alpha·CE + (1 − alpha)·T²·D, and T²·D alone on the
+    # student's own samples, which are no reference.
+    w_ce, w_kd = (0.0, kd.temperature**2) if on_policy else (kd.alpha, (1 - kd.alpha) * kd.temperature**2)
+    if kd.fused and kd.cache is None:  # the same objective, its gradient in closed form
+        terms = _online_teacher_terms(logits, batch, kd, weights=(w_ce, w_kd))
+        parts = {"ce": float(terms["ce"]), "kd": float(terms["kd"]), "forward_kl": float(terms["forward_kl"])}
+        return terms["loss"] * n, parts
     terms = (
         _online_teacher_terms(logits, batch, kd)
         if kd.cache is None
         else _cached_teacher_terms(logits, batch, examples, kd)
     )
     ce_sum, d = terms["ce"] * n, terms["kd"]
-    kd_term = kd.temperature**2 * d
-    loss_sum = kd_term * n if on_policy else kd.alpha * ce_sum + (1 - kd.alpha) * kd_term * n
+    loss_sum = w_kd * d * n if on_policy else w_ce * ce_sum + w_kd * d * n
     parts = {"ce": float(ce_sum.detach()) / max(n, 1), "kd": float(d.detach())}
     if "forward_kl" in terms:
         parts["forward_kl"] = float(terms["forward_kl"])
