@@ -675,3 +675,14 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["config"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_bench_loss_prints_a_table_of_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    args = ["bench", "loss", "--vocab", "300", "--batch", "2", "--seq", "8", "--chunk-sizes", "4", "--repeats", "1"]
+    assert main([*args, "--threads", "1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text == out.read_text() + "\n"
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| implementation")]
+    assert len(rows) == 4 and rows[0].split(" | ")[3] == "1.00×"  # naive is the unit
+    assert all("not measured" not in r for r in rows if "TRL" not in r)

@@ -141,6 +141,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distillmt.bench import bench_loss
+    from distillmt.io import atomic_write_text
+
+    _check_output_file(args.output, "--output")
+    text = bench_loss(
+        vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
+        repeats=args.repeats, threads=args.threads,
+    )  # fmt: skip
+    print(text)
+    if args.output:
+        atomic_write_text(args.output, text)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from distillmt.pipeline import Experiment, preflight
 
@@ -487,6 +502,26 @@ def _add_evaluate_parser(sub: Any) -> None:
     e.set_defaults(fn=cmd_evaluate)
 
 
+def _add_bench_parser(sub: Any) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks measured side by side in one run (today: the KD loss against a naive one and TRL's)",
+        description="One forward + backward of the KD loss for a naive full-vocabulary implementation, TRL's "
+        "generalized_jsd_loss (if trl is installed), distillmt's kd_loss and fused_kd_loss, each in its own process: "
+        "seconds per call and peak extra memory, as ratios to the naive one.",
+    )
+    b.add_argument("what", choices=["loss"], help="what to measure")
+    b.add_argument("--vocab", type=_int_at_least(2), default=151936)
+    b.add_argument("--batch", type=_int_at_least(1), default=8)
+    b.add_argument("--seq", type=_int_at_least(2), default=256)
+    b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--chunk-sizes", type=_int_at_least(1), nargs="+", default=[1024, 256])
+    b.add_argument("--repeats", type=_int_at_least(1), default=3)
+    b.add_argument("--threads", type=_int_at_least(0), default=0, help="torch threads (0 = the cores available)")
+    b.add_argument("--output", "-o", help="also write the markdown table to this file")
+    b.set_defaults(fn=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="distillmt",
@@ -538,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_translate_parser(sub)
     _add_evaluate_parser(sub)
+
+    _add_bench_parser(sub)
 
     ex = sub.add_parser(
         "export",

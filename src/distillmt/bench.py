@@ -1,0 +1,154 @@
+"""Benchmarks that print a table of ratios measured side by side in one run (``distillmt bench``).
+
+``loss``: one forward + backward of the KD loss on random logits (default: vocabulary 151,936, batch × sequence
+8 × 256, bf16, half the positions targets), for a full-vocabulary implementation written the obvious way, TRL's
+``GKDTrainer.generalized_jsd_loss`` (when ``trl`` is installed; beta=0, i.e. forward KL), ``distillmt.losses.kd_loss``
+and ``distillmt.losses.fused_kd_loss``. Each runs in its own child process, so its peak memory is its own: the
+process's peak resident memory (``VmHWM``, reset after the inputs are built) minus its resident memory at that
+point. Time is the median of a few calls after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+IMPLEMENTATIONS = {
+    "naive": "full-vocabulary fp32 (the obvious implementation)",
+    "trl": "TRL `GKDTrainer.generalized_jsd_loss` (beta=0, forward KL)",
+    "kd_loss": "distillmt `kd_loss` (chunked, checkpointed; CE + D + forward KL)",
+    "fused": "distillmt `fused_kd_loss` (chunked, closed-form gradient; CE + D + forward KL)",
+}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _loss_fn(impl: str, temperature: float, chunk_size: int) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    from distillmt.losses import fused_kd_loss, kd_loss
+
+    def naive(s, t, labels):
+        logq = F.log_softmax(s[:, :-1].float() / temperature, dim=-1)
+        logp = F.log_softmax(t[:, :-1].float() / temperature, dim=-1)
+        mask = labels[:, 1:] != -100
+        return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum() / mask.sum()
+
+    def trl(s, t, labels):
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+        return GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels[:, 1:], beta=0.0, temperature=temperature)
+
+    def ours(s, t, labels):
+        out = kd_loss(s, t, labels, temperature=temperature, chunk_size=chunk_size)
+        return 0.5 * out["ce"] + 0.5 * temperature**2 * out["kd"]
+
+    def fused(s, t, labels):
+        w = {"ce_weight": 0.5, "kd_weight": 0.5 * temperature**2}
+        return fused_kd_loss(s, t, labels, temperature=temperature, chunk_size=chunk_size, **w)["loss"]
+
+    del torch
+    return {"naive": naive, "trl": trl, "kd_loss": ours, "fused": fused}[impl]
+
+
+def _child(
+    impl: str, vocab: int, batch: int, seq: int, dtype: str, chunk_size: int, repeats: int, threads: int
+) -> None:
+    """Measure one implementation in this (fresh) process and print a JSON line."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    student = torch.randn(batch, seq, vocab, dtype=dt).mul_(2.0).requires_grad_(True)
+    teacher = torch.randn(batch, seq, vocab, dtype=dt).mul_(2.0)
+    labels = torch.randint(0, vocab, (batch, seq))
+    labels[:, : seq // 2] = -100  # the prompt half: no targets
+    fn = _loss_fn(impl, 2.0, chunk_size)
+    fn(student, teacher, labels).backward()  # warm-up (and imports)
+    student.grad = None
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak to the current resident memory
+        f.write("5")
+    base = _status_kb("VmRSS")
+    times, value = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = fn(student, teacher, labels)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        value = float(loss)
+        student.grad = None
+    peak = _status_kb("VmHWM") - base
+    print(json.dumps({"impl": impl, "seconds": statistics.median(times), "peak_mb": peak / 1024, "value": value}))
+
+
+def bench_loss(
+    *, vocab: int = 151936, batch: int = 8, seq: int = 256, dtype: str = "bfloat16", chunk_sizes=(1024, 256),
+    repeats: int = 3, threads: int = 0,
+) -> str:  # fmt: skip
+    """Run every implementation (ours at each chunk size) in a child process; returns the markdown report."""
+    from distillmt.pipeline import available_cores
+
+    threads = threads or available_cores()
+    runs: list[tuple[str, int]] = [("naive", 0), ("trl", 0)] + [
+        (i, c) for c in chunk_sizes for i in ("kd_loss", "fused")
+    ]
+    results = []
+    for impl, chunk in runs:
+        args = [sys.executable, "-m", "distillmt.bench", impl, str(vocab), str(batch), str(seq), dtype, str(chunk)]
+        proc = subprocess.run([*args, str(repeats), str(threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]
+            results.append({"impl": impl, "chunk": chunk, "error": reason})
+            continue
+        results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "chunk": chunk})
+    base = next(r for r in results if r["impl"] == "naive" and "error" not in r)
+    lines = [
+        f"# KD loss: one forward + backward, vocabulary {vocab:,}, batch × sequence {batch} × {seq}, {dtype}, "
+        "half the positions targets",
+        "",
+        "| implementation | chunk | seconds per call | time vs naive | peak extra memory (MB) | memory vs naive | "
+        "value |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        name = IMPLEMENTATIONS[r["impl"]]
+        chunk = str(r["chunk"]) if r["chunk"] else "–"
+        if "error" in r:
+            lines.append(f"| {name} | {chunk} | not measured: {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {chunk} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f}× | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] / base['peak_mb']:.2f}× | {r['value']:.4f} |"
+        )
+    lines += [
+        "",
+        "The values differ by design: naive and TRL compute forward KL alone, distillmt's rows the training "
+        "objective 0.5·CE + 0.5·T²·KL (T = 2) with CE and the true forward KL from the same pass. Peak extra memory: "
+        "the child process's peak resident memory during the timed calls minus its resident memory before them (inputs "
+        "built, one warm-up call done); the gradient buffer of the student logits, the same for every row, counts.",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
+        f"{platform.python_version()}. {repeats} timed calls each (median), after one warm-up call.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    impl, vocab, batch, seq, dtype, chunk, repeats, threads = sys.argv[1:9]
+    _child(impl, int(vocab), int(batch), int(seq), dtype, int(chunk), int(repeats), int(threads))
