@@ -22,8 +22,8 @@ def run_dir(tmp_path_factory):
     return tmp / "micro"
 
 
-def translate(model_dir, sources, out, capsys) -> list[str]:
-    args = ["translate", "--model", str(model_dir), "-i", str(sources), "-o", str(out), "--no-progress"]
+def translate(model_dir, sources, out, capsys, *extra: str) -> list[str]:
+    args = ["translate", "--model", str(model_dir), "-i", str(sources), "-o", str(out), "--no-progress", *extra]
     assert main([*args, "--max-new-tokens", "6", "--batch-size", "4"]) == 0
     capsys.readouterr()
     return [r["hyp"] for r in read_jsonl(out)]
@@ -40,6 +40,8 @@ def test_hf_and_ct2_exports_translate_like_the_run(run_dir, tmp_path, capsys):
     readme = (tmp_path / "hf" / "README.md").read_text()
     assert "labels from the finetuned teacher" in readme and "chrF" in readme
     assert translate(tmp_path / "hf", sources, tmp_path / "hf.jsonl", capsys) == [r["hyp"] for r in rows]
+    budget = translate(tmp_path / "hf", sources, tmp_path / "budget.jsonl", capsys, "--max-batch-tokens", "120")
+    assert sum(a == r["hyp"] for a, r in zip(budget, rows, strict=True)) >= len(rows) - 1  # other batches, same model
 
     pytest.importorskip("ctranslate2")
     export_system(run_dir, "HLKD", tmp_path / "ct2", fmt="ct2", quantization="float32")

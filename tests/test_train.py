@@ -265,3 +265,17 @@ def test_fused_loss_step_equals_the_autograd_one(on_policy):
     assert l1 == pytest.approx(l0, rel=1e-5)
     assert p1 == pytest.approx(p0, rel=1e-5)
     assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)
+
+
+def test_token_budget_batches():
+    from distillmt.generate import token_budget_batches
+
+    lengths = [10, 9, 9, 4, 3, 3, 3, 2]
+    order = list(range(8))  # longest first, as translate sorts them
+    assert token_budget_batches(order, lengths, 4, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # no budget: by count
+    # budget 40 tokens, 2 new tokens per row: rows of width 10+2 fit three to a batch, rows of width 4+2 five
+    assert token_budget_batches(order, lengths, 8, 40, (2, 1)) == [[0, 1, 2], [3, 4, 5, 6, 7]]
+    assert token_budget_batches(order, lengths, 4, 40, (2, 1)) == [[0, 1, 2], [3, 4, 5, 6], [7]]  # and the count
+    # two beams double every row: (10+2)*2 = 24 fits once in 40
+    assert token_budget_batches(order, lengths, 8, 40, (2, 2)) == [[0], [1], [2], [3, 4, 5], [6, 7]]
+    assert token_budget_batches([0], [100], 8, 10, (2, 1)) == [[0]]  # over the budget alone: still translated

@@ -250,7 +250,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     decoding = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     decoding.update(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    decoding.update(seed=args.seed, progress=not args.no_progress)
+    decoding.update(seed=args.seed, progress=not args.no_progress, max_batch_tokens=args.max_batch_tokens)
     sources = [r["src"] for r in rows]
     if ct2:
         res = translate_ct2(args.model, tokenizer, sources, device=device.type, **decoding)
@@ -471,6 +471,9 @@ def _add_translate_parser(sub: Any) -> None:
     tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
     tr.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
     tr.add_argument("--num-beams", type=_int_at_least(1), default=1)
+    tr.add_argument(
+        "--max-batch-tokens", type=_int_at_least(0), default=0, help="also cap a batch at this many tokens (0 = off)"
+    )
     tr.add_argument("--do-sample", action="store_true")
     tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True), default=1.0, help="> 0")
     tr.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")

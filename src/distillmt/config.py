@@ -119,6 +119,12 @@ class GenerateConfig:
     )
     top_k: int = _f(0, "sampling top-k (0 = off)", range=(0, None))
     top_p: float = _f(1.0, "sampling nucleus (1 = off)", range=(1e-6, 1.0))
+    max_batch_tokens: int = _f(
+        0,
+        "also cap a batch at this many tokens (rows x (longest prompt + max_new_tokens) x beams), so short sentences "
+        "go in larger batches; 0 = batches of batch_size sources",
+        range=(0, None),
+    )
     engine: str = _f(
         "hf",
         "hf (transformers generate, the reference) | ct2 (CTranslate2: the model is converted once per stage; "
@@ -459,7 +465,7 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
 
 # Keys added after runs were made with the behaviour of their default: they count in a stage's key only when they are
 # set off that default, so finished stages of earlier runs keep their keys and are reused.
-ADDED_LATER = {"GenerateConfig": ("engine", "quantization"), "SoftKDConfig": ("fused",)}
+ADDED_LATER = {"GenerateConfig": ("max_batch_tokens", "engine", "quantization"), "SoftKDConfig": ("fused",)}
 
 
 def keyed_settings(section: Any) -> dict[str, Any]:

@@ -75,8 +75,11 @@ def translate(
     seed: int = 0,
     progress: bool = True,
     desc: str = "translate",
+    max_batch_tokens: int = 0,
 ) -> TranslationResult:
-    """Translate ``sources``; outputs come back in input order whatever the batching did."""
+    """Translate ``sources``; outputs come back in input order whatever the batching did. Batches hold up to
+    ``batch_size`` sources of similar length; with ``max_batch_tokens`` also at most that many tokens (each row counted
+    at the batch's longest prompt plus ``max_new_tokens``, times the beams), so short sentences go in larger batches."""
     from transformers import GenerationConfig
 
     model.eval()
@@ -109,8 +112,7 @@ def translate(
     generated = 0
     start = time.perf_counter()
     bar = tqdm(total=len(sources), desc=desc, unit="sent", disable=not progress, leave=False)
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
+    for idx in token_budget_batches(order, lengths, batch_size, max_batch_tokens, (max_new_tokens, num_beams)):
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
             device
         )
@@ -141,6 +143,23 @@ def translate(
     return TranslationResult(hyps, candidates, generated, seconds)
 
 
+def token_budget_batches(
+    order: list[int], lengths: list[int], batch_size: int, max_tokens: int, new: tuple[int, int] = (0, 1)
+) -> list[list[int]]:
+    """Consecutive batches of ``order`` (longest first): at most ``batch_size`` items, and with ``max_tokens`` > 0 at
+    most that many tokens, a row counting ``(longest length in the batch + new[0]) * new[1]`` (new tokens, beams). A
+    single item over the budget still gets a batch of its own."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size:
+            width = (max(lengths[j] for j in (*batches[-1], i)) + new[0]) * new[1]
+            if not max_tokens or width * (len(batches[-1]) + 1) <= max_tokens:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 def _sequence_scores(model: Any, out: Any, num_beams: int) -> torch.Tensor:
     """Length-normalised log-probability of each returned sequence under the model that generated it."""
     if num_beams > 1 and getattr(out, "sequences_scores", None) is not None:
@@ -168,6 +187,7 @@ def translate_ct2(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "translate (ct2)",
+    max_batch_tokens: int = 0,
 ) -> TranslationResult:
     """:func:`translate` with a CTranslate2 model folder (``distillmt export --format ct2``): the same prompts, stop
     tokens and output cleaning, CTranslate2's own batching; one candidate per source."""
@@ -192,7 +212,8 @@ def translate_ct2(
     for b in range(0, len(prompts), batch_size):
         results = generator.generate_batch(
             prompts[b : b + batch_size],
-            max_batch_size=batch_size,
+            max_batch_size=max_batch_tokens or batch_size,
+            batch_type="tokens" if max_batch_tokens else "examples",
             include_prompt_in_result=False,
             end_token=[tokenizer.convert_ids_to_tokens(i) for i in stop],
             **options,
@@ -275,9 +296,11 @@ def translate_vllm(
     seed: int = 0,
     progress: bool = True,
     desc: str = "translate (vllm)",
+    max_batch_tokens: int = 0,
 ) -> TranslationResult:
     """:func:`translate` with vLLM on a GPU (the engine TRL uses for on-policy generation): the same prompts, stop
-    tokens and output cleaning; vLLM schedules the batches itself (``batch_size`` is not used). Greedy or sampling;
+    tokens and output cleaning; vLLM schedules the batches itself (``batch_size`` and ``max_batch_tokens`` are not
+    used). Greedy or sampling;
     beam search is refused (vLLM's sampler has none)."""
     if num_beams > 1:
         raise DistillmtError("engine vllm does not do beam search: use num_beams=1, or engine hf or ct2")
