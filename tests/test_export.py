@@ -172,3 +172,16 @@ def test_engines_that_cannot_run_here_are_refused_before_any_stage(tmp_path):
     assert not (tmp_path / "micro" / "data").exists()
     with pytest.raises(DistillmtError, match="does not do beam search"):
         micro_cfg(tmp_path, "hard_kd.decoding.engine=vllm", "hard_kd.decoding.num_beams=4")
+
+
+def test_bench_generate_compares_batching_and_engines(run_dir, tmp_path, capsys):
+    sources = tmp_path / "src.jsonl"
+    sources.write_text((run_dir / "translate_STUDENT" / "translations.jsonl").read_text(), encoding="utf-8")
+    model = run_dir / "train_student" / "model"
+    args = ["bench", "generate", "--model", str(model), "-i", str(sources), "--sentences", "5"]
+    assert main([*args, "--max-new-tokens", "6", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "| hf, one sentence at a time |" in text and "| 1.00× | 5/5 |" in text
+    assert "| hf, batches of 32 |" in text
+    if __import__("importlib").util.find_spec("ctranslate2"):
+        assert "| ct2 int8, batches of 32 |" in text

@@ -1,5 +1,8 @@
 """Benchmarks that print a table of ratios measured side by side in one run (``distillmt bench``).
 
+``generate``: sentences/s of one model translating the same sentences one at a time, in batches, in batches under a
+token budget, and with CTranslate2 float32 and int8 (when installed).
+
 ``loss``: one forward + backward of the KD loss on random logits (default: vocabulary 151,936, batch × sequence
 8 × 256, bf16, half the positions targets), for a full-vocabulary implementation written the obvious way, TRL's
 ``GKDTrainer.generalized_jsd_loss`` (when ``trl`` is installed; beta=0, i.e. forward KL), ``distillmt.losses.kd_loss``
@@ -146,6 +149,65 @@ def bench_loss(
         f"{platform.python_version()}. {repeats} timed calls each (median), after one warm-up call.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def bench_generate(
+    model: str, sources: list[str], *, max_new_tokens: int = 64, batch_size: int = 32, threads: int = 0
+) -> str:
+    """Sentences/s translating ``sources`` with ``model`` (a folder or store:NAME), greedy: one sentence at a time,
+    batched, batched under a token budget, and with CTranslate2 (float32 and int8) when it is installed; the same
+    sentences in one process, one after another. Returns the markdown report."""
+    import tempfile
+
+    import torch
+
+    from distillmt.generate import convert_to_ct2, translate, translate_ct2
+    from distillmt.models import load_model, load_tokenizer, pick_dtype
+    from distillmt.pipeline import available_cores
+
+    threads = threads or available_cores()
+    torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(model)
+    device = torch.device("cpu")
+    hf = load_model(model, dtype=pick_dtype("auto", device, scratch=False), device=device)
+    common = {"max_new_tokens": max_new_tokens, "progress": False}
+    runs = {
+        "hf, one sentence at a time": lambda: translate(hf, tokenizer, sources, batch_size=1, **common),
+        f"hf, batches of {batch_size}": lambda: translate(hf, tokenizer, sources, batch_size=batch_size, **common),
+        f"hf, batches of {batch_size} within 4,096 tokens": lambda: translate(
+            hf, tokenizer, sources, batch_size=batch_size, max_batch_tokens=4096, **common
+        ),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for q in ("float32", "int8"):
+                folder = convert_to_ct2(hf, tokenizer, f"{tmp}/{q}", q)
+                runs[f"ct2 {q}, batches of {batch_size}"] = lambda f=folder: translate_ct2(
+                    str(f), tokenizer, sources, batch_size=batch_size, **common
+                )
+        except Exception as e:  # CTranslate2 missing or unable to convert this model: said in the table
+            runs[f"ct2: not measured ({type(e).__name__}: {str(e).splitlines()[0][:80]})"] = None
+        results = {name: (fn() if fn else None) for name, fn in runs.items()}
+    base = results["hf, one sentence at a time"]
+    dtype = str(next(hf.parameters()).dtype)[6:]
+    lines = [
+        f"# Generation: {len(sources)} sentences, greedy, at most {max_new_tokens} new tokens, {model} ({dtype} for hf)",
+        "",
+        "| engine and batching | sentences/s | tokens/s | vs one at a time | same output as hf one at a time |",
+        "|---|---|---|---|---|",
+    ]
+    for name, res in results.items():
+        if res is None:
+            lines.append(f"| {name} | | | | |")
+            continue
+        sps = len(sources) / res.seconds
+        same = sum(a == b for a, b in zip(res.hypotheses, base.hypotheses, strict=True))
+        lines.append(
+            f"| {name} | {sps:.1f} | {res.tokens_per_second:.0f} | {sps / (len(sources) / base.seconds):.2f}× | "
+            f"{same}/{len(sources)} |"
+        )
+    lines += ["", f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads.", ""]
     return "\n".join(lines)
 
 

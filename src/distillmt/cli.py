@@ -146,10 +146,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from distillmt.io import atomic_write_text
 
     _check_output_file(args.output, "--output")
-    text = bench_loss(
-        vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
-        repeats=args.repeats, threads=args.threads,
-    )  # fmt: skip
+    if args.what == "generate":
+        from distillmt.bench import bench_generate
+
+        if not args.model:
+            raise DistillmtError("bench generate needs --model (a model folder or store:NAME)")
+        _check_input_file(args.input, "--input")
+        sources = [r["src"] for r in _read_sources(args.input)][: args.sentences]
+        text = bench_generate(args.model, sources, max_new_tokens=args.max_new_tokens, threads=args.threads)
+    else:
+        text = bench_loss(
+            vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
+            repeats=args.repeats, threads=args.threads,
+        )  # fmt: skip
     print(text)
     if args.output:
         atomic_write_text(args.output, text)
@@ -508,12 +517,16 @@ def _add_evaluate_parser(sub: Any) -> None:
 def _add_bench_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bench",
-        help="benchmarks measured side by side in one run (today: the KD loss against a naive one and TRL's)",
+        help="benchmarks measured side by side in one run: the KD loss (vs naive and TRL), generation throughput",
         description="One forward + backward of the KD loss for a naive full-vocabulary implementation, TRL's "
         "generalized_jsd_loss (if trl is installed), distillmt's kd_loss and fused_kd_loss, each in its own process: "
         "seconds per call and peak extra memory, as ratios to the naive one.",
     )
-    b.add_argument("what", choices=["loss"], help="what to measure")
+    b.add_argument("what", choices=["loss", "generate"], help="what to measure")
+    b.add_argument("--model", help="generate: the model (a folder or store:NAME)")
+    b.add_argument("--input", "-i", help="generate: sources, plain text or JSONL with 'src'")
+    b.add_argument("--sentences", type=_int_at_least(1), default=100, help="generate: how many sources to use")
+    b.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="generate: longest translation")
     b.add_argument("--vocab", type=_int_at_least(2), default=151936)
     b.add_argument("--batch", type=_int_at_least(1), default=8)
     b.add_argument("--seq", type=_int_at_least(2), default=256)
