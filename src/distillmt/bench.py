@@ -153,7 +153,13 @@ def bench_loss(
 
 
 def bench_generate(
-    model: str, sources: list[str], *, max_new_tokens: int = 64, batch_size: int = 32, threads: int = 0
+    model: str,
+    sources: list[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    threads: int = 0,
+    dtype: str = "auto",
 ) -> str:
     """Sentences/s translating ``sources`` with ``model`` (a folder or store:NAME), greedy: one sentence at a time,
     batched, batched under a token budget, and with CTranslate2 (float32 and int8) when it is installed; the same
@@ -170,7 +176,7 @@ def bench_generate(
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model)
     device = torch.device("cpu")
-    hf = load_model(model, dtype=pick_dtype("auto", device, scratch=False), device=device)
+    hf = load_model(model, dtype=pick_dtype(dtype, device, scratch=False), device=device)
     common = {"max_new_tokens": max_new_tokens, "progress": False}
     runs = {
         "hf, one sentence at a time": lambda: translate(hf, tokenizer, sources, batch_size=1, **common),

@@ -153,7 +153,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise DistillmtError("bench generate needs --model (a model folder or store:NAME)")
         _check_input_file(args.input, "--input")
         sources = [r["src"] for r in _read_sources(args.input)][: args.sentences]
-        text = bench_generate(args.model, sources, max_new_tokens=args.max_new_tokens, threads=args.threads)
+        text = bench_generate(
+            args.model, sources, max_new_tokens=args.max_new_tokens, threads=args.threads, dtype=args.model_dtype
+        )
     else:
         text = bench_loss(
             vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
@@ -527,6 +529,9 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument("--input", "-i", help="generate: sources, plain text or JSONL with 'src'")
     b.add_argument("--sentences", type=_int_at_least(1), default=100, help="generate: how many sources to use")
     b.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="generate: longest translation")
+    b.add_argument(
+        "--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="generate: hf dtype"
+    )
     b.add_argument("--vocab", type=_int_at_least(2), default=151936)
     b.add_argument("--batch", type=_int_at_least(1), default=8)
     b.add_argument("--seq", type=_int_at_least(2), default=256)
