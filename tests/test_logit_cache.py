@@ -145,7 +145,7 @@ def test_gather_is_aligned_with_labels(built, teacher, examples):
                 assert torch.all(lp[b, t] == 0) and torch.all(idx[b, t] == 0)
 
 
-def test_round_trip_full_vocab_equals_distillation_loss(teacher, student, examples, tmp_path):
+def test_round_trip_full_vocab_equals_online_kd(teacher, student, examples, tmp_path):
     temp = 2.0
     cache = build(teacher, examples, tmp_path / "full", k=VOCAB, temperature=temp)
     cache.check(teacher_id=TEACHER_ID, k=VOCAB, temperature=temp, vocab_size=VOCAB, examples=examples)

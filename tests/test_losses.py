@@ -161,7 +161,7 @@ def test_unknown_divergence_lists_allowed_names():
 
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 @pytest.mark.parametrize("kind,beta", KINDS)
-def test_distillation_loss_matches_hand_computed(kind, beta, temp):
+def test_kd_term_matches_hand_computed(kind, beta, temp):
     s, t, lab = tensors()
     got = kd_term(s, t, lab, divergence=kind, beta=beta, temperature=temp)
     assert got.dtype == torch.float32
@@ -350,7 +350,7 @@ def _aligned_topk(t: torch.Tensor, k: int, temp: float):
 
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 @pytest.mark.parametrize("kind,beta", KINDS)
-def test_topk_with_full_vocab_equals_distillation_loss(kind, beta, temp):
+def test_topk_with_full_vocab_equals_online_kd(kind, beta, temp):
     s, t, lab = random_batch(seed=31)
     vals, idx = _aligned_topk(t, t.shape[-1], temp)
     ref = kd_term(s, t, lab, divergence=kind, beta=beta, temperature=temp)
