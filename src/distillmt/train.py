@@ -93,12 +93,21 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def _save_checkpoint(ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
+def _save_checkpoint(
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, accelerator: Any = None
+) -> None:
     """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed). The
-    previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from."""
+    previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
+    processes the main one writes it and the others wait (they hold the same weights)."""
     import io
 
     from safetensors.torch import save_file
+
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+        accelerator.wait_for_everyone()
+        return
 
     final = ckpt_dir / f"step-{state['step']:07d}"
     tmp = ckpt_dir / f"step-{state['step']:07d}.tmp"
@@ -196,9 +205,9 @@ class _MetricsLog:
     """metrics.jsonl (and TensorBoard when installed). On resume, lines past the checkpoint are dropped (they will
     be logged again), and so is a line a kill cut short."""
 
-    def __init__(self, out_dir: Path, step: int):
-        self.path = out_dir / "metrics.jsonl"
-        if self.path.exists():
+    def __init__(self, out_dir: Path, step: int, write: bool = True):
+        self.path, self.write = out_dir / "metrics.jsonl", write
+        if self.path.exists() and write:
             kept = []
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 if not line.strip():
@@ -212,6 +221,8 @@ class _MetricsLog:
         self.running: dict[str, float] = {}
         self.running_n = 0
         self.writer = None
+        if not write:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -243,6 +254,8 @@ class _MetricsLog:
             self.log(record)
 
     def log(self, record: dict) -> None:
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -406,27 +419,52 @@ def _pick_targets(
     return window, on_policy
 
 
+def _shard(window: list[list[dict]], accelerator: Any) -> tuple[list[list[dict]], list[float]]:
+    """This process's share of every micro-batch of the window (every P-th example, P processes) and the weight of
+    each share: a process whose share is empty gets the micro-batch's first example at weight 0, so every process
+    takes part in every gradient sync."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    if n == 1:
+        return window, [1.0] * len(window)
+    shares = [mb[rank::n] or mb[:1] for mb in window]
+    return shares, [1.0 if mb[rank::n] else 0.0 for mb in window]
+
+
 def _forward_backward(
     model: Any, window: list[list[dict]], kd: KDSettings | None, on_policy: bool, accelerator: Any, pad: int
 ) -> tuple[dict[str, float], int]:
-    """Accumulate the gradients of one window; returns its logged means and its token count (prompt included)."""
-    dev = accelerator.device
+    """Accumulate the gradients of this process's share of one window; returns the window's logged means and token
+    count (prompt included), summed over the processes."""
+    dev, n_proc = accelerator.device, accelerator.num_processes
+    window, weights = _shard(window, accelerator)
     batches = [{k: v.to(dev) for k, v in pad_batch(mb, pad).items()} for mb in window]
-    # Normalise by the target tokens of the whole window, so gradient accumulation gives the same update as one big
-    # batch (a mean of per-micro-batch means would overweight short batches).
-    n_window = max(sum(_target_tokens(b["labels"]) for b in batches), 1)
+    # Normalise by the target tokens of the whole window (over every process), so gradient accumulation and data
+    # parallelism give the same update as one big batch (a mean of per-micro-batch means would overweight short
+    # batches). DDP averages the processes' gradients: each process scales its sum by their number to undo that.
+    n_local = [_target_tokens(b["labels"]) * int(w) for b, w in zip(batches, weights, strict=True)]
+    n_window = max(_sum_over_processes(accelerator, [sum(n_local)])[0] if n_proc > 1 else sum(n_local), 1)
     stats: dict[str, float] = {}
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
-        ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else nullcontext()
+        ctx = accelerator.no_sync(model) if not sync and n_proc > 1 else nullcontext()
         with ctx, accelerator.autocast():
             loss_sum, parts = loss_step(model, batch, window[i], kd, on_policy)
+            if n_proc > 1:
+                loss_sum = loss_sum * weights[i] * n_proc
             accelerator.backward(loss_sum / n_window)
-        n_mb = _target_tokens(batch["labels"])
         for k, v in parts.items():
-            stats[k] = stats.get(k, 0.0) + v * n_mb / n_window
-        stats["loss"] = stats.get("loss", 0.0) + float(loss_sum.detach()) / n_window
-    return stats, sum(int(b["attention_mask"].sum()) for b in batches)
+            stats[k] = stats.get(k, 0.0) + v * n_local[i] / n_window
+        stats["loss"] = stats.get("loss", 0.0) + float(loss_sum.detach()) / n_window / n_proc
+    tokens = sum(int(b["attention_mask"].sum()) * int(w) for b, w in zip(batches, weights, strict=True))
+    if n_proc > 1:
+        values = _sum_over_processes(accelerator, [*stats.values(), tokens])
+        stats, tokens = dict(zip(stats, values[:-1], strict=True)), int(values[-1])
+    return stats, tokens
+
+
+def _sum_over_processes(accelerator: Any, values: list[float]) -> list[float]:
+    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum")
+    return total.tolist()
 
 
 def _check_finite(loss: float, step: int, ckpt_dir: Path) -> None:
@@ -507,8 +545,8 @@ def train(
 
     # --- resume
     p, resumed_from = _resume(ckpt_dir, unwrapped, optimizer, scheduler, total_steps)
-    metrics = _MetricsLog(out_dir, p.step)
-    save = partial(_save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler)
+    metrics = _MetricsLog(out_dir, p.step, write=accelerator.is_main_process)
+    save = partial(_save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler, accelerator=accelerator)
 
     # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()

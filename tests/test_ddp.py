@@ -1,0 +1,83 @@
+"""Data parallel training on 2 CPU processes (gloo, launched by torch.distributed.run as accelerate launch would):
+each process trains on its share of every global batch, and losses and final weights match one process with the same
+global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {tests!r})
+    from conftest import build_tiny_qwen
+    from distillmt.train import train
+
+    out = Path(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(22):  # 22 examples, micro-batches of 4: the last one has 2, one per process
+        p = torch.randint(3, 40, (3 + i % 3,), generator=g).tolist()
+        t = torch.randint(3, 40, (2 + i % 4,), generator=g).tolist() + [1]
+        examples.append({{"input_ids": p + t, "labels": [-100] * len(p) + t}})
+    model = build_tiny_qwen(40, pad_token_id=0)
+    summary = train(
+        model, examples, examples[:3], out, pad_token_id=0, max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
+        warmup_ratio=0.0, schedule="constant", save_every=2, log_every=1, progress=False, device="cpu",
+    )
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+        (out / "result.json").write_text(json.dumps({{"params": flat, "summary": summary}}))
+    """
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(tmp_path, name: str, processes: int) -> dict:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))
+    out = tmp_path / name
+    cmd = [sys.executable, str(script), str(out)]
+    if processes > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={_free_port()}",
+            *cmd[1:],
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    result["metrics"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return result
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2)
+    assert torch.allclose(torch.tensor(two["params"]), torch.tensor(one["params"]), atol=1e-5)
+    losses = [(m["step"], m["loss"]) for m in one["metrics"] if "loss" in m]
+    assert [(s, pytest.approx(v, rel=1e-5)) for s, v in losses] == [
+        (m["step"], m["loss"]) for m in two["metrics"] if "loss" in m
+    ]
+    assert two["summary"]["tokens_seen"] == one["summary"]["tokens_seen"]  # summed over the processes
+    assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "state.json").exists()  # written once, by rank 0
