@@ -81,3 +81,30 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     ]
     assert two["summary"]["tokens_seen"] == one["summary"]["tokens_seen"]  # summed over the processes
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "state.json").exists()  # written once, by rank 0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_distillmt_run_on_two_processes(tmp_path):
+    """`torchrun -m distillmt run` (what `accelerate launch -m distillmt run` does): the main process keeps the books
+    and runs the stages, both processes train, and the rows match a one-process run."""
+    from test_pipeline import MICRO
+
+    from distillmt.io import read_json
+
+    args = ["run", "--no-progress", *MICRO, "systems=[TEACHER,STUDENT,SLKD]", "threads=1", f"output_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    for name, cmd in (("one", [sys.executable, "-m", "distillmt"]), ("two", [*launch, "-m", "distillmt"])):
+        proc = subprocess.run([*cmd, *args, f"name={name}"], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("2 processes" in proc.stderr) == (name == "two")
+    one, two = (read_json(tmp_path / n / "results.json")["systems"] for n in ("one", "two"))
+    for system in one:
+        hyps = [
+            [r["hyp"] for r in map(json.loads, (tmp_path / n / f"translate_{system}" / "translations.jsonl").open())]
+            for n in ("one", "two")
+        ]
+        assert sum(a == b for a, b in zip(*hyps, strict=True)) >= len(hyps[0]) - 1, system
+        assert two[system]["scores"]["chrf"]["score"] == pytest.approx(one[system]["scores"]["chrf"]["score"], abs=1.0)
+    logs = (tmp_path / "two" / "train_slkd" / "metrics.jsonl").read_text().splitlines()
+    assert len([x for x in logs if '"valid_ce"' in x]) == 1  # written once, by the main process

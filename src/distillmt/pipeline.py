@@ -181,15 +181,17 @@ class Experiment:
 
         torch.set_num_threads(cfg.threads or available_cores())
         self.cfg, self.progress = cfg, progress
-        self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store)
-        self.device = pick_device(cfg.device)
-        self.scratch = cfg.teacher.model == "scratch"
-        self.keys: dict[str, str] = {}
+        self.processes = processes_state(cfg.device)  # None for one process
+        self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store, processes=self.processes)
+        self.device = self.processes.device if self.processes and cfg.device == "auto" else pick_device(cfg.device)
+        self.scratch, self.keys = cfg.teacher.model == "scratch", {}
+        self.is_main = self.processes is None or self.processes.is_main_process
         self.models = Models(cfg, self.run.root, self.device, self.keys)
 
     # --- what stages share -----------------------------------------------------------------------------------------
-    def _stage(self, name: str, settings: dict, fn: Callable[[Path], dict | None], inputs: tuple = ()) -> dict:
-        result = self.run.stage(name, settings, fn, inputs=tuple(i for i in inputs if i in self.keys))
+    def _stage(self, name: str, settings: dict, fn: Callable, inputs: tuple = (), collective: bool = False) -> dict:
+        inputs = tuple(i for i in inputs if i in self.keys)
+        result = self.run.stage(name, settings, fn, inputs=inputs, collective=collective)
         self.keys[name] = stage_key(settings)
         return result
 
@@ -215,12 +217,13 @@ class Experiment:
             self.models.seed()
             valid = self.models.encode(tokenizer, self.split("valid"))
             args = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
+            args["processes"] = self.processes
             return train_and_save(model, tokenizer, examples, valid, folder, kd=kd, **args, **asdict(train_cfg))
 
         d = self.cfg.data
         settings = {"data": self.keys["data"], "model": self.models.model_settings(m), "train": asdict(train_cfg)}
         settings.update(seed=self.cfg.seed, max_tokens=[d.max_source_tokens, d.max_target_tokens], **extra)
-        return self._stage(name, settings, run, inputs=("data", "tokenizer", *inputs))
+        return self._stage(name, settings, run, inputs=("data", "tokenizer", *inputs), collective=True)
 
     # --- stages ------------------------------------------------------------------------------------------------------
     def stage_data(self) -> dict[str, Any]:
@@ -421,9 +424,8 @@ class Experiment:
             return {"skipped": stats.no_baseline_reason(e.baseline, rows)}
 
         def fn(folder: Path) -> dict[str, Any]:
-            refs = [p.tgt for p in self.split("test")]
             test = {"bleu_tokenize": e.bleu_tokenize, "n_samples": e.bootstrap_samples}
-            result = compare_run_rows(self.run.root, rows, refs, baseline, **test)
+            result = compare_run_rows(self.run.root, rows, [p.tgt for p in self.split("test")], baseline, **test)
             write_json(folder / "significance.json", result)
             return result
 
@@ -438,9 +440,9 @@ class Experiment:
 
         cfg = self.cfg
         preflight(cfg)
-        started = time.perf_counter()
-        write_json(self.run.root / "config.json", to_dict(cfg))
-        needed = needed_stages(cfg)
+        started, needed = time.perf_counter(), needed_stages(cfg)
+        if self.is_main:
+            write_json(self.run.root / "config.json", to_dict(cfg))
         self.stage_data()
         if self.scratch:
             self.stage_tokenizer()
@@ -464,11 +466,11 @@ class Experiment:
         for name in cfg.systems:
             translation, scores = self.stage_translate(name), self.stage_evaluate(name)
             rows[name] = {"scores": scores, "translation": translation, "settings": describe_system(cfg, name)}
-        significance = self.stage_significance()
-        report = {"name": cfg.name, "command": command, "systems": rows, "significance": significance}
+        report = {"name": cfg.name, "command": command, "systems": rows, "significance": self.stage_significance()}
         report["stages"] = self.run.timings
         report.update(wall_seconds=time.perf_counter() - started, machine=_machine(self.device), config=to_dict(cfg))
-        write_report(self.run.root, report)
+        if self.is_main:
+            write_report(self.run.root, report)
         return report
 
 
@@ -515,6 +517,24 @@ def needed_stages(cfg: ExperimentConfig) -> set[str]:
     if any(getattr(cfg, section).teacher == "finetuned" for s in rows for section in s.teacher_from):
         needed.add("train_teacher")
     return needed
+
+
+def processes_state(device: str) -> Any:
+    """accelerate's state of the processes when several run the experiment together (torchrun, accelerate launch:
+    ``WORLD_SIZE`` > 1), else None. Waits between processes may last as long as a stage the main process runs alone."""
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu, timeout=datetime.timedelta(hours=24))
+    if state.is_main_process:
+        log.info("%d processes (%s): training stages run on all of them, the others on this one", state.num_processes,
+                 state.distributed_type)  # fmt: skip
+    return state
 
 
 def available_cores() -> int:
@@ -576,18 +596,27 @@ def compare_run_rows(
 
 
 def train_and_save(
-    model: Any, tokenizer: Any, examples: list[dict], valid: list[dict], folder: Path, **train_args: Any
+    model: Any,
+    tokenizer: Any,
+    examples: list[dict],
+    valid: list[dict],
+    folder: Path,
+    processes: Any = None,
+    **train_args: Any,
 ) -> dict[str, Any]:
     """Train (resuming from ``folder``'s checkpoints), then save the model to ``folder/model`` atomically."""
     from distillmt.models import count_parameters, save_trained
     from distillmt.train import train
 
     summary = train(model, examples, valid, folder, pad_token_id=tokenizer.pad_token_id, **train_args)
-    shutil.rmtree(folder / "model.tmp", ignore_errors=True)
-    save_trained(model, tokenizer, folder / "model.tmp")
-    shutil.rmtree(folder / "model", ignore_errors=True)
-    (folder / "model.tmp").rename(folder / "model")
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    if processes is None or processes.is_main_process:  # with several processes, they all hold the same weights
+        shutil.rmtree(folder / "model.tmp", ignore_errors=True)
+        save_trained(model, tokenizer, folder / "model.tmp")
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        (folder / "model.tmp").rename(folder / "model")
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    if processes is not None:
+        processes.wait_for_everyone()
     return {**summary, "parameters": count_parameters(model)}
 
 

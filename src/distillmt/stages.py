@@ -18,6 +18,7 @@ rerun). Logs (``metrics.jsonl``, ``tensorboard/``) are not outputs: losing them 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -109,9 +110,13 @@ class RunFolder:
     computed once.
     """
 
-    def __init__(self, root: Path, store: Path | None = None):
+    def __init__(self, root: Path, store: Path | None = None, processes: Any = None):
+        """``processes``: accelerate's ``PartialState`` when several processes run the experiment together (torchrun,
+        accelerate launch): the main process keeps the books and runs the stages, the others wait for it, and a
+        stage marked ``collective`` (training) runs on all of them."""
         self.root = root
         self.store = store
+        self.processes = processes if processes is not None and processes.num_processes > 1 else None
         self.root.mkdir(parents=True, exist_ok=True)
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
@@ -124,16 +129,24 @@ class RunFolder:
         settings: dict[str, Any],
         fn: Callable[[Path], dict[str, Any] | None],
         inputs: tuple[str, ...] = (),
+        collective: bool = False,
     ) -> dict[str, Any]:
         """Run ``fn(folder)`` as stage ``name`` unless it is complete; return its result (from ``stage.json`` when
         skipped). ``inputs``: the stages (already run in this invocation) whose outputs ``fn`` reads. Another process
-        working on the same stage folder (a second sweep on the same store) is waited for, not raced."""
+        working on the same stage folder (a second sweep on the same store) is waited for, not raced. ``collective``:
+        with several processes, every one of them runs ``fn`` (training); otherwise only the main process does."""
         key = stage_key(settings)
         folder = self.root / name if self.store is None else self.store / f"{name}-{key}"
-        with _exclusive(folder, name):
-            return self._stage(name, key, folder, settings, fn, inputs)
+        if self.processes is None:
+            with _exclusive(folder, name):
+                plan = self._prepare(name, key, folder, settings, inputs)
+                done = plan["skip"] or self._finish(name, key, folder, settings, fn(Path(plan["work"])) or {}, plan)
+        else:
+            done = self._stage_with_processes(name, key, folder, settings, fn, inputs, collective)
+        result, self.timings[name], self.digests[name] = done
+        return result
 
-    def _stage(
+    def _stage_with_processes(
         self,
         name: str,
         key: str,
@@ -141,7 +154,29 @@ class RunFolder:
         settings: dict[str, Any],
         fn: Callable[[Path], dict[str, Any] | None],
         inputs: tuple[str, ...],
+        collective: bool,
+    ) -> tuple:
+        """The main process keeps the books (and holds the stage lock); the others wait for its plan and, for a
+        collective stage, run ``fn`` in the folder it prepared; everyone ends with its result, timing and digest."""
+        from accelerate.utils import broadcast_object_list
+
+        main = self.processes.is_main_process
+        plan: list[Any] = [None]
+        with _exclusive(folder, name) if main else contextlib.nullcontext():
+            if main:
+                plan = [self._prepare(name, key, folder, settings, inputs)]
+            broadcast_object_list(plan)
+            done = [plan[0]["skip"]]
+            if done[0] is None:
+                result = (fn(Path(plan[0]["work"])) or {}) if (main or collective) else None
+                done = [self._finish(name, key, folder, settings, result, plan[0]) if main else None]
+                broadcast_object_list(done)
+        return done[0]
+
+    def _prepare(
+        self, name: str, key: str, folder: Path, settings: dict[str, Any], inputs: tuple[str, ...]
     ) -> dict[str, Any]:
+        """Skip (``{"skip": (result, timing, digest)}``) a complete stage, or prepare the folder to run it in."""
         _finish_interrupted_swap(folder)
         upstream = {n: self.digests[n] for n in inputs}
         info = _read_json_or_none(folder / STAGE_FILE)
@@ -149,10 +184,9 @@ class RunFolder:
             problem = damaged_output(folder, info.get("outputs", {}))
             if problem is None and info.get("inputs", upstream) == upstream:
                 log.info("stage %-22s skipped: complete (key %s)", name, key)
-                self.timings[name] = {"seconds": info.get("seconds"), "skipped": True, "key": key}
-                self.digests[name] = _digest(info.get("outputs", {}))
                 self._link(name, folder)
-                return info["result"]
+                timing = {"seconds": info.get("seconds"), "skipped": True, "key": key}
+                return {"skip": (info["result"], timing, _digest(info.get("outputs", {})))}
             reason = problem or "a stage it reads from was rebuilt with other output"
             log.warning("stage %-22s %s: running it again (the old output stays until then)", name, reason)
         elif info is not None:
@@ -167,21 +201,23 @@ class RunFolder:
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / PENDING_FILE, {"key": key, "settings": settings})
         log.info("stage %-22s %s (key %s)", name, "resuming" if resumed else "running", key)
-        start = time.perf_counter()
-        result = fn(work) or {}
-        seconds = time.perf_counter() - start
+        return {"skip": None, "work": str(work), "resumed": resumed, "upstream": upstream, "start": time.time()}
+
+    def _finish(
+        self, name: str, key: str, folder: Path, settings: dict[str, Any], result: dict, plan: dict[str, Any]
+    ) -> tuple:
+        """Record a stage that ran: its outputs in ``stage.json`` (written last), then swap it in and link it."""
+        work, seconds = Path(plan["work"]), time.time() - plan["start"]
         outputs = list_outputs(work)
         record = {"stage": name, "key": key, "settings": settings, "result": result, "outputs": outputs}
-        record.update(inputs=upstream, seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        record.update(inputs=plan["upstream"], seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json(work / STAGE_FILE, record)
         (work / PENDING_FILE).unlink(missing_ok=True)
         if work != folder:
             _swap(folder)
         self._link(name, folder)
-        self.timings[name] = {"seconds": seconds, "skipped": False, "resumed": resumed, "key": key}
-        self.digests[name] = _digest(outputs)
         log.info("stage %-22s done in %.1f s", name, seconds)
-        return result
+        return result, {"seconds": seconds, "skipped": False, "resumed": plan["resumed"], "key": key}, _digest(outputs)
 
     def result(self, name: str) -> dict[str, Any]:
         """The result a finished stage recorded in its ``stage.json``."""
