@@ -118,3 +118,27 @@ def test_summary_table_marks_significance_per_seed_and_shows_ci_for_one_seed():
     one = [{"point": "p00_T=1", "seed": 0, "system": "SLKD", "chrf": 8.0, "chrf_ci_low": 7.1, "chrf_ci_high": 8.9}]
     one[0]["chrf_p_value"] = 0.001
     assert "| p00_T=1 | SLKD | 8.00† (7.10–8.90) | 1 |" in summary_table(sweep, one)
+
+
+def test_winner_is_tested_against_the_runner_up_seed_by_seed(tmp_path):
+    from distillmt.sweep import Point, Sweep, winners
+
+    refs = [f"这是第{i}个很长的测试句子。" for i in range(40)]
+    outputs = {"p00_T=1": refs[:36] + ["错"] * 4, "p01_T=2": ["错误"] * 40}  # the first point is much better
+    sweep = Sweep("s", None, [], [Point(p, {"soft_kd.temperature": i + 1}) for i, p in enumerate(outputs)], [0], "chrf")
+    rows = []
+    for point, hyps in outputs.items():
+        folder = tmp_path / f"{point}-seed0" / "translate_SLKD"
+        folder.mkdir(parents=True)
+        folder.joinpath("translations.jsonl").write_text(
+            "".join(
+                json.dumps({"src": "x", "ref": r, "hyp": h}, ensure_ascii=False) + "\n"
+                for r, h in zip(refs, hyps, strict=True)
+            )
+        )
+        score = 90.0 if point == "p00_T=1" else 1.0
+        rows += [{"point": point, "seed": 0, "system": "SLKD", "chrf": score},
+                 {"point": point, "seed": 0, "system": "STUDENT", "chrf": 0.5}]  # fmt: skip
+    (line,) = winners(sweep, tmp_path, rows)  # STUDENT does not change between points: no line for it
+    assert line.startswith("- **SLKD**: best p00_T=1 (90.00), runner-up p01_T=2 (1.00), +89.00 chrf")
+    assert "seed 0: p = 0.0010" in line and "(significant in every seed)" in line

@@ -201,11 +201,11 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], metric: str = "chrf") -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "n/a"
-    decimals = 4 if abs(values[0]) <= 1.0 else 2
+    decimals = 4 if metric == "bertscore" else 2
     if len(values) == 1:
         return f"{values[0]:.{decimals}f}"
     return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
@@ -214,7 +214,7 @@ def _mean_std(values: list[float]) -> str:
 def _metric_cell(group: list[dict[str, Any]], metric: str) -> str:
     """mean ± sd over the seeds (one seed: the score and its 95% CI), then † when the row differed from its run's
     baseline at p < 0.05 in every seed tested, †k/n when in k of n."""
-    text = _mean_std([g.get(metric) for g in group])
+    text = _mean_std([g.get(metric) for g in group], metric)
     tested = [g[f"{metric}_p_value"] for g in group if _number(g.get(f"{metric}_p_value"))]
     significant = sum(1 for p in tested if p < 0.05)
     if tested and significant == len(tested):
@@ -223,7 +223,7 @@ def _metric_cell(group: list[dict[str, Any]], metric: str) -> str:
         text += f"†{significant}/{len(tested)}"
     lo, hi = group[0].get(f"{metric}_ci_low"), group[0].get(f"{metric}_ci_high")
     if len(group) == 1 and _number(lo) and _number(hi):
-        decimals = 4 if abs(hi) <= 1.0 else 2
+        decimals = 4 if metric == "bertscore" else 2
         text += f" ({lo:.{decimals}f}–{hi:.{decimals}f})"
     return text
 
@@ -676,6 +676,51 @@ def write_sweep_report(
     render_sweep_report(sweep, root, rows, command=command, runs=runs)
 
 
+def winners(sweep: Sweep, root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: for each system whose plot metric changes between points, the best point (by its mean over
+    seeds) against the runner-up, by paired bootstrap on the same test sentences, seed by seed (each seed draws its
+    own split). Points whose run folders are gone are left out."""
+    from distillmt.io import read_jsonl
+    from distillmt.stats import compare_to_baseline
+
+    metric, out = sweep.plot_metric, []
+    means: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if _number(r.get(metric)):
+            means.setdefault(r["system"], {}).setdefault(r["point"], []).append(r[metric])
+    for system, by_point in means.items():
+        ranked = sorted(by_point, key=lambda p: -statistics.mean(by_point[p]))
+        if len(ranked) < 2 or statistics.mean(by_point[ranked[0]]) == statistics.mean(by_point[ranked[-1]]):
+            continue  # the system does not depend on the swept settings (e.g. the baseline row)
+        best, second, verdicts = ranked[0], ranked[1], []
+        for seed in sweep.seeds:
+            files = [root / f"{p}-seed{seed}" / f"translate_{system}" / "translations.jsonl" for p in (best, second)]
+            if not all(f.is_file() for f in files):
+                continue
+            a, b = (read_jsonl(f) for f in files)
+            test = compare_to_baseline({best: [x["hyp"] for x in a], second: [x["hyp"] for x in b]},
+                                       [x["ref"] for x in a], second)  # fmt: skip
+            record = test["systems"][best].get(metric)
+            if record is not None:
+                verdicts.append(f"seed {seed}: p = {record['p_value']:.4f}")
+        gap = statistics.mean(by_point[best]) - statistics.mean(by_point[second])
+        significant = verdicts and all(float(v.split("= ")[1]) < 0.05 for v in verdicts)
+        out.append(
+            f"- **{system}**: best {best} ({_mean_std(by_point[best], metric)}), runner-up {second} "
+            f"({_mean_std(by_point[second], metric)}), +{gap:.2f} {metric}; paired bootstrap best vs runner-up: "
+            + ("; ".join(verdicts) or "not tested (run folders missing)")
+            + (
+                " (significant in every seed)"
+                if significant
+                else " (not significant in every seed)"
+                if verdicts
+                else ""
+            )
+            + "."
+        )
+    return out
+
+
 def render_sweep_report(
     sweep: Sweep, root: Path, rows: list[dict[str, Any]], *, command: str | None, runs: tuple[int, int]
 ) -> Path:
@@ -704,6 +749,9 @@ def render_sweep_report(
         "",
         summary_table(sweep, rows),
     ]
+    best = winners(sweep, root, rows)
+    if best:
+        lines += [f"## Which setting won ({sweep.plot_metric})", "", *best, ""]
     if plots:
         lines += embed_plots(plots)
     lines += [f"Updated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
