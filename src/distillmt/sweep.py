@@ -239,7 +239,7 @@ def summary_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
         groups.setdefault((r["point"], r["system"]), []).append(r)
     for (point, system), group in groups.items():
         first = group[0]
-        cells = [point, *[str(first.get(k)) for k in sweep.varied], system]
+        cells = [point, *["–" if first.get(k) is None else str(first.get(k)) for k in sweep.varied], system]
         cells += [_metric_cell(group, m) for m in metrics]
         cells.append(str(len(group)))
         lines.append("| " + " | ".join(cells) + " |")
