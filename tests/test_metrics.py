@@ -289,3 +289,24 @@ def test_an_unavailable_metric_has_no_sentence_scores(offline):
     scores, sentences = metrics.evaluate_with_sentences(HYPS, REFS, bertscore_model="bert-base-chinese")
     assert scores["bertscore"]["unavailable"]
     assert all(list(s) == ["chrF", "BLEU"] for s in sentences)
+
+
+def test_an_empty_translation_scores_zero_instead_of_crashing_bertscore(tmp_path):
+    """bert_score encodes an empty sentence with a tokenizer method transformers 5 removed; an empty hypothesis (a
+    KD student can say nothing) must score 0, as bert_score intends, not stop the evaluation."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    chars = sorted(set("今天天气很好我喜欢吃苹果他去学校了"))
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), tokenize_chinese_chars=True, model_max_length=64)
+    tok.save_pretrained(tmp_path / "enc")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    BertModel(cfg).save_pretrained(tmp_path / "enc")
+    out = metrics.bertscore(["", "今天天气很好"], ["我喜欢吃苹果", "今天天气很好"], model=str(tmp_path / "enc"), layer=2,
+                            sentences=True)  # fmt: skip
+    assert out["sentences"]["BERTScore F1"][0] == 0.0
+    assert out["sentences"]["BERTScore F1"][1] == pytest.approx(1.0, abs=1e-5)

@@ -162,6 +162,26 @@ def check_bertscore(model: str, layer: int) -> None:
         raise DistillmtError(f"eval.bertscore_layer = {layer} but {model} has {layers} layers; allowed: 1..{layers}")
 
 
+def _patch_empty_sentences() -> None:
+    """bert_score 0.3.13 encodes an empty sentence with ``tokenizer.build_inputs_with_special_tokens([])``, which the
+    tokenizers of transformers 5 no longer have, so one empty translation crashed the whole evaluation. Encode it as
+    the tokenizer's special tokens alone, as that call did; bert_score then scores the empty candidate 0 (its own
+    rule, with its own warning)."""
+    import bert_score.utils as bs_utils
+
+    original = bs_utils.sent_encode
+    if getattr(original, "_distillmt_patched", False):
+        return
+
+    def sent_encode(tokenizer: Any, sent: str) -> list[int]:
+        if sent.strip() == "":
+            return tokenizer("", add_special_tokens=True)["input_ids"]
+        return original(tokenizer, sent)
+
+    sent_encode._distillmt_patched = True  # type: ignore[attr-defined]
+    bs_utils.sent_encode = sent_encode
+
+
 def bertscore(
     hyps: list[str],
     refs: list[str],
@@ -180,6 +200,7 @@ def bertscore(
     import bert_score
     from bert_score.utils import get_hash
 
+    _patch_empty_sentences()
     _check(hyps, refs)
     from distillmt.models import check_loadable
 
