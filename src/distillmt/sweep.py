@@ -694,12 +694,21 @@ def winners(sweep: Sweep, root: Path, rows: list[dict[str, Any]]) -> list[str]:
             continue  # the system does not depend on the swept settings (e.g. the baseline row)
         best, second, verdicts = ranked[0], ranked[1], []
         for seed in sweep.seeds:
-            files = [root / f"{p}-seed{seed}" / f"translate_{system}" / "translations.jsonl" for p in (best, second)]
+            runs = [root / f"{p}-seed{seed}" for p in (best, second)]
+            files = [run / f"translate_{system}" / "translations.jsonl" for run in runs]
+            sentences = [run / f"evaluate_{system}" / "sentences.jsonl" for run in runs]
             if not all(f.is_file() for f in files):
                 continue
             a, b = (read_jsonl(f) for f in files)
+            f1 = {}
+            if all(f.is_file() for f in sentences):
+                f1 = {
+                    p: [x.get("BERTScore F1") for x in read_jsonl(f)]
+                    for p, f in zip((best, second), sentences, strict=True)
+                }
+                f1 = {p: (None if None in v else v) for p, v in f1.items()}
             test = compare_to_baseline({best: [x["hyp"] for x in a], second: [x["hyp"] for x in b]},
-                                       [x["ref"] for x in a], second)  # fmt: skip
+                                       [x["ref"] for x in a], second, sentence_scores={"bertscore": f1})  # fmt: skip
             record = test["systems"][best].get(metric)
             if record is not None:
                 verdicts.append(f"seed {seed}: p = {record['p_value']:.4f}")
@@ -708,7 +717,7 @@ def winners(sweep: Sweep, root: Path, rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"- **{system}**: best {best} ({_mean_std(by_point[best], metric)}), runner-up {second} "
             f"({_mean_std(by_point[second], metric)}), +{gap:.2f} {metric}; paired bootstrap best vs runner-up: "
-            + ("; ".join(verdicts) or "not tested (run folders missing)")
+            + ("; ".join(verdicts) or "not tested (run folders or per-sentence scores missing)")
             + (
                 " (significant in every seed)"
                 if significant
