@@ -166,6 +166,14 @@ def _chunks(n: int, chunk_size: int | None):
         yield start, min(start + chunk_size, n)
 
 
+def _target_ids(shifted_labels: Tensor, mask: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """The target token ids (long) at the masked positions, checked to lie in the compared vocabulary."""
+    targets = shifted_labels[mask].to(torch.long)
+    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
+        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
+    return targets
+
+
 def _zero(student_logits: Tensor) -> Tensor:
     """An exact 0.0 (fp32) with a gradient path to ``student_logits`` (its gradient is zero)."""
     return student_logits[..., :0].float().sum()
@@ -226,9 +234,7 @@ def kd_loss(
     if n == 0:
         zero = _zero(student_logits)
         return {"ce": zero, "kd": zero, "forward_kl": zero.detach()}
-    targets = lab[mask].to(torch.long)
-    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
-        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
+    targets = _target_ids(lab, mask, vocab, ignore_index)
     s_rows = s[mask]
     t_rows = t[mask]
 
@@ -366,9 +372,7 @@ def fused_kd_loss(
     if n == 0:
         zero = _zero(student_logits)
         return {"loss": zero, "ce": zero.detach(), "kd": zero.detach(), "forward_kl": zero.detach()}
-    targets = lab[mask].to(torch.long)
-    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
-        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
+    targets = _target_ids(lab, mask, vocab, ignore_index)
     t_rows = teacher_logits.detach()[:, :-1][mask]
     weights = (float(ce_weight), float(kd_weight))
     out = _FusedKD.apply(s[mask], t_rows, targets, vocab, temperature, kind, float(beta), *weights, chunk_size)
@@ -443,9 +447,7 @@ def topk_kd_loss(
     if n == 0:
         zero = _zero(student_logits)
         return {"ce": zero, "kd": zero}
-    targets = lab[mask].to(torch.long)
-    if int(targets.min()) < 0 or int(targets.max()) >= vocab:
-        raise ValueError(f"labels must be in [0, {vocab}) at target positions (or equal ignore_index={ignore_index})")
+    targets = _target_ids(lab, mask, vocab, ignore_index)
     s_rows = s[mask]
     t_lp = teacher_topk_logprobs.detach()[:, 1:][mask.to(teacher_topk_logprobs.device)].to(s_rows.device)
     t_idx = teacher_topk_indices.detach()[:, 1:][mask.to(teacher_topk_indices.device)]
