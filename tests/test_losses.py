@@ -488,3 +488,98 @@ def test_fused_loss_padded_vocab_masking_bf16_and_empty():
     empty = fused_kd_loss(s, t, torch.full_like(lab, -100), ce_weight=1.0, kd_weight=1.0)
     assert empty["loss"].item() == 0.0
     empty["loss"].backward()
+
+
+# ---------------------------------------------------------------------------------------------------- target rows
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_target_rows_layout_equals_the_full_layout(kind, beta):
+    """Passing only the target rows ([N, V] logits, [N] ids), as training does, gives the same terms and, at those
+    rows, the same gradient as the full [B, T, V] layout, for all three loss functions."""
+    from distillmt.losses import fused_kd_loss
+
+    s, t, lab = random_batch(seed=59)
+    mask = lab[:, 1:] != -100
+    s_rows = s.detach()[:, :-1][mask].requires_grad_(True)
+    t_rows, ids = t[:, :-1][mask], lab[:, 1:][mask]
+    args = {"divergence": kind, "beta": beta, "temperature": 2.0, "chunk_size": 3}
+    full, rows = kd_loss(s, t, lab, **args), kd_loss(s_rows, t_rows, ids, **args)
+    (g_full,) = torch.autograd.grad(full["ce"] + full["kd"], s)
+    (g_rows,) = torch.autograd.grad(rows["ce"] + rows["kd"], s_rows)
+    for key in ("ce", "kd", "forward_kl"):
+        assert torch.allclose(rows[key], full[key], rtol=1e-6), key
+    assert torch.allclose(g_rows, g_full[:, :-1][mask], atol=1e-7) and g_full[:, :-1][~mask].abs().sum() == 0
+    fused_full = fused_kd_loss(s, t, lab, ce_weight=0.3, kd_weight=1.2, **args)
+    fused_rows = fused_kd_loss(s_rows, t_rows, ids, ce_weight=0.3, kd_weight=1.2, **args)
+    assert torch.allclose(fused_rows["loss"], fused_full["loss"], rtol=1e-6)
+    # the cache is aligned with the labels: row r of the top-k predicts ids[r]
+    lp, idx = F.log_softmax(t / 2.0, -1).topk(4, dim=-1)
+    lp_lab, idx_lab = torch.zeros_like(lp), torch.zeros_like(idx)
+    lp_lab[:, 1:], idx_lab[:, 1:] = lp[:, :-1], idx[:, :-1]
+    topk_full = topk_kd_loss(s, lp_lab, idx_lab, lab, **args)
+    topk_rows = topk_kd_loss(s_rows, lp[:, :-1][mask], idx[:, :-1][mask], ids, **args)
+    for key in ("ce", "kd"):
+        assert torch.allclose(topk_rows[key], topk_full[key], rtol=1e-6), key
+
+
+def test_target_rows_layout_shape_errors():
+    s = torch.zeros(5, 7)
+    with pytest.raises(ValueError, match=r"labels must be \[N\] = \(5,\)"):
+        kd_loss(s, s, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"teacher_logits must be \[N, \*\]"):
+        kd_loss(s, torch.zeros(4, 7), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="target rows"):
+        kd_loss(torch.zeros(7), torch.zeros(7), torch.zeros((), dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------- fused linear
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_fused_linear_equals_autograd_through_the_output_layer(kind, beta, temp):
+    """Logits computed chunk by chunk from hidden states give kd_loss's terms, and the gradient autograd finds for
+    the hidden states and the output weight through `h @ W.T` and kd_loss."""
+    from distillmt.losses import fused_linear_kd_loss
+
+    g = torch.Generator().manual_seed(61)
+    n, hs, ht, v = 9, 5, 7, 13
+    h_s = torch.randn(n, hs, generator=g).requires_grad_(True)
+    w_s = torch.randn(v + 2, hs, generator=g).requires_grad_(True)  # 2 padding rows: ignored
+    h_t, w_t = torch.randn(n, ht, generator=g), torch.randn(v, ht, generator=g)
+    ids = torch.randint(0, v, (n,), generator=g)
+    ref = kd_loss(h_s @ w_s.T, h_t @ w_t.T, ids, divergence=kind, beta=beta, temperature=temp, vocab_size=v)
+    (rg_h, rg_w) = torch.autograd.grad(0.3 * ref["ce"] + 0.7 * temp**2 * ref["kd"], (h_s, w_s))
+    for cs in (None, 4):
+        out = fused_linear_kd_loss(
+            h_s, w_s, h_t, w_t, ids, ce_weight=0.3, kd_weight=0.7 * temp**2, divergence=kind, beta=beta,
+            temperature=temp, chunk_size=cs, vocab_size=v,
+        )  # fmt: skip
+        for key in ("ce", "kd", "forward_kl"):
+            assert torch.allclose(out[key], ref[key], rtol=1e-5, atol=1e-7), key
+        g_h, g_w = torch.autograd.grad(out["loss"] * 2.0, (h_s, w_s))  # an incoming gradient scales both
+        assert torch.allclose(g_h, 2 * rg_h, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(g_w, 2 * rg_w, rtol=1e-4, atol=1e-6) and g_w[v:].abs().sum() == 0
+
+
+def test_fused_linear_frozen_weight_empty_rows_and_errors():
+    from distillmt.losses import fused_linear_kd_loss, rows_per_chunk
+
+    h_s, w = torch.randn(4, 3).requires_grad_(True), torch.randn(6, 3)
+    out = fused_linear_kd_loss(h_s, w, h_s.detach(), w, torch.tensor([0, 1, 2, 5]), ce_weight=0.0, kd_weight=1.0)
+    assert out["kd"].item() == pytest.approx(0.0, abs=1e-6)  # the student is its own teacher
+    (g_h,) = torch.autograd.grad(out["loss"], h_s)
+    assert g_h.abs().max() < 1e-6  # and D's gradient vanishes there
+    empty = fused_linear_kd_loss(
+        h_s[:0], w, h_s[:0].detach(), w, torch.zeros(0, dtype=torch.long), ce_weight=1, kd_weight=1
+    )
+    assert empty["loss"].item() == 0.0
+    empty["loss"].backward()
+    with pytest.raises(ValueError, match="must be in"):
+        fused_linear_kd_loss(h_s, w, h_s.detach(), w, torch.tensor([0, 1, 2, 6]), ce_weight=1, kd_weight=1)
+    with pytest.raises(ValueError, match=r"\[V, H\]"):
+        fused_linear_kd_loss(h_s, w[:, :2], h_s.detach(), w, torch.tensor([0, 1, 2, 3]), ce_weight=1, kd_weight=1)
+    assert (
+        rows_per_chunk(151936, 1024) == 110 and rows_per_chunk(4000, 1024) == 1024 and rows_per_chunk(9, None) is None
+    )

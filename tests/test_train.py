@@ -251,16 +251,28 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("on_policy", [False, True])
-def test_fused_loss_step_equals_the_autograd_one(on_policy):
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_loss_step_equals_the_autograd_one(on_policy, lora):
+    """soft_kd.fused (here from the last hidden states: both output layers are plain) gives the loss, logged parts
+    and gradients of the autograd path, for a fully trained student (its output weight gets a gradient too) and a
+    LoRA one (frozen output layer)."""
+    from peft import LoraConfig, get_peft_model
+
     ex = examples(4)
     batch = _batch(ex)
     teacher = tiny_model(seed=5, hidden=32)
     grads = []
     for fused in (False, True):
         student = tiny_model(seed=1)
+        if lora:
+            torch.manual_seed(0)
+            student = get_peft_model(
+                student, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            )
         loss, parts = loss_step(student, batch, ex, _kd(teacher=teacher, fused=fused), on_policy=on_policy)
         loss.backward()
-        grads.append((loss.item(), parts, torch.cat([p.grad.flatten() for p in student.parameters()])))
+        trained = [p for p in student.parameters() if p.requires_grad]
+        grads.append((loss.item(), parts, torch.cat([p.grad.flatten() for p in trained])))
     (l0, p0, g0), (l1, p1, g1) = grads
     assert l1 == pytest.approx(l0, rel=1e-5)
     assert p1 == pytest.approx(p0, rel=1e-5)
@@ -279,3 +291,39 @@ def test_token_budget_batches():
     # two beams double every row: (10+2)*2 = 24 fits once in 40
     assert token_budget_batches(order, lengths, 8, 40, (2, 2)) == [[0], [1], [2], [3, 4, 5], [6, 7]]
     assert token_budget_batches([0], [100], 8, 10, (2, 1)) == [[0]]  # over the budget alone: still translated
+
+
+def test_target_logits_are_the_full_logits_at_target_rows():
+    """The output layer run at target positions alone gives the full forward's logits there, for a plain model and
+    a LoRA-wrapped one, and the hook is gone afterwards (a later forward returns every position)."""
+    from peft import LoraConfig, get_peft_model
+
+    from distillmt.train import target_logits, target_positions
+
+    ex = examples(5)
+    batch = _batch(ex)
+    rows = target_positions(batch["labels"])
+    assert rows.sum() == int(batch["labels"][:, 1:].ne(-100).sum()) and not rows[:, -1].any()
+    lora = get_peft_model(tiny_model(seed=3), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for model in (tiny_model(seed=2), lora):
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = target_logits(model, batch, rows)
+        assert got.shape == (int(rows.sum()), VOCAB)
+        assert torch.allclose(got, full[rows], atol=1e-6)
+        again = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert again.shape == full.shape
+
+
+def test_target_hidden_skips_the_output_layer_and_matches_its_input():
+    from distillmt.train import target_hidden, target_positions
+
+    ex = examples(5)
+    batch = _batch(ex)
+    rows = target_positions(batch["labels"])
+    model = tiny_model(seed=2)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    h, w = target_hidden(model, batch, rows)
+    assert w is model.lm_head.weight and h.shape == (int(rows.sum()), 16)
+    assert torch.allclose(h, full.hidden_states[-1][rows], atol=1e-6)
+    assert torch.allclose(h @ w.T, full.logits[rows], atol=1e-5)
+    assert model(input_ids=batch["input_ids"]).logits.shape == full.logits.shape  # the hook is gone

@@ -3,15 +3,19 @@
 One public function per job: :func:`divergence` (D between two distributions, per row), :func:`kd_loss` (the CE and
 D terms of a micro-batch against an online teacher's full logits) and :func:`topk_kd_loss` (the same terms against
 a teacher known through its cached top-k). Neither mixes them: the objective ``alpha·CE + (1 − alpha)·T²·D`` is
-written once, in ``distillmt.train.loss_step``.
+written once, in ``distillmt.train.loss_step``. Two faster forms of the online teacher's objective take its weights
+and return its gradient in closed form (``soft_kd.fused``): :func:`fused_kd_loss` from the logits and
+:func:`fused_linear_kd_loss` from the last hidden states and output weights, never holding the logits.
 
 Conventions used everywhere in this module:
 
 * ``p`` is the **teacher** distribution, ``q`` the **student** distribution, both at temperature ``T``
-  (``softmax(logits / T)``). Callers pass the model's *raw* logits ``[B, T, V]`` and the *unshifted* labels
-  ``[B, T]`` exactly as HF causal LMs take them; the loss functions do the causal shift themselves
-  (logits at position ``t`` predict ``labels[:, t + 1]``) and ignore positions whose label is ``ignore_index``
-  (prompt and padding).
+  (``softmax(logits / T)``). Callers pass either the model's *raw* logits ``[B, T, V]`` and the *unshifted*
+  labels ``[B, T]`` exactly as HF causal LMs take them (the loss functions do the causal shift themselves: logits
+  at position ``t`` predict ``labels[:, t + 1]``), or only the **target rows**: logits ``[N, V]`` and the ids they
+  predict ``[N]``, already aligned (what training passes, since it runs the output layer at target positions
+  alone; see ``distillmt.train.target_logits``). Positions whose label is ``ignore_index`` (prompt and padding)
+  are ignored in both layouts.
 * The reduction is a masked mean over target tokens: every target token of the batch has the same weight
   (it is *not* a mean of per-sequence means). With no target token at all the result is an exact ``0.0`` that
   still has a gradient path to the student logits (so ``backward()`` works and gives zero gradients).
@@ -20,7 +24,8 @@ Conventions used everywhere in this module:
   152,064 rows for 151,936 real tokens) never count as tokens.
 * Teacher logits are detached: gradients only ever flow into the student logits.
 * Memory: the selected target rows are gathered first (in the input dtype), then processed in chunks of
-  ``chunk_size`` rows; each chunk is cast to fp32 on its own, and when a gradient is needed each chunk runs under
+  ``chunk_size`` rows (fewer at a large vocabulary: :func:`rows_per_chunk` keeps a chunk within a memory budget);
+  each chunk is cast to fp32 on its own, and when a gradient is needed each chunk runs under
   activation checkpointing, so the fp32 intermediates of one chunk are the most that is ever alive at once
   (no fp32 copy of ``[B, T, V]`` is built, not even across chunks for the backward pass).
 
@@ -128,14 +133,34 @@ def shift_for_causal(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_shapes(student_logits: Tensor, labels: Tensor, other: Tensor | None, other_name: str) -> None:
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
-    if labels.shape != student_logits.shape[:2]:
-        raise ValueError(f"labels must be [B, T] = {tuple(student_logits.shape[:2])}, got {tuple(labels.shape)}")
-    if other is not None and (other.dim() != 3 or other.shape[:2] != student_logits.shape[:2]):
-        raise ValueError(
-            f"{other_name} must be [B, T, *] with B, T = {tuple(student_logits.shape[:2])}, got {tuple(other.shape)}"
-        )
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(f"student_logits must be [B, T, V] or target rows [N, V], got {tuple(student_logits.shape)}")
+    lead = tuple(student_logits.shape[:-1])
+    names = "[B, T]" if student_logits.dim() == 3 else "[N]"
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels must be {names} = {lead}, got {tuple(labels.shape)}")
+    if other is not None and (other.dim() != student_logits.dim() or tuple(other.shape[:-1]) != lead):
+        raise ValueError(f"{other_name} must be {names[:-1]}, *] with {names[1:-1]} = {lead}, got {tuple(other.shape)}")
+
+
+def _target_rows(
+    student_logits: Tensor, labels: Tensor, ignore_index: int, *others: Tensor, others_follow_labels: bool = False
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """``(student rows [N, V], target mask, shifted labels, other rows)`` from either layout (module docstring).
+
+    In the ``[B, T, *]`` layout the others are aligned with the logits (an online teacher's logits) or, with
+    ``others_follow_labels``, with the labels (a cached top-k). Rows already in the ``[N, *]`` layout are used as
+    they are when none is masked (no copy).
+    """
+    if student_logits.dim() == 2:
+        s, lab, others = student_logits, labels, list(others)
+    else:
+        s, lab = shift_for_causal(student_logits, labels)
+        others = [o[:, 1:] if others_follow_labels else o[:, :-1] for o in others]
+    mask = lab != ignore_index
+    if student_logits.dim() == 2 and bool(mask.all()):
+        return s, mask, lab, others
+    return s[mask], mask, lab, [o[mask.to(o.device)] for o in others]
 
 
 def _check_temperature(temperature: float) -> float:
@@ -164,6 +189,21 @@ def _chunks(n: int, chunk_size: int | None):
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     for start in range(0, n, chunk_size):
         yield start, min(start + chunk_size, n)
+
+
+# fp32 [rows, V] buffers alive at once in a chunk of the fused losses (student and teacher log-probs at T = 1 and
+# at T, the divergence's temporaries, the gradient), and the memory they may take together
+_FP32_BUFFERS = 8
+CHUNK_BUDGET_BYTES = 512 * 2**20
+
+
+def rows_per_chunk(vocab: int, chunk_size: int | None) -> int | None:
+    """Rows per chunk: at most ``chunk_size`` and at most what keeps a chunk's fp32 buffers within
+    :data:`CHUNK_BUDGET_BYTES` (at a 151,936-token vocabulary, 110 rows; at 4,000, 4,194), so memory does not grow
+    with the vocabulary. ``None`` with ``chunk_size=None``: one chunk."""
+    if chunk_size is None:
+        return None
+    return max(1, min(int(chunk_size), CHUNK_BUDGET_BYTES // (_FP32_BUFFERS * 4 * int(vocab))))
 
 
 def _target_ids(shifted_labels: Tensor, mask: Tensor, vocab: int, ignore_index: int) -> Tensor:
@@ -206,7 +246,8 @@ def kd_loss(
     """The terms of soft-label KD against a full teacher (the online teacher), over the same target tokens.
 
     ``student_logits`` ``[B, T, Vs]`` and ``teacher_logits`` ``[B, T, Vt]`` are raw model outputs, ``labels``
-    ``[B, T]`` the unshifted labels; the causal shift and the ``ignore_index`` mask are applied here. Only the first
+    ``[B, T]`` the unshifted labels; the causal shift and the ``ignore_index`` mask are applied here (or target
+    rows: ``[N, Vs]``, ``[N, Vt]`` and their target ids ``[N]``, see the module docstring). Only the first
     ``vocab_size`` columns (default ``min(Vs, Vt)``) are compared, both sides renormalised there. ``chunk_size``
     selected target rows are processed at a time (``None``: one chunk). Returns a dict of fp32 scalars, each a mean
     over target tokens:
@@ -227,16 +268,12 @@ def kd_loss(
     temperature = _check_temperature(temperature)
     vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
 
-    s, lab = shift_for_causal(student_logits, labels)
-    t = teacher_logits.detach()[:, :-1]
-    mask = lab != ignore_index
+    s_rows, mask, lab, (t_rows,) = _target_rows(student_logits, labels, ignore_index, teacher_logits.detach())
     n = int(mask.sum())
     if n == 0:
         zero = _zero(student_logits)
         return {"ce": zero, "kd": zero, "forward_kl": zero.detach()}
     targets = _target_ids(lab, mask, vocab, ignore_index)
-    s_rows = s[mask]
-    t_rows = t[mask]
 
     def chunk_sums(s_chunk: Tensor, t_chunk: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         s32 = s_chunk[:, :vocab].float()
@@ -257,7 +294,7 @@ def kd_loss(
     ce_total = _zero(student_logits)
     d_total = _zero(student_logits)
     fkl_total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    for a, b in _chunks(n, chunk_size):
+    for a, b in _chunks(n, rows_per_chunk(vocab, chunk_size)):
         ce, d, fkl = _run(chunk_sums, s_rows[a:b], t_rows[a:b], targets[a:b])
         ce_total = ce_total + ce
         d_total = d_total + d
@@ -313,7 +350,7 @@ class _FusedKD(torch.autograd.Function):
     def forward(ctx, s_rows, t_rows, targets, vocab, temperature, kind, beta, ce_weight, kd_weight, chunk_size):
         grad = torch.zeros_like(s_rows) if s_rows.requires_grad else None
         sums = torch.zeros(4, dtype=torch.float32, device=s_rows.device)  # objective, CE, D, forward KL
-        for a, b in _chunks(s_rows.shape[0], chunk_size):
+        for a, b in _chunks(s_rows.shape[0], rows_per_chunk(vocab, chunk_size)):
             s32, t32, tgt = s_rows[a:b, :vocab].float(), t_rows[a:b, :vocab].float(), targets[a:b]
             logq1, logp1 = F.log_softmax(s32, dim=-1), F.log_softmax(t32, dim=-1)
             ce = -logq1.gather(1, tgt[:, None]).sum()
@@ -366,16 +403,124 @@ def fused_kd_loss(
     _check_shapes(student_logits, labels, teacher_logits, "teacher_logits")
     temperature = _check_temperature(temperature)
     vocab = _resolve_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
-    s, lab = shift_for_causal(student_logits, labels)
-    mask = lab != ignore_index
+    s_rows, mask, lab, (t_rows,) = _target_rows(student_logits, labels, ignore_index, teacher_logits.detach())
     n = int(mask.sum())
     if n == 0:
         zero = _zero(student_logits)
         return {"loss": zero, "ce": zero.detach(), "kd": zero.detach(), "forward_kl": zero.detach()}
     targets = _target_ids(lab, mask, vocab, ignore_index)
-    t_rows = teacher_logits.detach()[:, :-1][mask]
     weights = (float(ce_weight), float(kd_weight))
-    out = _FusedKD.apply(s[mask], t_rows, targets, vocab, temperature, kind, float(beta), *weights, chunk_size)
+    out = _FusedKD.apply(s_rows, t_rows, targets, vocab, temperature, kind, float(beta), *weights, chunk_size)
+    return dict(zip(("loss", "ce", "kd", "forward_kl"), (v / n for v in out), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused linear: the logits themselves computed chunk by chunk from the last hidden states
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """:class:`_FusedKD` with the output layers folded in: each chunk's student and teacher logits are computed from
+    the hidden rows and the output weights, used, and freed; the gradient goes straight to the student's hidden rows
+    (and to its output weight when that is trained), so no ``[N, V]`` tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, targets, vocab, temperature, kind, beta, ce_w, kd_w, rows):
+        grad_h = torch.zeros_like(s_hidden) if s_hidden.requires_grad else None
+        grad_w = (
+            torch.zeros(s_weight.shape, dtype=torch.float32, device=s_weight.device) if s_weight.requires_grad else None
+        )
+        sums = torch.zeros(4, dtype=torch.float32, device=s_hidden.device)  # objective, CE, D, forward KL
+        w_s, w_t = s_weight[:vocab], t_weight[:vocab]
+        for a, b in _chunks(s_hidden.shape[0], rows):
+            h = s_hidden[a:b]
+            s32 = (h @ w_s.T).float()  # in the weights' dtype, as the output layer would compute it
+            t32 = (t_hidden[a:b] @ w_t.T).float()
+            tgt = targets[a:b]
+            logq1, logp1 = F.log_softmax(s32, dim=-1), F.log_softmax(t32, dim=-1)
+            del s32
+            ce = -logq1.gather(1, tgt[:, None]).sum()
+            logq, logp = (logq1, logp1) if temperature == 1.0 else (
+                F.log_softmax((logq1 / temperature), dim=-1), F.log_softmax(t32 / temperature, dim=-1)
+            )  # fmt: skip
+            del t32
+            d = _divergence_fn(logp, logq, kind, beta).sum()
+            sums += torch.stack([ce_w * ce + kd_w * d, ce, d, _kl(logp1, logq1).sum()])
+            if grad_h is None and grad_w is None:
+                continue
+            g = kd_w / temperature * divergence_grad(logp, logq, kind, beta)
+            if ce_w:
+                g += ce_w * logq1.exp()
+                g[torch.arange(b - a, device=g.device), tgt] -= ce_w
+            del logq, logp, logq1, logp1
+            g = g.to(w_s.dtype)
+            if grad_h is not None:
+                grad_h[a:b] = g @ w_s
+            if grad_w is not None:
+                grad_w[:vocab] += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(s_weight.dtype))
+        objective, ce, d, fkl = (v.clone() for v in sums)
+        ctx.mark_non_differentiable(ce, d, fkl)
+        return objective, ce, d, fkl
+
+    @staticmethod
+    def backward(ctx, g_objective, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = [None if g is None else g * g_objective.to(g.dtype) for g in (grad_h, grad_w)]
+        return (scale[0], scale[1]) + (None,) * 10
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    targets: Tensor,
+    *,
+    ce_weight: float,
+    kd_weight: float,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 1024,
+) -> dict[str, Tensor]:
+    """:func:`fused_kd_loss` computed from the last hidden states instead of the logits (the fused-linear idea of
+    Liger-kernel and Cut Cross-Entropy, in plain PyTorch on any device): the student's logits ``h_s @ W_s.T`` and the
+    teacher's ``h_t @ W_t.T`` exist one chunk of rows at a time, so the ``[N, V]`` logits of neither model are ever
+    held, and the objective's gradient (closed form, :func:`divergence_grad`) is pushed through the output layer in
+    the same pass.
+
+    ``student_hidden`` ``[N, Hs]`` and ``teacher_hidden`` ``[N, Ht]`` are the models' last hidden states at the
+    target rows (``distillmt.train.target_hidden``), ``student_weight`` ``[Vs, Hs]`` and ``teacher_weight``
+    ``[Vt, Ht]`` their output layers' weights (no bias), ``targets`` ``[N]`` the ids the rows predict. The teacher
+    side is detached. Only the first ``vocab_size`` rows of each weight (default: the smaller) are used. Chunks hold
+    at most ``chunk_size`` rows and at most what a memory budget allows (:func:`rows_per_chunk`). Returns the same
+    dict as :func:`fused_kd_loss`: ``"loss"`` (differentiable with respect to the student's hidden rows and, when
+    it requires grad, its weight), ``"ce"``, ``"kd"``, ``"forward_kl"``, each a mean over the rows.
+    """
+    kind = divergence
+    _check_kind(kind, beta)
+    temperature = _check_temperature(temperature)
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or targets.shape != student_hidden.shape[:1]:
+        raise ValueError(
+            f"hidden states must be [N, H] and targets [N]; got student {tuple(student_hidden.shape)}, teacher "
+            f"{tuple(teacher_hidden.shape)}, targets {tuple(targets.shape)}"
+        )
+    if teacher_hidden.shape[0] != student_hidden.shape[0]:
+        raise ValueError(f"student and teacher rows differ: {student_hidden.shape[0]} vs {teacher_hidden.shape[0]}")
+    if student_weight.shape[1] != student_hidden.shape[1] or teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError("each output weight must be [V, H] with the H of its hidden states")
+    vocab = _resolve_vocab(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
+    n = student_hidden.shape[0]
+    if n == 0:
+        zero = _zero(student_hidden) + _zero(student_weight)
+        return {"loss": zero, "ce": zero.detach(), "kd": zero.detach(), "forward_kl": zero.detach()}
+    targets = _target_ids(targets, torch.ones_like(targets, dtype=torch.bool), vocab, -100)
+    rows = rows_per_chunk(vocab, chunk_size)
+    args = (vocab, temperature, kind, float(beta), float(ce_weight), float(kd_weight), rows)
+    out = _FusedLinearKD.apply(
+        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), targets, *args
+    )
     return dict(zip(("loss", "ce", "kd", "forward_kl"), (v / n for v in out), strict=True))
 
 
@@ -414,7 +559,8 @@ def topk_kd_loss(
     ``teacher_topk_logprobs`` (float) and ``teacher_topk_indices`` (integer) are ``[B, T, k]`` and **aligned with
     the labels**: position ``t`` holds the teacher's distribution for predicting ``labels[:, t]`` (already at
     temperature ``T``, as the cache stores it); entries at masked positions are ignored. ``student_logits``
-    ``[B, T, V]`` are raw and ``labels`` ``[B, T]`` unshifted, as for :func:`kd_loss`. Returns fp32 scalars, means
+    ``[B, T, V]`` are raw and ``labels`` ``[B, T]`` unshifted, as for :func:`kd_loss` (or target rows: ``[N, V]``
+    student logits, ``[N, k]`` teacher top-k and ``[N]`` target ids, all aligned). Returns fp32 scalars, means
     over target tokens, with the same meaning as :func:`kd_loss`'s (no ``"forward_kl"``: the full teacher
     distribution is not known):
 
@@ -441,16 +587,16 @@ def topk_kd_loss(
     temperature = _check_temperature(temperature)
     vocab = _resolve_vocab(vocab_size, student_logits.shape[-1])
 
-    s, lab = shift_for_causal(student_logits, labels)
-    mask = lab != ignore_index
+    teacher = (teacher_topk_logprobs.detach(), teacher_topk_indices.detach())
+    s_rows, mask, lab, (t_lp, t_idx) = _target_rows(
+        student_logits, labels, ignore_index, *teacher, others_follow_labels=True
+    )
     n = int(mask.sum())
     if n == 0:
         zero = _zero(student_logits)
         return {"ce": zero, "kd": zero}
     targets = _target_ids(lab, mask, vocab, ignore_index)
-    s_rows = s[mask]
-    t_lp = teacher_topk_logprobs.detach()[:, 1:][mask.to(teacher_topk_logprobs.device)].to(s_rows.device)
-    t_idx = teacher_topk_indices.detach()[:, 1:][mask.to(teacher_topk_indices.device)]
+    t_lp = t_lp.to(s_rows.device)
     t_idx = t_idx.to(device=s_rows.device, dtype=torch.long)
     if int(t_idx.min()) < 0 or int(t_idx.max()) >= vocab:
         raise ValueError(f"teacher_topk_indices must be in [0, {vocab}) at target positions")
@@ -464,7 +610,7 @@ def topk_kd_loss(
 
     ce_total = _zero(student_logits)
     d_total = _zero(student_logits)
-    for a, b in _chunks(n, chunk_size):
+    for a, b in _chunks(n, rows_per_chunk(vocab, chunk_size)):
         ce, d = _run(chunk_sums, s_rows[a:b], t_lp[a:b], t_idx[a:b], targets[a:b])
         ce_total = ce_total + ce
         d_total = d_total + d
