@@ -684,5 +684,7 @@ def test_bench_loss_prints_a_table_of_ratios(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text == out.read_text() + "\n"
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| implementation")]
-    assert len(rows) == 4 and rows[0].split(" | ")[3] == "1.00×"  # naive is the unit
+    assert len(rows) == 5 and rows[0].split(" | ")[3] == "1.00×"  # naive is the unit
+    ours = {r.split(" | ")[-1] for r in rows if "distillmt" in r}
+    assert len(ours) == 1  # kd_loss, fused and fused_linear: the same objective from the same hidden states
     assert all("not measured" not in r for r in rows if "TRL" not in r)

@@ -108,3 +108,58 @@ def test_distillmt_run_on_two_processes(tmp_path):
         assert two[system]["scores"]["chrf"]["score"] == pytest.approx(one[system]["scores"]["chrf"]["score"], abs=1.0)
     logs = (tmp_path / "two" / "train_slkd" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in logs if '"valid_ce"' in x]) == 1  # written once, by the main process
+
+
+GENERATION_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {tests!r})
+    from conftest import build_tiny_qwen
+    from distillmt.data import Pair
+    from distillmt.models import train_bpe_tokenizer
+    from distillmt.pipeline import processes_state, translate_split
+    from distillmt.teacher_labels import build_teacher_labels, read_label_pairs
+
+    out = Path(sys.argv[1])
+    processes = processes_state("cpu")
+    words = "the cat sat on a mat and we saw it there every day".split()
+    pairs = [Pair(" ".join(words[i % 5 : i % 5 + 2 + i % 7]), "") for i in range(23)]
+    tok = train_bpe_tokenizer([p.src for p in pairs] * 5 + ["你好世界"] * 20, 300, out / "tok")
+    model = build_tiny_qwen(len(tok), hidden_size=32, seed=2, pad_token_id=tok.pad_token_id).eval()
+    decoding = {{"batch_size": 3, "max_new_tokens": 4, "num_beams": 1, "length_penalty": 1.0, "do_sample": True,
+                "temperature": 1.5, "top_k": 0, "top_p": 1.0}}
+    result = build_teacher_labels(lambda: (model, tok), pairs, out / "labels", identity={{"t": 1}}, decoding=decoding,
+                                  shard_size=4, progress=False, processes=processes)
+    test = translate_split(model, tok, pairs, out, processes, **decoding, engine="hf", quantization="int8",
+                           seed=5, progress=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        labels = [p.tgt for p in read_label_pairs(out / "labels", result["shards"], 0.0, seed=0)]
+        (out / "result.json").write_text(json.dumps({{"labels": labels, "result": result, "test": test}}))
+    """
+)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_label_generation_and_translation_split_across_two_processes(tmp_path):
+    """Label shards and test batches are divided between 2 processes (each writes or translates its share, the main
+    process merges in order), and the labels and translations equal one process's, sampled ones included."""
+    script = tmp_path / "ddp_generate.py"
+    script.write_text(GENERATION_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    results = {}
+    for name, cmd in (("one", [sys.executable]), ("two", launch)):
+        proc = subprocess.run([*cmd, str(script), str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+    one, two = results["one"], results["two"]
+    assert len(one["labels"]) == 23 and len(set(one["labels"])) > 5  # sampled, varied
+    assert two["labels"] == one["labels"] and two["result"]["shards"] == one["result"]["shards"]
+    assert two["result"]["generated_tokens"] == one["result"]["generated_tokens"]  # summed over the processes
+    assert (two["test"]["processes"], one["test"]["processes"]) == (2, 1)
+    assert two["test"]["generated_tokens"] == one["test"]["generated_tokens"]
+    rows = [(tmp_path / n / "translations.jsonl").read_text() for n in ("one", "two")]
+    assert rows[0] == rows[1] and rows[0].count("\n") == 23

@@ -185,3 +185,40 @@ def test_bench_generate_compares_batching_and_engines(run_dir, tmp_path, capsys)
     assert "| hf, batches of 32 |" in text
     if __import__("importlib").util.find_spec("ctranslate2"):
         assert "| ct2 int8, batches of 32 |" in text
+
+
+@pytest.mark.parametrize("engine", ["hf", "ct2", "vllm"])
+def test_shards_of_several_processes_merge_into_one_process_output(run_dir, tmp_path, monkeypatch, engine):
+    """Each process translates its share (shard=(rank, world)); merged, the shares give one process's output exactly,
+    hf sampling included (each batch draws from its own seed), and a sentence no shard covers is an error."""
+    import sys
+
+    import torch
+
+    from distillmt.generate import merge_shards, translate_with_engine
+    from distillmt.models import load_tokenizer
+
+    if engine == "ct2":
+        pytest.importorskip("ctranslate2")
+    monkeypatch.setitem(sys.modules, "vllm", _FakeVllm)
+    from conftest import build_tiny_qwen
+
+    tok = load_tokenizer(str(run_dir / "train_student" / "model"))
+    model = build_tiny_qwen(len(tok), hidden_size=32, seed=2, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # a random but decisive model: varied greedy output
+    words = "the cat sat on a mat and we saw it there every day".split()
+    sources = [" ".join(words[: 2 + i]) for i in range(11)]
+    args = {"engine": engine, "quantization": "float32", "work_dir": tmp_path, "max_new_tokens": 5, "batch_size": 3}
+    # sampling for hf (CTranslate2 samples from per-thread generators that no seed resets: its sampled output
+    # depends on the process count; its greedy output does not)
+    args.update(do_sample=engine == "hf", temperature=1.5, top_k=0, top_p=1.0, seed=4)
+    one, _ = translate_with_engine(model, tok, sources, **args)
+    parts = [translate_with_engine(model, tok, sources, shard=(r, 3), **args)[0] for r in range(3)]
+    assert all(sum(h is not None for h in p.hypotheses) < len(sources) for p in parts)  # each did a share
+    merged = merge_shards(parts)
+    if engine != "ct2":  # (greedy, this random model says the same thing to every source)
+        assert len(set(one.hypotheses)) > 3  # varied output: the order of the merge is checked too
+    assert merged.hypotheses == one.hypotheses and merged.generated_tokens == one.generated_tokens
+    with pytest.raises(DistillmtError, match="translated by no process"):
+        merge_shards(parts[1:])

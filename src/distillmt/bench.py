@@ -3,12 +3,15 @@
 ``generate``: sentences/s of one model translating the same sentences one at a time, in batches, in batches under a
 token budget, and with CTranslate2 float32 and int8 (when installed).
 
-``loss``: one forward + backward of the KD loss on random logits (default: vocabulary 151,936, batch × sequence
-8 × 256, bf16, half the positions targets), for a full-vocabulary implementation written the obvious way, TRL's
-``GKDTrainer.generalized_jsd_loss`` (when ``trl`` is installed; beta=0, i.e. forward KL), ``distillmt.losses.kd_loss``
-and ``distillmt.losses.fused_kd_loss``. Each runs in its own child process, so its peak memory is its own: the
-process's peak resident memory (``VmHWM``, reset after the inputs are built) minus its resident memory at that
-point. Time is the median of a few calls after one warm-up call.
+``loss``: one forward + backward of the output layers and the KD loss, from the last hidden states (default:
+vocabulary 151,936, batch × sequence 8 × 256, bf16, half the positions targets, a LoRA-style frozen student output
+layer with Qwen2.5-0.5B's hidden size 896 and a teacher with Qwen2.5-1.5B's 1,536), for a full-vocabulary
+implementation written the obvious way, TRL's ``GKDTrainer.generalized_jsd_loss`` (when ``trl`` is installed;
+beta=0, i.e. forward KL) on the same full logits, ``distillmt.losses.kd_loss`` and ``fused_kd_loss`` on the logits of
+the target rows (what training computes), and ``fused_linear_kd_loss``, which never holds the logits. Each runs in
+its own child process, so its peak memory is its own: the process's peak resident memory (``VmHWM``, reset after
+the inputs are built) minus its resident memory at that point. Time is the median of a few calls after one warm-up
+call.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import time
 from typing import Any
 
 IMPLEMENTATIONS = {
-    "naive": "full-vocabulary fp32 (the obvious implementation)",
-    "trl": "TRL `GKDTrainer.generalized_jsd_loss` (beta=0, forward KL)",
-    "kd_loss": "distillmt `kd_loss` (chunked, checkpointed; CE + D + forward KL)",
-    "fused": "distillmt `fused_kd_loss` (chunked, closed-form gradient; CE + D + forward KL)",
+    "naive": "full-vocabulary fp32 at every position (the obvious implementation)",
+    "trl": "TRL `GKDTrainer.generalized_jsd_loss` (beta=0, forward KL) at every position",
+    "kd_loss": "distillmt `kd_loss` on the target rows' logits (autograd, checkpointed chunks)",
+    "fused": "distillmt `fused_kd_loss` on the target rows' logits (closed-form gradient)",
+    "fused_linear": "distillmt `fused_linear_kd_loss` from the hidden states (logits never held)",
 }
+STUDENT_HIDDEN, TEACHER_HIDDEN = 896, 1536  # Qwen2.5-0.5B and -1.5B
 
 
 def _status_kb(field: str) -> int:
@@ -39,33 +44,56 @@ def _status_kb(field: str) -> int:
 
 
 def _loss_fn(impl: str, temperature: float, chunk_size: int) -> Any:
+    """``fn(h_s, w_s, h_t, w_t, labels) -> loss``: the output layers and the loss, as each implementation does it."""
     import torch
     import torch.nn.functional as F
 
-    from distillmt.losses import fused_kd_loss, kd_loss
+    from distillmt.losses import fused_kd_loss, fused_linear_kd_loss, kd_loss
 
-    def naive(s, t, labels):
-        logq = F.log_softmax(s[:, :-1].float() / temperature, dim=-1)
-        logp = F.log_softmax(t[:, :-1].float() / temperature, dim=-1)
+    def full_logits(h_s, w_s, h_t, w_t):
+        with torch.no_grad():
+            t = h_t[:, :-1] @ w_t.T
+        return h_s[:, :-1] @ w_s.T, t
+
+    def rows(h_s, w_s, h_t, w_t, labels):
+        mask = labels[:, 1:] != -100
+        with torch.no_grad():
+            t = h_t[:, :-1][mask] @ w_t.T
+        return h_s[:, :-1][mask], t, labels[:, 1:][mask]
+
+    def naive(h_s, w_s, h_t, w_t, labels):
+        s, t = full_logits(h_s, w_s, h_t, w_t)
+        logq = F.log_softmax(s.float() / temperature, dim=-1)
+        logp = F.log_softmax(t.float() / temperature, dim=-1)
         mask = labels[:, 1:] != -100
         return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum() / mask.sum()
 
-    def trl(s, t, labels):
+    def trl(h_s, w_s, h_t, w_t, labels):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
-        return GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels[:, 1:], beta=0.0, temperature=temperature)
+        s, t = full_logits(h_s, w_s, h_t, w_t)
+        return GKDTrainer.generalized_jsd_loss(s, t, labels[:, 1:], beta=0.0, temperature=temperature)
 
-    def ours(s, t, labels):
-        out = kd_loss(s, t, labels, temperature=temperature, chunk_size=chunk_size)
-        return 0.5 * out["ce"] + 0.5 * temperature**2 * out["kd"]
+    weights = {"ce_weight": 0.5, "kd_weight": 0.5 * temperature**2}
 
-    def fused(s, t, labels):
-        w = {"ce_weight": 0.5, "kd_weight": 0.5 * temperature**2}
-        return fused_kd_loss(s, t, labels, temperature=temperature, chunk_size=chunk_size, **w)["loss"]
+    def ours(h_s, w_s, h_t, w_t, labels):
+        h, t, ids = rows(h_s, w_s, h_t, w_t, labels)
+        out = kd_loss(h @ w_s.T, t, ids, temperature=temperature, chunk_size=chunk_size)
+        return weights["ce_weight"] * out["ce"] + weights["kd_weight"] * out["kd"]
 
-    del torch
-    return {"naive": naive, "trl": trl, "kd_loss": ours, "fused": fused}[impl]
+    def fused(h_s, w_s, h_t, w_t, labels):
+        h, t, ids = rows(h_s, w_s, h_t, w_t, labels)
+        return fused_kd_loss(h @ w_s.T, t, ids, temperature=temperature, chunk_size=chunk_size, **weights)["loss"]
+
+    def fused_linear(h_s, w_s, h_t, w_t, labels):
+        mask = labels[:, 1:] != -100
+        h, ht, ids = h_s[:, :-1][mask], h_t[:, :-1][mask], labels[:, 1:][mask]
+        return fused_linear_kd_loss(h, w_s, ht, w_t, ids, temperature=temperature, chunk_size=chunk_size, **weights)[
+            "loss"
+        ]
+
+    return {"naive": naive, "trl": trl, "kd_loss": ours, "fused": fused, "fused_linear": fused_linear}[impl]
 
 
 def _child(
@@ -77,24 +105,26 @@ def _child(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    student = torch.randn(batch, seq, vocab, dtype=dt).mul_(2.0).requires_grad_(True)
-    teacher = torch.randn(batch, seq, vocab, dtype=dt).mul_(2.0)
+    h_s = torch.randn(batch, seq, STUDENT_HIDDEN, dtype=dt).requires_grad_(True)
+    w_s = torch.randn(vocab, STUDENT_HIDDEN, dtype=dt).mul_(STUDENT_HIDDEN**-0.5 * 2)
+    h_t = torch.randn(batch, seq, TEACHER_HIDDEN, dtype=dt)
+    w_t = torch.randn(vocab, TEACHER_HIDDEN, dtype=dt).mul_(TEACHER_HIDDEN**-0.5 * 2)
     labels = torch.randint(0, vocab, (batch, seq))
     labels[:, : seq // 2] = -100  # the prompt half: no targets
     fn = _loss_fn(impl, 2.0, chunk_size)
-    fn(student, teacher, labels).backward()  # warm-up (and imports)
-    student.grad = None
+    fn(h_s, w_s, h_t, w_t, labels).backward()  # warm-up (and imports)
+    h_s.grad = None
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak to the current resident memory
         f.write("5")
     base = _status_kb("VmRSS")
     times, value = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        loss = fn(student, teacher, labels)
+        loss = fn(h_s, w_s, h_t, w_t, labels)
         loss.backward()
         times.append(time.perf_counter() - start)
         value = float(loss)
-        student.grad = None
+        h_s.grad = None
     peak = _status_kb("VmHWM") - base
     print(json.dumps({"impl": impl, "seconds": statistics.median(times), "peak_mb": peak / 1024, "value": value}))
 
@@ -104,11 +134,12 @@ def bench_loss(
     repeats: int = 3, threads: int = 0,
 ) -> str:  # fmt: skip
     """Run every implementation (ours at each chunk size) in a child process; returns the markdown report."""
+    from distillmt.losses import rows_per_chunk
     from distillmt.pipeline import available_cores
 
     threads = threads or available_cores()
     runs: list[tuple[str, int]] = [("naive", 0), ("trl", 0)] + [
-        (i, c) for c in chunk_sizes for i in ("kd_loss", "fused")
+        (i, c) for c in chunk_sizes for i in ("kd_loss", "fused", "fused_linear")
     ]
     results = []
     for impl, chunk in runs:
@@ -121,16 +152,16 @@ def bench_loss(
         results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "chunk": chunk})
     base = next(r for r in results if r["impl"] == "naive" and "error" not in r)
     lines = [
-        f"# KD loss: one forward + backward, vocabulary {vocab:,}, batch × sequence {batch} × {seq}, {dtype}, "
-        "half the positions targets",
+        f"# KD loss from the last hidden states: output layers + loss, forward + backward, vocabulary {vocab:,}, "
+        f"batch × sequence {batch} × {seq}, {dtype}, half the positions targets",
         "",
-        "| implementation | chunk | seconds per call | time vs naive | peak extra memory (MB) | memory vs naive | "
+        "| implementation | chunk (rows per chunk) | seconds per call | time vs naive | peak extra memory (MB) | memory vs naive | "
         "value |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = IMPLEMENTATIONS[r["impl"]]
-        chunk = str(r["chunk"]) if r["chunk"] else "–"
+        chunk = f"{r['chunk']} ({rows_per_chunk(vocab, r['chunk'])})" if r["chunk"] else "–"
         if "error" in r:
             lines.append(f"| {name} | {chunk} | not measured: {r['error']} | | | | |")
             continue
@@ -141,9 +172,13 @@ def bench_loss(
     lines += [
         "",
         "The values differ by design: naive and TRL compute forward KL alone, distillmt's rows the training "
-        "objective 0.5·CE + 0.5·T²·KL (T = 2) with CE and the true forward KL from the same pass. Peak extra memory: "
-        "the child process's peak resident memory during the timed calls minus its resident memory before them (inputs "
-        "built, one warm-up call done); the gradient buffer of the student logits, the same for every row, counts.",
+        "objective 0.5·CE + 0.5·T²·KL (T = 2) with CE and the true forward KL from the same pass. Every row starts "
+        f"from the same bf16 hidden states (student {STUDENT_HIDDEN}, teacher {TEACHER_HIDDEN} wide) and frozen "
+        "output weights, as with LoRA, and its time includes both output layers; the gradient flows to the student's "
+        "hidden states. The chunk is `soft_kd.chunk_size`; rows per chunk is what the memory budget "
+        "(`distillmt.losses.CHUNK_BUDGET_BYTES`) leaves of it at this vocabulary. Peak extra memory: the child "
+        "process's peak resident memory during the timed calls minus its resident memory before them (inputs built, "
+        "one warm-up call done).",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
         f"{platform.python_version()}. {repeats} timed calls each (median), after one warm-up call.",

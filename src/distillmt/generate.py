@@ -16,11 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from distillmt.errors import DistillmtError
+from distillmt.io import file_lock
 from distillmt.prompts import build_prompt, end_token_id, strip_output
 
 
 @dataclass
 class TranslationResult:
+    """Hypotheses in input order. A result of one process's shard (``shard=(rank, world)``) holds None and no
+    candidates for the sources of the other shards; :func:`merge_shards` puts the shards together."""
+
     hypotheses: list[str]
     candidates: list[list[str]]  # every candidate per source (one when num_return_sequences == 1)
     generated_tokens: int
@@ -38,6 +42,26 @@ class TranslationResult:
             "tokens_per_s": self.tokens_per_second,
             "sentences_per_s": len(self.hypotheses) / max(self.seconds, 1e-9),
         }
+
+
+def merge_shards(parts: list[TranslationResult]) -> TranslationResult:
+    """One result from the shards that several processes translated (each hypothesis from the shard that has it);
+    tokens add up, and the seconds are the slowest shard's (the processes ran side by side)."""
+    hyps = [
+        next((p.hypotheses[i] for p in parts if p.hypotheses[i] is not None), None)
+        for i in range(len(parts[0].hypotheses))
+    ]
+    if None in hyps:
+        raise DistillmtError(f"sentence {hyps.index(None)} was translated by no process")
+    cands = [next(p.candidates[i] for p in parts if p.hypotheses[i] is not None) for i in range(len(hyps))]
+    return TranslationResult(hyps, cands, sum(p.generated_tokens for p in parts), max(p.seconds for p in parts))
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    return rank, world
 
 
 def mbr_select(candidates: list[str]) -> int:
@@ -76,10 +100,15 @@ def translate(
     progress: bool = True,
     desc: str = "translate",
     max_batch_tokens: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> TranslationResult:
     """Translate ``sources``; outputs come back in input order whatever the batching did. Batches hold up to
     ``batch_size`` sources of similar length; with ``max_batch_tokens`` also at most that many tokens (each row counted
-    at the batch's longest prompt plus ``max_new_tokens``, times the beams), so short sentences go in larger batches."""
+    at the batch's longest prompt plus ``max_new_tokens``, times the beams), so short sentences go in larger batches.
+
+    ``shard=(rank, world)``: translate only every ``world``-th batch from ``rank`` on (one of several processes; see
+    :func:`merge_shards`). The batches and, when sampling, each batch's seed (``seed`` + its index) are the same
+    whatever the number of processes, so the merged output equals one process's."""
     from transformers import GenerationConfig
 
     model.eval()
@@ -106,13 +135,17 @@ def translate(
         return_dict_in_generate=True,
         output_scores=num_return_sequences > 1 and selection == "score",
     )
-    torch.manual_seed(seed)
+    rank, world = _check_shard(shard)
+    batches = token_budget_batches(order, lengths, batch_size, max_batch_tokens, (max_new_tokens, num_beams))
+    mine = list(range(rank, len(batches), world))
     candidates: list[list[str]] = [[] for _ in sources]
     scores: list[list[float]] = [[] for _ in sources]
     generated = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(sources), desc=desc, unit="sent", disable=not progress, leave=False)
-    for idx in token_budget_batches(order, lengths, batch_size, max_batch_tokens, (max_new_tokens, num_beams)):
+    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="sent", disable=not progress, leave=False)
+    for b in mine:
+        idx = batches[b]
+        torch.manual_seed(seed + b)
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
             device
         )
@@ -132,9 +165,11 @@ def translate(
         bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - start
-    hyps = []
+    hyps: list[str | None] = []
     for i, cands in enumerate(candidates):
-        if len(cands) == 1:
+        if not cands:  # another shard's
+            hyps.append(None)
+        elif len(cands) == 1:
             hyps.append(cands[0])
         elif selection == "mbr":
             hyps.append(cands[mbr_select(cands)])
@@ -188,16 +223,18 @@ def translate_ct2(
     progress: bool = True,
     desc: str = "translate (ct2)",
     max_batch_tokens: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> TranslationResult:
     """:func:`translate` with a CTranslate2 model folder (``distillmt export --format ct2``): the same prompts, stop
-    tokens and output cleaning, CTranslate2's own batching; one candidate per source."""
+    tokens and output cleaning, CTranslate2's own batching inside each group of ``batch_size`` sources; one
+    candidate per source. ``shard`` as for :func:`translate` (groups instead of batches)."""
     try:
         import ctranslate2
     except ImportError:
         raise DistillmtError(f"{model_dir} is a CTranslate2 model: pip install 'distillmt[ct2]'") from None
 
+    rank, world = _check_shard(shard)
     generator = ctranslate2.Generator(str(model_dir), device=device)
-    ctranslate2.set_random_seed(seed)
     stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
     prompts = [
         tokenizer.convert_ids_to_tokens(tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"])
@@ -206,10 +243,14 @@ def translate_ct2(
     options = {"max_length": max_new_tokens, "beam_size": num_beams, "length_penalty": length_penalty}
     if do_sample:
         options.update(sampling_temperature=temperature, sampling_topk=top_k or 0, sampling_topp=top_p)
-    hyps, generated = [], 0
+    hyps: list[str | None] = [None] * len(sources)
+    generated = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(sources), desc=desc, unit="sent", disable=not progress, leave=False)
-    for b in range(0, len(prompts), batch_size):
+    groups = list(range(0, len(prompts), batch_size))[rank::world]
+    bar = tqdm(total=sum(len(prompts[b : b + batch_size]) for b in groups), desc=desc, unit="sent",
+               disable=not progress, leave=False)  # fmt: skip
+    for b in groups:
+        ctranslate2.set_random_seed(seed + b // batch_size)
         results = generator.generate_batch(
             prompts[b : b + batch_size],
             max_batch_size=max_batch_tokens or batch_size,
@@ -218,13 +259,13 @@ def translate_ct2(
             end_token=[tokenizer.convert_ids_to_tokens(i) for i in stop],
             **options,
         )
-        for r in results:
+        for k, r in enumerate(results):
             ids = r.sequences_ids[0]
             generated += len(ids) + (len(ids) < max_new_tokens)  # the stop token counts, as in translate()
-            hyps.append(strip_output(tokenizer.decode(ids, skip_special_tokens=True)))
+            hyps[b + k] = strip_output(tokenizer.decode(ids, skip_special_tokens=True))
         bar.update(len(results))
     bar.close()
-    return TranslationResult(hyps, [[h] for h in hyps], generated, time.perf_counter() - start)
+    return TranslationResult(hyps, [[] if h is None else [h] for h in hyps], generated, time.perf_counter() - start)
 
 
 def convert_to_ct2(model: Any, tokenizer: Any, out_dir: str | Path, quantization: str) -> Path:
@@ -257,7 +298,8 @@ def translate_with_engine(
     """Translate with transformers (``hf``, the reference), CTranslate2 (``ct2``: ``model`` is converted once into
     ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard) or vLLM (``vllm``, GPU only: the
     model, LoRA merged, is saved once into ``work_dir/vllm-model``). Returns the result and the engine with its
-    precision (``hf float32``, ``ct2 int8``, ``vllm bfloat16``). CTranslate2 and vLLM give one candidate per source."""
+    precision (``hf float32``, ``ct2 int8``, ``vllm bfloat16``). CTranslate2 and vLLM give one candidate per source.
+    Several processes (``shard``) convert once: the first holds a lock on the folder, the others wait and reuse it."""
     dtype = str(next(model.parameters()).dtype)[6:]
     if engine == "hf":
         return translate(model, tokenizer, sources, **decoding), f"hf {dtype}"
@@ -265,16 +307,18 @@ def translate_with_engine(
         decoding.pop(key, None)
     if engine == "vllm":
         vllm_dir = Path(work_dir) / "vllm-model"
-        if not (vllm_dir / "config.json").is_file():
-            tmp = vllm_dir.parent / f".{vllm_dir.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            tmp.rename(vllm_dir)
+        with file_lock(Path(work_dir) / ".vllm-model.lock"):
+            if not (vllm_dir / "config.json").is_file():
+                tmp = vllm_dir.parent / f".{vllm_dir.name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                tokenizer.save_pretrained(str(tmp))
+                tmp.rename(vllm_dir)
         return translate_vllm(str(vllm_dir), tokenizer, sources, dtype=dtype, **decoding), f"vllm {dtype}"
     ct2_dir = Path(work_dir) / "ct2-model"
-    if not (ct2_dir / "model.bin").is_file():
-        convert_to_ct2(model, tokenizer, ct2_dir, quantization)
+    with file_lock(Path(work_dir) / ".ct2-model.lock"):
+        if not (ct2_dir / "model.bin").is_file():
+            convert_to_ct2(model, tokenizer, ct2_dir, quantization)
     device = next(model.parameters()).device.type
     return translate_ct2(str(ct2_dir), tokenizer, sources, device=device, **decoding), f"ct2 {quantization}"
 
@@ -297,11 +341,12 @@ def translate_vllm(
     progress: bool = True,
     desc: str = "translate (vllm)",
     max_batch_tokens: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> TranslationResult:
     """:func:`translate` with vLLM on a GPU (the engine TRL uses for on-policy generation): the same prompts, stop
     tokens and output cleaning; vLLM schedules the batches itself (``batch_size`` and ``max_batch_tokens`` are not
-    used). Greedy or sampling;
-    beam search is refused (vLLM's sampler has none)."""
+    used). Greedy or sampling; beam search is refused (vLLM's sampler has none). ``shard=(rank, world)``: every
+    ``world``-th source from ``rank`` on."""
     if num_beams > 1:
         raise DistillmtError("engine vllm does not do beam search: use num_beams=1, or engine hf or ct2")
     try:
@@ -317,11 +362,14 @@ def translate_vllm(
         seed=seed,
         stop_token_ids=stop,
     )
+    rank, world = _check_shard(shard)
     llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=False)
-    prompts = [build_prompt(tokenizer, s) for s in sources]
+    mine = list(range(rank, len(sources), world))
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    outputs = llm.generate([build_prompt(tokenizer, sources[i]) for i in mine], params, use_tqdm=progress)
     seconds = time.perf_counter() - start
-    hyps = [strip_output(o.outputs[0].text) for o in outputs]
+    hyps: list[str | None] = [None] * len(sources)
+    for i, o in zip(mine, outputs, strict=True):
+        hyps[i] = strip_output(o.outputs[0].text)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return TranslationResult(hyps, [[h] for h in hyps], generated, seconds)
+    return TranslationResult(hyps, [[] if h is None else [h] for h in hyps], generated, seconds)

@@ -1,11 +1,13 @@
-"""Atomic file writes: a reader never sees a half-written file, and a killed run never leaves one behind."""
+"""Atomic file writes (a reader never sees a half-written file, and a killed run never leaves one behind) and
+file locks (two processes that would build the same file take turns)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,26 @@ def read_json(path: str | Path) -> Any:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@contextmanager
+def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the duration; a second process blocks until
+    the first is done (``on_wait`` is called first, to say so). POSIX only; elsewhere no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per run folder or store
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

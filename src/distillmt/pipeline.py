@@ -284,12 +284,14 @@ class Experiment:
         def fn(folder: Path) -> dict[str, Any]:
             teacher = partial(self.models.teacher_for_labels, h.teacher)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
-            return build_teacher_labels(teacher, sources, folder, identity=identity, progress=self.progress, **labels)
+            run = {"identity": identity, "progress": self.progress, "processes": self.processes}
+            return build_teacher_labels(teacher, sources, folder, **run, **labels)
 
         settings = {"data": self.keys["data"], "teacher": identity, **labels}
         if h.extra_sources or h.extra_sources_file:  # (absent otherwise: the key of a run without them is unchanged)
             settings["extra_sources"] = {"n": h.extra_sources, "file": _sha256(h.extra_sources_file)}
-        return self._stage("teacher_labels", settings, fn, inputs=("data", *teacher_stage(h.teacher)))
+        inputs = ("data", *teacher_stage(h.teacher))
+        return self._stage("teacher_labels", settings, fn, inputs=inputs, collective=True)
 
     def label_data(self, tokenizer: Any) -> tuple[list[dict], None]:
         """Training data of sequence-level KD: the teacher's labels (a seeded share of references mixed in)."""
@@ -364,28 +366,26 @@ class Experiment:
         return self._train_stage("train_gkd", extra, data, teacher_stage(s.teacher))
 
     def stage_translate(self, name: str) -> dict[str, Any]:
-        from distillmt.generate import translate_with_engine
-        from distillmt.models import count_parameters
-
+        """The test set translated by one system; with several processes, each translates its share of the batches."""
         system = systems.get(name)
         g = self.cfg.generate
 
         def fn(folder: Path) -> dict[str, Any]:
             tokenizer, model, test = self.models.tokenizer(), self.models.load_system(system), self.split("test")
             self.models.seed()
-            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", "work_dir": folder}
-            res, engine = translate_with_engine(model, tokenizer, [p.src for p in test], **asdict(g), **run)
-            rows = [{"src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(test, res.hypotheses, strict=True)]
-            write_jsonl(folder / "translations.jsonl", rows)
-            info = {"parameters": count_parameters(model)["total"], **res.summary(), "device": str(self.device)}
-            return {**info, "engine": engine}
+            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", **asdict(g)}
+            return {
+                **translate_split(model, tokenizer, test, folder, self.processes, **run),
+                "device": str(self.device),
+            }
 
         stage = system.trained_stage(self.scratch)
         m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
         settings = {"system": name, "model": source, "generate": keyed_settings(g), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
-        return self._stage(f"translate_{name}", settings, fn, inputs=("data", "tokenizer", *([stage] if stage else [])))
+        inputs = ("data", "tokenizer", *([stage] if stage else []))
+        return self._stage(f"translate_{name}", settings, fn, inputs=inputs, collective=True)
 
     def stage_evaluate(self, name: str) -> dict[str, Any]:
         """Corpus scores (scores.json, into the report) and per-sentence scores (sentences.jsonl, in test order)."""
@@ -535,6 +535,34 @@ def processes_state(device: str) -> Any:
         log.info("%d processes (%s): training stages run on all of them, the others on this one", state.num_processes,
                  state.distributed_type)  # fmt: skip
     return state
+
+
+def translate_split(
+    model: Any, tokenizer: Any, pairs: list[data_mod.Pair], folder: Path, processes: Any, **generate: Any
+) -> dict[str, Any]:
+    """``pairs`` translated into ``folder/translations.jsonl`` (src, ref, hyp per line, in order); returns the row's
+    figures. With several processes each translates its share of the batches, and the main process writes the
+    merged rows."""
+    from accelerate.utils import gather_object
+
+    from distillmt.generate import merge_shards, translate_with_engine
+    from distillmt.models import count_parameters
+
+    shard = shard_of(processes)
+    res, engine = translate_with_engine(
+        model, tokenizer, [p.src for p in pairs], work_dir=folder, shard=shard, **generate
+    )
+    if processes is not None:
+        res = merge_shards(gather_object([res]))
+    if processes is None or processes.is_main_process:
+        rows = [{"src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(pairs, res.hypotheses, strict=True)]
+        write_jsonl(folder / "translations.jsonl", rows)
+    return {"parameters": count_parameters(model)["total"], **res.summary(), "engine": engine, "processes": shard[1]}
+
+
+def shard_of(processes: Any) -> tuple[int, int]:
+    """``(rank, world)`` of this process among those running the experiment together; ``(0, 1)`` alone."""
+    return (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
 
 
 def available_cores() -> int:

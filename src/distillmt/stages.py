@@ -25,13 +25,13 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from distillmt.errors import DistillmtError
-from distillmt.io import read_json, write_json
+from distillmt.io import file_lock, read_json, write_json
 
 log = logging.getLogger("distillmt.stages")
 
@@ -239,26 +239,11 @@ class RunFolder:
         os.replace(tmp, link)
 
 
-@contextmanager
-def _exclusive(folder: Path, name: str) -> Iterator[None]:
+def _exclusive(folder: Path, name: str) -> contextlib.AbstractContextManager:
     """Hold an exclusive lock on a stage folder (``.<folder>.lock`` beside it) while the stage is checked and run;
-    a process that finds it held waits, then sees the finished stage. POSIX only; elsewhere no lock is taken."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process per run folder or store
-        yield
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(_twin(folder, "lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("stage %-22s is being run by another process: waiting for it", name)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    a process that finds it held waits, then sees the finished stage."""
+    on_wait = partial(log.info, "stage %-22s is being run by another process: waiting for it", name)
+    return file_lock(_twin(folder, "lock"), on_wait)
 
 
 def _twin(folder: Path, kind: str) -> Path:

@@ -42,6 +42,7 @@ def build_teacher_labels(
     shard_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    processes: Any = None,
 ) -> dict[str, Any]:
     """Translate the sources of ``pairs`` with the teacher and write them as label shards into ``out_dir``.
 
@@ -51,6 +52,10 @@ def build_teacher_labels(
     a dict); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
     with ``do_sample``) and one is kept by ``selection`` (``score`` or ``mbr``). Shard ``i`` is decoded with seed
     ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens", "generation_seconds"}``.
+
+    ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards ``r, r + P, ...``;
+    every process returns once all shards are written, with the figures summed over the processes. A shard's
+    content does not depend on which process wrote it (its seed is its index), so the labels equal one process's.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,11 +73,12 @@ def build_teacher_labels(
     model = tokenizer = None
     shards, generated, seconds = [], 0, 0.0
     n_shards = (len(pairs) + shard_size - 1) // shard_size
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     for i in range(n_shards):
         chunk = pairs[i * shard_size : (i + 1) * shard_size]
         path = out_dir / f"shard-{i:05d}-{_digest({'src': [p.src for p in chunk], **settings})}.jsonl"
         shards.append(path.name)
-        if path.exists():
+        if path.exists() or i % world != rank:
             continue
         if model is None:
             model, tokenizer = load_teacher()
@@ -96,6 +102,12 @@ def build_teacher_labels(
             for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True)
         ]
         write_jsonl(path, rows)
+    if processes is not None:  # wait for every shard; the figures of all processes
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(generated, seconds, sorted(engines))])
+        generated, seconds = sum(p[0] for p in parts), max(p[1] for p in parts)
+        engines = {e for p in parts for e in p[2]}
     result = {"shards": shards, "generated_tokens": generated, "generation_seconds": seconds}
     return {**result, "engine": ", ".join(sorted(engines))} if engines else result
 
