@@ -118,6 +118,7 @@ GENERATION_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import build_tiny_qwen
     from distillmt.data import Pair
+    from distillmt.logit_cache import build_teacher_cache
     from distillmt.models import train_bpe_tokenizer
     from distillmt.pipeline import processes_state, translate_split
     from distillmt.teacher_labels import build_teacher_labels, read_label_pairs
@@ -134,17 +135,28 @@ GENERATION_SCRIPT = textwrap.dedent(
                                   shard_size=4, progress=False, processes=processes)
     test = translate_split(model, tok, pairs, out, processes, **decoding, engine="hf", quantization="int8",
                            seed=5, progress=False)
+    examples = []
+    for p in pairs:
+        ids = tok(p.src)["input_ids"] + [5, 6, 7]
+        examples.append({{"input_ids": ids, "labels": [-100] * (len(ids) - 3) + [5, 6, 7]}})
+    cache = build_teacher_cache(model, examples, out / "cache", teacher_id="t", k=5, temperature=2.0,
+                                vocab_size=len(tok), shard_size=4, pad_token_id=tok.pad_token_id,
+                                progress=False, processes=processes)
+    lp, idx = cache.gather([e["input_ids"] for e in examples], [e["labels"] for e in examples], 40)
     if int(os.environ.get("RANK", "0")) == 0:
         labels = [p.tgt for p in read_label_pairs(out / "labels", result["shards"], 0.0, seed=0)]
-        (out / "result.json").write_text(json.dumps({{"labels": labels, "result": result, "test": test}}))
+        cached = {{"logprobs": lp.tolist(), "indices": idx.tolist(), "entries": len(cache)}}
+        (out / "result.json").write_text(json.dumps({{"labels": labels, "result": result, "test": test,
+                                                     "cache": cached}}))
     """
 )
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_label_generation_and_translation_split_across_two_processes(tmp_path):
-    """Label shards and test batches are divided between 2 processes (each writes or translates its share, the main
-    process merges in order), and the labels and translations equal one process's, sampled ones included."""
+    """Label shards, test batches and teacher-cache shards are divided between 2 processes (each writes or
+    translates its share, the main process merges in order or writes the manifest), and the labels, translations
+    and cached top-k equal one process's, sampled labels included."""
     script = tmp_path / "ddp_generate.py"
     script.write_text(GENERATION_SCRIPT.format(tests=os.path.dirname(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -163,3 +175,4 @@ def test_label_generation_and_translation_split_across_two_processes(tmp_path):
     assert two["test"]["generated_tokens"] == one["test"]["generated_tokens"]
     rows = [(tmp_path / n / "translations.jsonl").read_text() for n in ("one", "two")]
     assert rows[0] == rows[1] and rows[0].count("\n") == 23
+    assert two["cache"] == one["cache"] and one["cache"]["entries"] == 23  # the teacher cache, 6 shards of 4

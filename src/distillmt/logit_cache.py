@@ -40,6 +40,7 @@ from torch import Tensor
 
 from distillmt.errors import DistillmtError
 from distillmt.io import atomic_write_bytes, read_json, write_json
+from distillmt.train import target_logits
 
 FORMAT = "distillmt-teacher-cache"
 FORMAT_VERSION = 1
@@ -126,14 +127,6 @@ def _shard_is_reusable(path: Path, ckey: str, index: int, keys: list[str]) -> bo
         return False
 
 
-def _model_logits(output: Any) -> Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        logits = output[0]
-    return logits
-
-
-@torch.no_grad()
 def _teacher_topk(
     teacher,
     examples: Sequence[dict[str, Any]],
@@ -166,15 +159,18 @@ def _teacher_topk(
             seq = torch.as_tensor([int(x) for x in examples[i]["input_ids"]], dtype=torch.long)
             ids[j, : len(seq)] = seq
             attn[j, : len(seq)] = 1
-        logits = _model_logits(teacher(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False))
-        if logits.shape[-1] < vocab_size:
+        target = torch.zeros_like(ids, dtype=torch.bool)  # the positions whose logits predict a target
+        for j, i in enumerate(batch):
+            target[j, torch.as_tensor(positions[i], dtype=torch.long) - 1] = True
+        # [n, V'] in the model dtype, row-major (example by example, positions ascending): the output layer runs at
+        # these rows alone
+        rows = target_logits(
+            teacher, {"input_ids": ids.to(device), "attention_mask": attn.to(device)}, target.to(device)
+        )
+        if rows.shape[-1] < vocab_size:
             raise DistillmtError(
-                f"the teacher produces {logits.shape[-1]} logits per token but vocab_size={vocab_size} was asked for"
+                f"the teacher produces {rows.shape[-1]} logits per token but vocab_size={vocab_size} was asked for"
             )
-        row_b = torch.cat([torch.full((len(positions[i]),), j, dtype=torch.long) for j, i in enumerate(batch)])
-        row_t = torch.cat([torch.as_tensor(positions[i], dtype=torch.long) - 1 for i in batch])
-        rows = logits[row_b.to(logits.device), row_t.to(logits.device)]  # [n, V'] in the model dtype
-        del logits
         vals_parts, idx_parts = [], []
         for r0 in range(0, rows.shape[0], row_chunk):
             lp = F.log_softmax(rows[r0 : r0 + row_chunk, :vocab_size].float() / temperature, dim=-1)
@@ -291,6 +287,7 @@ def build_teacher_cache(
     device: str | torch.device = "cpu",
     progress: bool = True,
     overwrite: bool = False,
+    processes: Any = None,
 ) -> TeacherCache:
     """Run ``teacher`` once over ``examples`` and store its top-``k`` log-probs (at ``temperature``) per target token.
 
@@ -302,6 +299,10 @@ def build_teacher_cache(
     Resumable: finished shards of an interrupted build with the same settings are kept (not rewritten). A folder
     that already holds a complete cache with the same settings is returned as is; one holding a complete cache with
     other settings is refused unless ``overwrite=True``.
+
+    ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards ``r, r + P, ...``;
+    the main process checks the folder first and writes the manifest last, and every process returns the whole
+    cache. A shard's content does not depend on which process wrote it.
     """
     from tqdm.auto import tqdm
 
@@ -324,25 +325,27 @@ def build_teacher_cache(
     )
 
     manifest_path = out_dir / MANIFEST
-    finished = _finished_cache(out_dir, ckey, overwrite)
+    main = processes is None or processes.is_main_process
+    finished = _finished_cache(out_dir, ckey, overwrite) if main else None
+    if processes is not None:  # the main process has checked (and cleared) the folder
+        processes.wait_for_everyone()
+        finished = finished or (TeacherCache(out_dir) if manifest_path.exists() else None)
     if finished is not None:
         return finished
 
     n = len(examples)
     n_shards = max(1, math.ceil(n / shard_size))
-    shards_info = []
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     reused = 0
     was_training = bool(getattr(teacher, "training", False))
     teacher.eval()
     try:
         bar = tqdm(total=n, desc="teacher cache", unit="ex", disable=not progress)
-        for s in range(n_shards):
+        for s in range(rank, n_shards, world):
             lo, hi = s * shard_size, min((s + 1) * shard_size, n)
             path = out_dir / _shard_name(s)
             shard_keys = keys[lo:hi]
             if _shard_is_reusable(path, ckey, s, shard_keys):
-                with safe_open(str(path), framework="pt") as f:
-                    n_tokens = int(f.get_tensor("offsets")[-1])
                 reused += 1
             else:
                 results = _teacher_topk(
@@ -355,17 +358,31 @@ def build_teacher_cache(
                     pad_token_id=pad_token_id,
                     device=device,
                 )
-                data, n_tokens = _shard_bytes(results, ckey=ckey, index=s, first_example=lo, keys=shard_keys, k=k)
+                data, _ = _shard_bytes(results, ckey=ckey, index=s, first_example=lo, keys=shard_keys, k=k)
                 atomic_write_bytes(path, data)
-            shards_info.append({"file": path.name, "first_example": lo, "n_examples": hi - lo, "n_tokens": n_tokens})
             bar.update(hi - lo)
         bar.close()
     finally:
         teacher.train(was_training)
 
-    _remove_stale_files(out_dir, n_shards)
-    settings = {"teacher_id": str(teacher_id), "k": k, "temperature": temperature, "vocab_size": vocab_size}
-    write_json(manifest_path, _manifest(ckey, settings, fingerprint, n, shard_size, shards_info, reused))
+    if processes is not None:  # every shard written
+        from accelerate.utils import gather_object
+
+        reused = sum(gather_object([reused]))
+    if main:
+        shards_info = []
+        for s in range(n_shards):
+            lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+            with safe_open(str(out_dir / _shard_name(s)), framework="pt") as f:
+                n_tokens = int(f.get_tensor("offsets")[-1])
+            shards_info.append(
+                {"file": _shard_name(s), "first_example": lo, "n_examples": hi - lo, "n_tokens": n_tokens}
+            )
+        _remove_stale_files(out_dir, n_shards)
+        settings = {"teacher_id": str(teacher_id), "k": k, "temperature": temperature, "vocab_size": vocab_size}
+        write_json(manifest_path, _manifest(ckey, settings, fingerprint, n, shard_size, shards_info, reused))
+    if processes is not None:  # the manifest written
+        processes.wait_for_everyone()
     return TeacherCache(out_dir)
 
 

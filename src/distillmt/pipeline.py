@@ -326,28 +326,20 @@ class Experiment:
         s = self.cfg.soft_kd
 
         def fn(folder: Path) -> dict[str, Any]:
-            tokenizer = self.models.tokenizer()
-            cache = build_teacher_cache(
-                self.models.load_teacher(s.teacher),
-                self.models.encode(tokenizer, self.split("train")),
-                folder,
-                teacher_id=self.models.teacher_id(),
-                k=s.cache_k,
-                temperature=s.temperature,
-                vocab_size=len(tokenizer),
-                batch_size=self.cfg.train_student.batch_size,
-                pad_token_id=tokenizer.pad_token_id,
-                device=self.device,
-                progress=self.progress,
-            )
-            return {"entries": len(cache)}
+            tokenizer, teacher = self.models.tokenizer(), self.models.load_teacher(s.teacher)
+            args = {"teacher_id": self.models.teacher_id(), "k": s.cache_k, "temperature": s.temperature}
+            args.update(vocab_size=len(tokenizer), batch_size=self.cfg.train_student.batch_size, device=self.device)
+            args.update(pad_token_id=tokenizer.pad_token_id, progress=self.progress, processes=self.processes)
+            examples = self.models.encode(tokenizer, self.split("train"))
+            return {"entries": len(build_teacher_cache(teacher, examples, folder, **args))}
 
         d = self.cfg.data
         settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(s.teacher), "k": s.cache_k}
         settings.update(temperature=s.temperature, max_tokens=[d.max_source_tokens, d.max_target_tokens])
         if self.scratch:
             settings["tokenizer"] = self.keys["tokenizer"]
-        return self._stage("teacher_cache", settings, fn, inputs=("data", "tokenizer", *teacher_stage(s.teacher)))
+        inputs = ("data", "tokenizer", *teacher_stage(s.teacher))
+        return self._stage("teacher_cache", settings, fn, inputs=inputs, collective=True)
 
     def stage_train_slkd(self) -> dict[str, Any]:
         """SLKD: a fresh student trained on the references with alpha·CE + (1 − alpha)·T²·D against the teacher."""

@@ -89,7 +89,7 @@ def target_logits(model: Any, batch: dict, rows: torch.Tensor) -> torch.Tensor:
     head = getattr(model, "module", model).get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows], *args[1:]))
     try:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     finally:
         handle.remove()
 
@@ -112,7 +112,7 @@ def target_hidden(model: Any, batch: dict, rows: torch.Tensor) -> tuple[torch.Te
 
     handle = head.register_forward_pre_hook(keep_rows)
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         handle.remove()
     return kept[0], head.weight
