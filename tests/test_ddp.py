@@ -85,13 +85,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_distillmt_run_on_two_processes(tmp_path):
-    """`torchrun -m distillmt run` (what `accelerate launch -m distillmt run` does): the main process keeps the books
-    and runs the stages, both processes train, and the rows match a one-process run."""
+    """`torchrun --nproc_per_node=2 -m distillmt run` (on GPUs, `accelerate launch` with a config from
+    configs/accelerate/ starts the same processes; on CPUs accelerate would need MPI): the main process keeps the
+    books, both processes train and share the label and translation work, and the rows match a one-process run."""
     from test_pipeline import MICRO
 
     from distillmt.io import read_json
 
-    args = ["run", "--no-progress", *MICRO, "systems=[TEACHER,STUDENT,SLKD]", "threads=1", f"output_dir={tmp_path}"]
+    args = [
+        "run",
+        "--no-progress",
+        *MICRO,
+        "systems=[TEACHER,STUDENT,HLKD,SLKD]",
+        "threads=1",
+        f"output_dir={tmp_path}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     for name, cmd in (("one", [sys.executable, "-m", "distillmt"]), ("two", [*launch, "-m", "distillmt"])):
@@ -108,6 +116,9 @@ def test_distillmt_run_on_two_processes(tmp_path):
         assert two[system]["scores"]["chrf"]["score"] == pytest.approx(one[system]["scores"]["chrf"]["score"], abs=1.0)
     logs = (tmp_path / "two" / "train_slkd" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in logs if '"valid_ce"' in x]) == 1  # written once, by the main process
+    stage = read_json(tmp_path / "two" / "translate_HLKD" / "stage.json")["result"]
+    assert stage["processes"] == 2  # the test set was split between the processes
+    assert len(read_json(tmp_path / "two" / "teacher_labels" / "stage.json")["result"]["shards"]) == 3
 
 
 GENERATION_SCRIPT = textwrap.dedent(
@@ -176,3 +187,28 @@ def test_label_generation_and_translation_split_across_two_processes(tmp_path):
     rows = [(tmp_path / n / "translations.jsonl").read_text() for n in ("one", "two")]
     assert rows[0] == rows[1] and rows[0].count("\n") == 23
     assert two["cache"] == one["cache"] and one["cache"]["entries"] == 23  # the teacher cache, 6 shards of 4
+
+
+def test_shipped_accelerate_config_parses():
+    """The GPU launch config is accelerate's own format (its loader accepts it) and says how to use it."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "multi-gpu.yaml")
+    config = load_config_from_file(path)
+    assert config.distributed_type.value == "MULTI_GPU" and config.num_processes >= 2 and not config.use_cpu
+    first = open(path, encoding="utf-8").readline()
+    assert first.startswith("# accelerate launch --config_file configs/accelerate/multi-gpu.yaml -m distillmt run")
+
+
+def test_sharded_training_engines_are_refused_before_training(tmp_path, monkeypatch):
+    """FSDP and DeepSpeed shard the parameters or optimizer state that distillmt's checkpoints are written from:
+    refused with a clear error instead of saving a partial model."""
+    from accelerate.utils import DistributedType
+
+    from distillmt.errors import DistillmtError
+    from distillmt.train import _check_engine
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(DistillmtError, match=f"{kind.value} is not supported yet"):
+            _check_engine(type("A", (), {"distributed_type": kind})())
+    _check_engine(type("A", (), {"distributed_type": DistributedType.MULTI_GPU})())

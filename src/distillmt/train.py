@@ -551,6 +551,19 @@ def _accelerator(device: str, mixed_precision: str) -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def _check_engine(accelerator: Any) -> None:
+    """Refuse the accelerate engines whose sharding the checkpoints do not handle yet."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise DistillmtError(
+            f"accelerate's {kind.value} is not supported yet: distillmt writes checkpoints and the final model from "
+            "the main process's own parameters and optimizer state, which it shards; launch with DDP "
+            "(configs/accelerate/multi-gpu.yaml, or torchrun)"
+        )
+
+
 def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # no weight decay on norms and biases
@@ -596,6 +609,7 @@ def train(
 
     # --- setup
     accelerator = _accelerator(device, mixed_precision)
+    _check_engine(accelerator)
     window_at = _Window(train_examples, batch_size, grad_accum, seed)
     total_steps = max_steps or max(1, math.ceil(epochs * window_at.micro_per_epoch / grad_accum))
     optimizer = _optimizer(model, lr, weight_decay)
