@@ -252,6 +252,131 @@ def bench_generate(
     return "\n".join(lines)
 
 
+TRAINERS = {
+    "trl": "TRL `GKDTrainer` (lmbda=0, beta=0: forward KL against the live teacher)",
+    "live": "distillmt `train` (SLKD, live teacher, output layers at target rows)",
+    "fused": "distillmt `train` (SLKD, live teacher, `soft_kd.fused`: fused-linear, logits never held)",
+    "cache": "distillmt `train` (SLKD, teacher top-64 cache built beforehand, not timed)",
+}
+
+
+def _train_child(impl: str, tokenizer_ref: str, n_pairs: int, steps: int, batch: int, threads: int) -> None:
+    """Train one student for ``steps`` steps in this (fresh) process and print a JSON line: wall seconds of the
+    training itself, target tokens seen, peak resident memory."""
+    import tempfile
+
+    import torch
+
+    from distillmt.data import load_pairs, split_pairs
+    from distillmt.models import build_scratch_model, load_tokenizer
+    from distillmt.prompts import build_prompt, encode_example
+    from distillmt.train import KDSettings, train
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(tokenizer_ref)
+    pairs, _ = load_pairs("tatoeba")
+    pairs = split_pairs(pairs, train_size=n_pairs, valid_size=0, test_size=0, seed=0)["train"]
+    examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=96, max_target_tokens=64) for p in pairs]
+    shape = {"num_heads": 4, "num_kv_heads": 2, "max_positions": 200}
+    teacher = build_scratch_model(tok, hidden_size=224, num_layers=4, intermediate_size=640, seed=1, **shape).eval()
+    student = build_scratch_model(tok, hidden_size=64, num_layers=1, intermediate_size=192, seed=0, **shape)
+    n_targets = sum(sum(1 for y in e["labels"] if y != -100) for e in examples)
+    with tempfile.TemporaryDirectory() as tmp:
+        kd = KDSettings(alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.0, chunk_size=1024,
+                        vocab_size=len(tok), teacher=teacher, fused=impl == "fused")  # fmt: skip
+        if impl == "cache":
+            from distillmt.logit_cache import build_teacher_cache
+
+            kd.cache = build_teacher_cache(teacher, examples, f"{tmp}/cache", teacher_id="t", k=64, temperature=1.0,
+                                           vocab_size=len(tok), pad_token_id=tok.pad_token_id, progress=False)  # fmt: skip
+            kd.teacher = None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kb("VmRSS")
+        start = time.perf_counter()
+        if impl == "trl":
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+            from datasets import Dataset
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            rows = []
+            for p, e in zip(pairs, examples, strict=True):  # the same token ids as distillmt's examples
+                mask = [int(y != -100) for y in e["labels"]]
+                rows.append({"prompt": build_prompt(tok, p.src), "input_ids": e["input_ids"], "completion_mask": mask})
+            args = GKDConfig(
+                output_dir=f"{tmp}/trl", per_device_train_batch_size=batch, max_steps=steps, learning_rate=3e-3,
+                lr_scheduler_type="constant", lmbda=0.0, beta=0.0, save_strategy="no", report_to="none",
+                use_cpu=True, logging_steps=steps, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+            )  # fmt: skip
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                                 train_dataset=Dataset.from_list(rows))  # fmt: skip
+            start = time.perf_counter()  # the trainer's setup is not timed
+            trainer.train()
+        else:
+            train(student, examples, [], f"{tmp}/ours", pad_token_id=tok.pad_token_id, max_steps=steps,
+                  batch_size=batch, lr=3e-3, schedule="constant", warmup_ratio=0.0, save_every=0, kd=kd,
+                  device="cpu", progress=False)  # fmt: skip
+        seconds = time.perf_counter() - start
+    peak = _status_kb("VmHWM") - base
+    seen = n_targets * steps * batch / len(examples)  # the expected target tokens of `steps` random batches
+    print(json.dumps({"impl": impl, "seconds": seconds, "target_tokens_per_s": seen / seconds, "peak_mb": peak / 1024}))
+
+
+def bench_train(
+    *, tokenizer: str = "store:qwen2.5-coder-0.5b-instruct", pairs: int = 512, steps: int = 30, batch: int = 8,
+    threads: int = 0,
+) -> str:  # fmt: skip
+    """KD training throughput: the same student, teacher and token ids through TRL's GKD trainer and distillmt's
+    loop (live teacher, fused, cached teacher), each in its own child process; returns the markdown report."""
+    from distillmt.pipeline import available_cores
+
+    threads = threads or available_cores()
+    results = []
+    for impl in TRAINERS:
+        args = [sys.executable, "-m", "distillmt.bench", "train", impl, tokenizer, str(pairs), str(steps), str(batch)]
+        proc = subprocess.run([*args, str(threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
+            results.append({"impl": impl, "error": reason})
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = next((r for r in results if r["impl"] == "trl" and "error" not in r), None)
+    lines = [
+        f"# KD training throughput: {steps} steps of {batch} examples, {pairs} Tatoeba pairs, tokenizer {tokenizer}",
+        "",
+        "| trainer | seconds | target tokens/s | vs TRL | peak extra memory (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {TRAINERS[r['impl']]} | not measured: {r['error']} | | | |")
+            continue
+        ratio = f"{r['target_tokens_per_s'] / base['target_tokens_per_s']:.2f}×" if base else "–"
+        lines.append(
+            f"| {TRAINERS[r['impl']]} | {r['seconds']:.1f} | {r['target_tokens_per_s']:.0f} | {ratio} | "
+            f"{r['peak_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "The models are the default experiment's shapes (teacher 224 wide, 4 layers; student 64 wide, 1 layer) with the "
+        "tokenizer's whole vocabulary, randomly initialised, fp32; every trainer gets the same token ids (prompt "
+        "masked) and the same objective, forward KL(teacher‖student) at T = 1 with no CE term (TRL's GKD with "
+        "lmbda=0, beta=0; distillmt's SLKD with alpha=0). TRL batches examples at random and pads each batch to its "
+        "longest; distillmt batches examples of similar length. Target tokens/s: the target tokens of the steps' "
+        "examples (their expected number) over the wall time of the training loop; setup and the cache build are "
+        "not timed. Peak extra memory: the child's peak resident memory during training minus its memory before it.",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
+        f"{platform.python_version()}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    impl, vocab, batch, seq, dtype, chunk, repeats, threads = sys.argv[1:9]
-    _child(impl, int(vocab), int(batch), int(seq), dtype, int(chunk), int(repeats), int(threads))
+    if sys.argv[1] == "train":
+        impl, tokenizer, n_pairs, steps, batch, threads = sys.argv[2:8]
+        _train_child(impl, tokenizer, int(n_pairs), int(steps), int(batch), int(threads))
+    else:
+        impl, vocab, batch, seq, dtype, chunk, repeats, threads = sys.argv[1:9]
+        _child(impl, int(vocab), int(batch), int(seq), dtype, int(chunk), int(repeats), int(threads))
