@@ -222,3 +222,16 @@ def test_shards_of_several_processes_merge_into_one_process_output(run_dir, tmp_
     assert merged.hypotheses == one.hypotheses and merged.generated_tokens == one.generated_tokens
     with pytest.raises(DistillmtError, match="translated by no process"):
         merge_shards(parts[1:])
+
+
+def test_bench_train_compares_trl_and_distillmt_on_the_same_data(run_dir, tmp_path, capsys):
+    out = tmp_path / "train.md"
+    args = ["bench", "train", "--tokenizer", str(run_dir / "tokenizer"), "--pairs", "16", "--steps", "2"]
+    assert main([*args, "--batch", "4", "--threads", "1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| trainer")]
+    assert len(rows) == 4 and text == out.read_text() + "\n"
+    ours = [r for r in rows if "distillmt" in r]
+    assert len(ours) == 3 and all("not measured" not in r and float(r.split(" | ")[2]) > 0 for r in ours), ours
+    assert main(["bench", "train", "--tokenizer", "store:no-such-model"]) == 2  # said before any child starts
+    assert "is not in the store" in capsys.readouterr().err

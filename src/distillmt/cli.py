@@ -156,6 +156,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         text = bench_generate(
             args.model, sources, max_new_tokens=args.max_new_tokens, threads=args.threads, dtype=args.model_dtype
         )
+    elif args.what == "train":
+        from distillmt.bench import bench_train
+        from distillmt.models import load_tokenizer
+
+        load_tokenizer(args.tokenizer)  # a missing or unimported tokenizer is said once, here
+        text = bench_train(
+            tokenizer=args.tokenizer, pairs=args.pairs, steps=args.steps, batch=args.batch, threads=args.threads
+        )
     else:
         text = bench_loss(
             vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
@@ -519,12 +527,22 @@ def _add_evaluate_parser(sub: Any) -> None:
 def _add_bench_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bench",
-        help="benchmarks measured side by side in one run: the KD loss (vs naive and TRL), generation throughput",
-        description="One forward + backward of the KD loss for a naive full-vocabulary implementation, TRL's "
-        "generalized_jsd_loss (if trl is installed), distillmt's kd_loss and fused_kd_loss, each in its own process: "
-        "seconds per call and peak extra memory, as ratios to the naive one.",
+        help="benchmarks measured side by side in one run: the KD loss (vs naive and TRL), KD training throughput "
+        "(vs TRL's GKD trainer), generation throughput",
+        description="loss: one forward + backward of the output layers and the KD loss for a naive full-vocabulary "
+        "implementation, TRL's generalized_jsd_loss (if trl is installed) and distillmt's kd_loss, fused_kd_loss and "
+        "fused_linear_kd_loss, each in its own process: seconds per call and peak extra memory, as ratios to the "
+        "naive one. train: KD training throughput of TRL's GKD trainer and distillmt's loop (live teacher, fused, "
+        "cached teacher) on the same models and token ids. generate: sentences/s one at a time, batched, with a "
+        "token budget and with CTranslate2.",
     )
-    b.add_argument("what", choices=["loss", "generate"], help="what to measure")
+    b.add_argument("what", choices=["loss", "train", "generate"], help="what to measure")
+    b.add_argument(
+        "--tokenizer", default="store:qwen2.5-coder-0.5b-instruct", help="train: the tokenizer (its vocabulary sizes "
+        "the models)"
+    )  # fmt: skip
+    b.add_argument("--pairs", type=_int_at_least(8), default=512, help="train: Tatoeba pairs to draw batches from")
+    b.add_argument("--steps", type=_int_at_least(1), default=30, help="train: optimizer steps per trainer")
     b.add_argument("--model", help="generate: the model (a folder or store:NAME)")
     b.add_argument("--input", "-i", help="generate: sources, plain text or JSONL with 'src'")
     b.add_argument("--sentences", type=_int_at_least(1), default=100, help="generate: how many sources to use")
@@ -533,7 +551,7 @@ def _add_bench_parser(sub: Any) -> None:
         "--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="generate: hf dtype"
     )
     b.add_argument("--vocab", type=_int_at_least(2), default=151936)
-    b.add_argument("--batch", type=_int_at_least(1), default=8)
+    b.add_argument("--batch", type=_int_at_least(1), default=8, help="loss and train: batch size")
     b.add_argument("--seq", type=_int_at_least(2), default=256)
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--chunk-sizes", type=_int_at_least(1), nargs="+", default=[1024, 256])
