@@ -341,6 +341,35 @@ def divergence_grad(p_logprobs: Tensor, q_logprobs: Tensor, kind: str, beta: flo
     return q * (g - (q * g).sum(-1, keepdim=True))
 
 
+def _chunk_objective(
+    s32: Tensor,
+    t32: Tensor,
+    tgt: Tensor,
+    temperature: float,
+    kind: str,
+    beta: float,
+    ce_w: float,
+    kd_w: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk of fp32 rows: the sums ``[objective, CE, D, forward KL]`` and, with ``want_grad``, the objective's
+    gradient with respect to the student's logits in closed form (``[rows, V]``, fp32)."""  # fmt: skip
+    logq1, logp1 = F.log_softmax(s32, dim=-1), F.log_softmax(t32, dim=-1)
+    ce = -logq1.gather(1, tgt[:, None]).sum()
+    logq, logp = (logq1, logp1) if temperature == 1.0 else (
+        F.log_softmax(s32 / temperature, dim=-1), F.log_softmax(t32 / temperature, dim=-1)
+    )  # fmt: skip
+    d = _divergence_fn(logp, logq, kind, beta).sum()
+    sums = torch.stack([ce_w * ce + kd_w * d, ce, d, _kl(logp1, logq1).sum()])
+    if not want_grad:
+        return sums, None
+    g = kd_w / temperature * divergence_grad(logp, logq, kind, beta)
+    if ce_w:
+        g += ce_w * logq1.exp()
+        g[torch.arange(g.shape[0], device=g.device), tgt] -= ce_w
+    return sums, g
+
+
 class _FusedKD(torch.autograd.Function):
     """Forward: the objective ``ce_weight·CE + kd_weight·D`` (sums over the rows) and its gradient with respect to
     the student rows, chunk by chunk in fp32, the gradient kept in the logits' dtype; backward: that gradient times
@@ -351,19 +380,11 @@ class _FusedKD(torch.autograd.Function):
         grad = torch.zeros_like(s_rows) if s_rows.requires_grad else None
         sums = torch.zeros(4, dtype=torch.float32, device=s_rows.device)  # objective, CE, D, forward KL
         for a, b in _chunks(s_rows.shape[0], rows_per_chunk(vocab, chunk_size)):
-            s32, t32, tgt = s_rows[a:b, :vocab].float(), t_rows[a:b, :vocab].float(), targets[a:b]
-            logq1, logp1 = F.log_softmax(s32, dim=-1), F.log_softmax(t32, dim=-1)
-            ce = -logq1.gather(1, tgt[:, None]).sum()
-            logq, logp = (logq1, logp1) if temperature == 1.0 else (
-                F.log_softmax(s32 / temperature, dim=-1), F.log_softmax(t32 / temperature, dim=-1)
-            )  # fmt: skip
-            d = _divergence_fn(logp, logq, kind, beta).sum()
-            sums += torch.stack([ce_weight * ce + kd_weight * d, ce, d, _kl(logp1, logq1).sum()])
-            if grad is not None:
-                g = kd_weight / temperature * divergence_grad(logp, logq, kind, beta)
-                if ce_weight:
-                    g += ce_weight * logq1.exp()
-                    g[torch.arange(b - a, device=g.device), tgt] -= ce_weight
+            s32, t32 = s_rows[a:b, :vocab].float(), t_rows[a:b, :vocab].float()
+            args = (temperature, kind, beta, ce_weight, kd_weight, grad is not None)
+            chunk, g = _chunk_objective(s32, t32, targets[a:b], *args)
+            sums += chunk
+            if g is not None:
                 grad[a:b, :vocab] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
         objective, ce, d, fkl = (v.clone() for v in sums)
@@ -431,27 +452,15 @@ class _FusedLinearKD(torch.autograd.Function):
         )
         sums = torch.zeros(4, dtype=torch.float32, device=s_hidden.device)  # objective, CE, D, forward KL
         w_s, w_t = s_weight[:vocab], t_weight[:vocab]
+        want_grad = grad_h is not None or grad_w is not None
         for a, b in _chunks(s_hidden.shape[0], rows):
             h = s_hidden[a:b]
             s32 = (h @ w_s.T).float()  # in the weights' dtype, as the output layer would compute it
             t32 = (t_hidden[a:b] @ w_t.T).float()
-            tgt = targets[a:b]
-            logq1, logp1 = F.log_softmax(s32, dim=-1), F.log_softmax(t32, dim=-1)
-            del s32
-            ce = -logq1.gather(1, tgt[:, None]).sum()
-            logq, logp = (logq1, logp1) if temperature == 1.0 else (
-                F.log_softmax((logq1 / temperature), dim=-1), F.log_softmax(t32 / temperature, dim=-1)
-            )  # fmt: skip
-            del t32
-            d = _divergence_fn(logp, logq, kind, beta).sum()
-            sums += torch.stack([ce_w * ce + kd_w * d, ce, d, _kl(logp1, logq1).sum()])
-            if grad_h is None and grad_w is None:
+            chunk, g = _chunk_objective(s32, t32, targets[a:b], temperature, kind, beta, ce_w, kd_w, want_grad)
+            sums += chunk
+            if g is None:
                 continue
-            g = kd_w / temperature * divergence_grad(logp, logq, kind, beta)
-            if ce_w:
-                g += ce_w * logq1.exp()
-                g[torch.arange(b - a, device=g.device), tgt] -= ce_w
-            del logq, logp, logq1, logp1
             g = g.to(w_s.dtype)
             if grad_h is not None:
                 grad_h[a:b] = g @ w_s
