@@ -18,10 +18,12 @@ from distillmt.io import read_json
 SYSTEMS = "systems=[TEACHER,STUDENT,HLKD]"
 
 
-def run(out: Path, *extra: str, kill_when: Path | str | None = None) -> subprocess.CompletedProcess | None:
+def run(
+    out: Path, *extra: str, kill_when: Path | str | None = None, python: tuple = ("-m", "distillmt.cli")
+) -> subprocess.CompletedProcess | None:
     """`distillmt run` on the micro experiment in a child process; with ``kill_when`` (a path or a glob under the
     run folder), SIGKILL it as soon as that appears."""
-    args = [sys.executable, "-m", "distillmt.cli", "run", "--no-progress", *MICRO, SYSTEMS, *extra]
+    args = [sys.executable, *python, "run", "--no-progress", *MICRO, SYSTEMS, *extra]
     args += [f"output_dir={out}", "name=micro", "threads=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if kill_when is None:
@@ -66,3 +68,23 @@ def test_kill_9_mid_stage_then_rerun_equals_uninterrupted(tmp_path, uninterrupte
     assert f"stage {stage}" in done.stderr and "resuming" in done.stderr.split(f"stage {stage}")[1].splitlines()[0]
     assert {name: (root / name / "stage.json").stat().st_mtime_ns for name in finished} == finished
     assert scores(tmp_path) == uninterrupted
+
+
+def test_kill_9_in_the_teacher_cache_stage_then_rerun_equals_uninterrupted(tmp_path):
+    """SIGKILL once the cache's second shard (of 5) is written: the rerun resumes the stage, keeps the finished
+    shards, and the SLKD row trained on the cache scores as an uninterrupted run's. The killed run's teacher pass is
+    slowed (0.3 s a shard) so the kill lands part-way whatever the machine's speed."""
+    extra = ["systems=[TEACHER,SLKD]", "soft_kd.cache=true", "soft_kd.cache_shard_size=8"]
+    run(tmp_path / "straight", *extra)
+    slow = (
+        "import sys, time, distillmt.logit_cache as c; f = c._teacher_topk; "
+        "c._teacher_topk = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
+        "from distillmt.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    run(tmp_path / "killed", *extra, kill_when="teacher_cache/shard-00001.safetensors", python=["-c", slow])
+    root = tmp_path / "killed" / "micro"
+    assert not (root / "teacher_cache" / "manifest.json").exists()
+    done = run(tmp_path / "killed", *extra)
+    assert "resuming" in done.stderr.split("stage teacher_cache")[1].splitlines()[0]
+    assert read_json(root / "teacher_cache" / "manifest.json")["reused_shards"] >= 2
+    assert scores(tmp_path / "killed") == scores(tmp_path / "straight")

@@ -202,6 +202,8 @@ class SoftKDConfig:
     chunk_size: int = _f(1024, "target tokens per fp32 chunk of the loss (bounds memory)", range=(1, None))
     cache: bool = _f(False, "precompute top-k teacher log-probs once and train without the teacher in memory")
     cache_k: int = _f(64, "teacher log-probs kept per token in the cache", range=(1, None))
+    cache_shard_size: int = _f(256, "training examples per cache shard (a killed build resumes shard by shard)",
+                               range=(1, None))  # fmt: skip
     fused: bool = _f(
         False,
         "online teacher: compute the loss's gradient in closed form in the same chunked pass (no autograd through the "
@@ -465,7 +467,10 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
 
 # Keys added after runs were made with the behaviour of their default: they count in a stage's key only when they are
 # set off that default, so finished stages of earlier runs keep their keys and are reused.
-ADDED_LATER = {"GenerateConfig": ("max_batch_tokens", "engine", "quantization"), "SoftKDConfig": ("fused",)}
+ADDED_LATER = {
+    "GenerateConfig": ("max_batch_tokens", "engine", "quantization"),
+    "SoftKDConfig": ("fused", "cache_shard_size"),
+}
 
 
 def keyed_settings(section: Any) -> dict[str, Any]:

@@ -330,12 +330,15 @@ class Experiment:
             args = {"teacher_id": self.models.teacher_id(), "k": s.cache_k, "temperature": s.temperature}
             args.update(vocab_size=len(tokenizer), batch_size=self.cfg.train_student.batch_size, device=self.device)
             args.update(pad_token_id=tokenizer.pad_token_id, progress=self.progress, processes=self.processes)
+            args["shard_size"] = s.cache_shard_size
             examples = self.models.encode(tokenizer, self.split("train"))
             return {"entries": len(build_teacher_cache(teacher, examples, folder, **args))}
 
         d = self.cfg.data
         settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(s.teacher), "k": s.cache_k}
         settings.update(temperature=s.temperature, max_tokens=[d.max_source_tokens, d.max_target_tokens])
+        if s.cache_shard_size != 256:  # (absent at the default: the key of a cache built before the setting existed)
+            settings["shard_size"] = s.cache_shard_size
         if self.scratch:
             settings["tokenizer"] = self.keys["tokenizer"]
         inputs = ("data", "tokenizer", *teacher_stage(s.teacher))
