@@ -187,7 +187,7 @@ class HardKDConfig:
 class SoftKDConfig:
     teacher: str = _f("finetuned", "which teacher gives the logits", choices=["finetuned", "base"])
     alpha: float = _f(
-        0.5,
+        0.1,
         "weight of the CE (reference) term: loss = alpha*CE + (1-alpha)*T^2*D, so alpha=1 is plain fine-tuning "
         "(torchtune's kd_ratio is the weight of the KD term, i.e. 1-alpha)",
         range=(0.0, 1.0),
