@@ -357,7 +357,7 @@ SCRATCH = {
     "STUDENT": "student from scratch (h=64, layers=1) trained on the references",
     "HLKD": "labels from the finetuned teacher, 1 candidate(s), selection=score, beams=1, sample=False, "
     "mix_references=0.0",
-    "SLKD": "finetuned teacher, loss=0.5*CE+0.5*T^2*forward_kl, T=2.0",
+    "SLKD": "finetuned teacher, loss=0.1*CE+0.9*T^2*forward_kl, T=2.0",
     "GKD": "on-policy lambda=0.5, forward_kl, T=2.0",
 }
 
@@ -399,6 +399,6 @@ def test_describe_system_kd_details():
     cfg = load_config(None, ["soft_kd.divergence=skew_kl", "soft_kd.beta=0.1", "soft_kd.alpha=0.25"])
     assert describe_system(cfg, "SLKD") == "finetuned teacher, loss=0.25*CE+0.75*T^2*skew_kl, T=2.0, beta=0.1"
     cfg = load_config(None, ["soft_kd.divergence=tvd"])
-    assert describe_system(cfg, "SLKD") == "finetuned teacher, loss=0.5*CE+0.5*T^2*tvd, T=2.0"
+    assert describe_system(cfg, "SLKD") == "finetuned teacher, loss=0.1*CE+0.9*T^2*tvd, T=2.0"
     with pytest.raises(DistillmtError, match=r"unknown system 'XKD'"):
         describe_system(cfg, "XKD")
