@@ -207,7 +207,9 @@ class SoftKDConfig:
     fused: bool = _f(
         False,
         "online teacher: compute the loss's gradient in closed form in the same chunked pass (no autograd through the "
-        "softmaxes, nothing recomputed); same values up to rounding",
+        "softmaxes, nothing recomputed) and, when both output layers are plain linear layers, both models' logits "
+        "chunk by chunk from their last hidden states (never held whole); same values up to rounding. Pays for LoRA "
+        "students (frozen output layer)",
     )
 
 
