@@ -57,6 +57,11 @@ def merge_shards(parts: list[TranslationResult]) -> TranslationResult:
     return TranslationResult(hyps, cands, sum(p.generated_tokens for p in parts), max(p.seconds for p in parts))
 
 
+def process_shard(processes: Any) -> tuple[int, int]:
+    """``(rank, world)`` of this process among accelerate's ``processes`` running together; ``(0, 1)`` for None."""
+    return (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+
+
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     rank, world = shard
     if not 0 <= rank < world:

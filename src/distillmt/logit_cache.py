@@ -39,6 +39,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from distillmt.errors import DistillmtError
+from distillmt.generate import process_shard
 from distillmt.io import atomic_write_bytes, read_json, write_json
 from distillmt.train import target_logits
 
@@ -189,7 +190,7 @@ def _teacher_topk(
 
 def _shard_bytes(
     results: list[tuple[Tensor, Tensor]], *, ckey: str, index: int, first_example: int, keys: list[str], k: int
-) -> tuple[bytes, int]:
+) -> bytes:
     counts = [r[0].shape[0] for r in results]
     offsets = torch.zeros(len(results) + 1, dtype=torch.int64)
     if counts:
@@ -207,7 +208,7 @@ def _shard_bytes(
     data = safetensors_save(
         {"logprobs": logprobs.contiguous(), "indices": indices.contiguous(), "offsets": offsets}, metadata=meta
     )
-    return data, int(offsets[-1])
+    return data
 
 
 def _remove_stale_files(out_dir: Path, n_shards: int) -> None:
@@ -272,6 +273,43 @@ def _manifest(
     }
 
 
+def _write_shards(
+    teacher, examples: list[dict], keys: list[str], out_dir: Path, ckey: str, shard_ids: range, shard_size: int,
+    topk: dict[str, Any], progress: bool,
+) -> int:  # fmt: skip
+    """Write the shards ``shard_ids`` (those not already finished by an interrupted build) with the teacher in eval
+    mode, its mode restored afterwards; returns how many were reused."""
+    from tqdm.auto import tqdm
+
+    reused = 0
+    was_training = bool(getattr(teacher, "training", False))
+    teacher.eval()
+    try:
+        bar = tqdm(total=len(examples), desc="teacher cache", unit="ex", disable=not progress)
+        for s in shard_ids:
+            lo, hi = s * shard_size, min((s + 1) * shard_size, len(examples))
+            path = out_dir / _shard_name(s)
+            if _shard_is_reusable(path, ckey, s, keys[lo:hi]):
+                reused += 1
+            else:
+                results = _teacher_topk(teacher, examples[lo:hi], **topk)
+                data = _shard_bytes(results, ckey=ckey, index=s, first_example=lo, keys=keys[lo:hi], k=topk["k"])
+                atomic_write_bytes(path, data)
+            bar.update(hi - lo)
+        bar.close()
+    finally:
+        teacher.train(was_training)
+    return reused
+
+
+def _shard_info(out_dir: Path, s: int, shard_size: int, n: int) -> dict[str, Any]:
+    """A finished shard's line in the manifest."""
+    lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+    with safe_open(str(out_dir / _shard_name(s)), framework="pt") as f:
+        n_tokens = int(f.get_tensor("offsets")[-1])
+    return {"file": _shard_name(s), "first_example": lo, "n_examples": hi - lo, "n_tokens": n_tokens}
+
+
 def build_teacher_cache(
     teacher,
     examples: list[dict],
@@ -304,8 +342,6 @@ def build_teacher_cache(
     the main process checks the folder first and writes the manifest last, and every process returns the whole
     cache. A shard's content does not depend on which process wrote it.
     """
-    from tqdm.auto import tqdm
-
     k, vocab_size, batch_size, shard_size = int(k), int(vocab_size), int(batch_size), int(shard_size)
     temperature = float(temperature)
     if vocab_size < 1 or not 1 <= k <= vocab_size:
@@ -335,49 +371,18 @@ def build_teacher_cache(
 
     n = len(examples)
     n_shards = max(1, math.ceil(n / shard_size))
-    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
-    reused = 0
-    was_training = bool(getattr(teacher, "training", False))
-    teacher.eval()
-    try:
-        bar = tqdm(total=n, desc="teacher cache", unit="ex", disable=not progress)
-        for s in range(rank, n_shards, world):
-            lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-            path = out_dir / _shard_name(s)
-            shard_keys = keys[lo:hi]
-            if _shard_is_reusable(path, ckey, s, shard_keys):
-                reused += 1
-            else:
-                results = _teacher_topk(
-                    teacher,
-                    examples[lo:hi],
-                    k=k,
-                    temperature=temperature,
-                    vocab_size=vocab_size,
-                    batch_size=batch_size,
-                    pad_token_id=pad_token_id,
-                    device=device,
-                )
-                data, _ = _shard_bytes(results, ckey=ckey, index=s, first_example=lo, keys=shard_keys, k=k)
-                atomic_write_bytes(path, data)
-            bar.update(hi - lo)
-        bar.close()
-    finally:
-        teacher.train(was_training)
+    rank, world = process_shard(processes)
+    topk = {"k": k, "temperature": temperature, "vocab_size": vocab_size, "batch_size": batch_size}
+    topk.update(pad_token_id=pad_token_id, device=device)
+    reused = _write_shards(teacher, examples, keys, out_dir, ckey, range(rank, n_shards, world), shard_size, topk,
+                           progress)  # fmt: skip
 
     if processes is not None:  # every shard written
         from accelerate.utils import gather_object
 
         reused = sum(gather_object([reused]))
     if main:
-        shards_info = []
-        for s in range(n_shards):
-            lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-            with safe_open(str(out_dir / _shard_name(s)), framework="pt") as f:
-                n_tokens = int(f.get_tensor("offsets")[-1])
-            shards_info.append(
-                {"file": _shard_name(s), "first_example": lo, "n_examples": hi - lo, "n_tokens": n_tokens}
-            )
+        shards_info = [_shard_info(out_dir, s, shard_size, n) for s in range(n_shards)]
         _remove_stale_files(out_dir, n_shards)
         settings = {"teacher_id": str(teacher_id), "k": k, "temperature": temperature, "vocab_size": vocab_size}
         write_json(manifest_path, _manifest(ckey, settings, fingerprint, n, shard_size, shards_info, reused))

@@ -540,10 +540,10 @@ def translate_split(
     merged rows."""
     from accelerate.utils import gather_object
 
-    from distillmt.generate import merge_shards, translate_with_engine
+    from distillmt.generate import merge_shards, process_shard, translate_with_engine
     from distillmt.models import count_parameters
 
-    shard = shard_of(processes)
+    shard = process_shard(processes)
     res, engine = translate_with_engine(
         model, tokenizer, [p.src for p in pairs], work_dir=folder, shard=shard, **generate
     )
@@ -553,11 +553,6 @@ def translate_split(
         rows = [{"src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(pairs, res.hypotheses, strict=True)]
         write_jsonl(folder / "translations.jsonl", rows)
     return {"parameters": count_parameters(model)["total"], **res.summary(), "engine": engine, "processes": shard[1]}
-
-
-def shard_of(processes: Any) -> tuple[int, int]:
-    """``(rank, world)`` of this process among those running the experiment together; ``(0, 1)`` alone."""
-    return (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
 
 
 def available_cores() -> int:

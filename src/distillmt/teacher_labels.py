@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillmt.data import Pair
-from distillmt.generate import translate_with_engine
+from distillmt.generate import process_shard, translate_with_engine
 from distillmt.io import read_jsonl, write_jsonl
 
 log = logging.getLogger("distillmt.teacher_labels")
@@ -73,7 +73,7 @@ def build_teacher_labels(
     model = tokenizer = None
     shards, generated, seconds = [], 0, 0.0
     n_shards = (len(pairs) + shard_size - 1) // shard_size
-    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+    rank, world = process_shard(processes)
     for i in range(n_shards):
         chunk = pairs[i * shard_size : (i + 1) * shard_size]
         path = out_dir / f"shard-{i:05d}-{_digest({'src': [p.src for p in chunk], **settings})}.jsonl"
