@@ -232,7 +232,9 @@ def translate_ct2(
 ) -> TranslationResult:
     """:func:`translate` with a CTranslate2 model folder (``distillmt export --format ct2``): the same prompts, stop
     tokens and output cleaning, CTranslate2's own batching inside each group of ``batch_size`` sources; one
-    candidate per source. ``shard`` as for :func:`translate` (groups instead of batches)."""
+    candidate per source. ``shard`` as for :func:`translate`, by groups instead of batches: greedy and beam output
+    equal one process's, sampled output does not (CTranslate2 samples from per-thread generators that
+    ``set_random_seed`` does not reset between calls)."""
     try:
         import ctranslate2
     except ImportError:
@@ -240,6 +242,7 @@ def translate_ct2(
 
     rank, world = _check_shard(shard)
     generator = ctranslate2.Generator(str(model_dir), device=device)
+    ctranslate2.set_random_seed(seed)
     stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
     prompts = [
         tokenizer.convert_ids_to_tokens(tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"])
@@ -255,7 +258,6 @@ def translate_ct2(
     bar = tqdm(total=sum(len(prompts[b : b + batch_size]) for b in groups), desc=desc, unit="sent",
                disable=not progress, leave=False)  # fmt: skip
     for b in groups:
-        ctranslate2.set_random_seed(seed + b // batch_size)
         results = generator.generate_batch(
             prompts[b : b + batch_size],
             max_batch_size=max_batch_tokens or batch_size,
