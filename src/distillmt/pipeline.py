@@ -337,7 +337,7 @@ class Experiment:
         d = self.cfg.data
         settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(s.teacher), "k": s.cache_k}
         settings.update(temperature=s.temperature, max_tokens=[d.max_source_tokens, d.max_target_tokens])
-        if s.cache_shard_size != 256:  # (absent at the default: the key of a cache built before the setting existed)
+        if "cache_shard_size" in keyed_settings(s):  # (absent at its default, like every setting added later)
             settings["shard_size"] = s.cache_shard_size
         if self.scratch:
             settings["tokenizer"] = self.keys["tokenizer"]
