@@ -1,5 +1,6 @@
 """kill -9 in the middle of a stage: the rerun resumes from the last checkpoint or shard, finished stages do not run
-again, and the results equal those of an uninterrupted run with the same seed."""
+again, and the results equal those of an uninterrupted run with the same seed. The killed runs are slowed at one
+call per step or shard, so the kill lands part-way on a fast machine too."""
 
 from __future__ import annotations
 
@@ -52,15 +53,26 @@ def uninterrupted(tmp_path_factory):
     return scores(out)
 
 
+def slowed(module: str, name: str) -> tuple[str, str]:
+    """Python arguments that run the CLI with ``module.name`` delayed 0.3 s a call, so a kill lands part-way through
+    a stage whatever the machine's speed."""
+    return "-c", (
+        f"import sys, time, {module} as m; f = m.{name}; "
+        f"m.{name} = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
+        "from distillmt.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+
+
 @pytest.mark.parametrize(
-    "stage,kill_when,extra",
+    "stage,kill_when,extra,slow",
     [
-        ("train_teacher", "train_teacher/checkpoints/step-0000002", ["train_teacher.save_every=1"]),
-        ("teacher_labels", "teacher_labels/shard-00000-*.jsonl", []),
+        ("train_teacher", "train_teacher/checkpoints/step-0000002", ["train_teacher.save_every=1"],
+         ("distillmt.train", "loss_step")),
+        ("teacher_labels", "teacher_labels/shard-00000-*.jsonl", [], ("distillmt.teacher_labels", "translate_with_engine")),
     ],
-)
-def test_kill_9_mid_stage_then_rerun_equals_uninterrupted(tmp_path, uninterrupted, stage, kill_when, extra):
-    run(tmp_path, *extra, kill_when=kill_when)
+)  # fmt: skip
+def test_kill_9_mid_stage_then_rerun_equals_uninterrupted(tmp_path, uninterrupted, stage, kill_when, extra, slow):
+    run(tmp_path, *extra, kill_when=kill_when, python=slowed(*slow))
     root = tmp_path / "micro"
     assert not (root / stage / "stage.json").exists()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/stage.json")}
@@ -76,12 +88,8 @@ def test_kill_9_in_the_teacher_cache_stage_then_rerun_equals_uninterrupted(tmp_p
     slowed (0.3 s a shard) so the kill lands part-way whatever the machine's speed."""
     extra = ["systems=[TEACHER,SLKD]", "soft_kd.cache=true", "soft_kd.cache_shard_size=8"]
     run(tmp_path / "straight", *extra)
-    slow = (
-        "import sys, time, distillmt.logit_cache as c; f = c._teacher_topk; "
-        "c._teacher_topk = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
-        "from distillmt.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    run(tmp_path / "killed", *extra, kill_when="teacher_cache/shard-00001.safetensors", python=["-c", slow])
+    slow = slowed("distillmt.logit_cache", "_teacher_topk")
+    run(tmp_path / "killed", *extra, kill_when="teacher_cache/shard-00001.safetensors", python=slow)
     root = tmp_path / "killed" / "micro"
     assert not (root / "teacher_cache" / "manifest.json").exists()
     done = run(tmp_path / "killed", *extra)
