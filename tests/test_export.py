@@ -126,10 +126,10 @@ class _FakeVllm:
         def __init__(self, **kwargs):
             _FakeVllm.calls.append(("LLM", kwargs))
 
-        def generate(self, prompts, params, use_tqdm=True):
+        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             import types
 
-            _FakeVllm.calls.append(("generate", prompts, params.kwargs))
+            _FakeVllm.calls.append(("generate", prompts, params.kwargs, lora_request))
             out = types.SimpleNamespace
             return [out(outputs=[out(text=f" T:{len(p)}<|im_end|>", token_ids=[1, 2, 3])]) for p in prompts]
 
@@ -154,12 +154,100 @@ def test_vllm_engine_with_a_stand_in(tmp_path, monkeypatch):
     )  # fmt: skip
     assert engine == "vllm bfloat16"
     assert (tmp_path / "stage" / "vllm-model" / "config.json").exists()  # the model vLLM loads, saved once
-    (_, init), (_, prompts, params) = _FakeVllm.calls
+    (_, init), (_, prompts, params, lora) = _FakeVllm.calls
+    assert lora is None
     assert init["model"] == str(tmp_path / "stage" / "vllm-model") and init["trust_remote_code"] is False
     assert prompts[0].startswith("English: Hello.")
     assert params["max_tokens"] == 7 and params["temperature"] == 0.0 and params["seed"] == 3
     assert params["stop_token_ids"] == [tok.eos_token_id]
     assert res.hypotheses == [f"T:{len(prompts[0])}", f"T:{len(prompts[1])}"] and res.generated_tokens == 6
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """The vllm stand-in in place (its LoRA module too), and no engine left over for the next test."""
+    import sys
+    import types
+
+    from distillmt.generate import release_vllm
+
+    class LoRARequest:
+        def __init__(self, name, lora_id, path):
+            self.name, self.lora_int_id, self.lora_path = name, lora_id, path
+
+    request = types.SimpleNamespace(LoRARequest=LoRARequest)
+    monkeypatch.setitem(sys.modules, "vllm", _FakeVllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.SimpleNamespace(request=request))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
+    _FakeVllm.calls = []
+    release_vllm()
+    yield _FakeVllm
+    release_vllm()
+
+
+def test_vllm_loads_the_lora_adapter_itself_and_keeps_one_engine(tmp_path, fake_vllm):
+    """With the weights' folders given, vLLM gets the base model and the peft adapter (LoRA through vLLM, nothing
+    merged or written); label shards on the same weights share one engine until it is released."""
+    import torch
+
+    from conftest import build_tiny_qwen
+    from distillmt.generate import SavedModel, release_vllm, translate_with_engine
+    from distillmt.models import apply_lora, count_parameters, saved_parameter_count, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["hello world", "你好世界"] * 20, 300, tmp_path / "tok")
+    base = build_tiny_qwen(len(tok), pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    assert saved_parameter_count(tmp_path / "base") == count_parameters(base)["total"]  # the tied layer once
+    assert saved_parameter_count(tmp_path / "nowhere") is None
+    apply_lora(base, r=12, alpha=24, dropout=0.0, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "ad")
+    saved = SavedModel(str(tmp_path / "base"), str(tmp_path / "ad"), "bfloat16")
+    args = {"engine": "vllm", "quantization": "int8", "work_dir": tmp_path / "stage", "saved": saved}
+    args.update(max_new_tokens=5, num_beams=1, do_sample=False, num_return_sequences=1, selection="score")
+    res, engine = translate_with_engine(None, tok, ["Hello.", "World!"], **args)
+    translate_with_engine(None, tok, ["Again."], **args)  # the next shard: the same engine
+    assert engine == "vllm bfloat16 + LoRA" and res.hypotheses[0].startswith("T:")
+    inits = [c[1] for c in fake_vllm.calls if c[0] == "LLM"]
+    assert len(inits) == 1 and inits[0]["model"] == str(tmp_path / "base")
+    assert inits[0]["enable_lora"] is True and inits[0]["max_lora_rank"] == 16  # r=12, rounded up to vLLM's ranks
+    requests = [c[3] for c in fake_vllm.calls if c[0] == "generate"]
+    assert [r.lora_path for r in requests] == [str(tmp_path / "ad")] * 2 and requests[0].lora_int_id == 1
+    assert not (tmp_path / "stage" / "vllm-model").exists()  # nothing merged, nothing saved
+    release_vllm()
+    plain = SavedModel(str(tmp_path / "base"), None, "float32")
+    assert translate_with_engine(None, tok, ["x"], **{**args, "saved": plain})[1] == "vllm float32"
+    assert len([c for c in fake_vllm.calls if c[0] == "LLM"]) == 2 and "enable_lora" not in fake_vllm.calls[-2][1]
+    with pytest.raises(ValueError, match="model is None"):
+        translate_with_engine(None, tok, ["x"], **{**args, "engine": "hf"})
+
+
+def test_vllm_lora_rank_is_one_vllm_accepts(tmp_path):
+    from distillmt.generate import vllm_lora_rank
+
+    def rank(config) -> int:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+        return vllm_lora_rank(tmp_path)
+
+    assert [rank({"r": r}) for r in (1, 8, 9, 300)] == [8, 8, 16, 320]
+    assert rank({"r": 8, "rank_pattern": {"q_proj": 40}}) == 64  # the largest rank of any module
+    with pytest.raises(DistillmtError, match="LoRA rank 600 is above vLLM's largest, 512"):
+        rank({"r": 600})
+    with pytest.raises(DistillmtError, match=r"adapter_config.json: not a readable LoRA adapter config"):
+        rank({"rank": 8})
+
+
+def test_vllm_stages_of_the_pipeline_load_saved_weights(tmp_path, fake_vllm, monkeypatch):
+    """Label and translation stages on vLLM hand it the trained folders (no HF model loaded, no copy written), count
+    the parameters from the files, and release the engine at the end of each stage."""
+    monkeypatch.setattr("distillmt.pipeline.check_engine", lambda engine, key: None)  # (no GPU here)
+    extra = ["systems=[TEACHER,HLKD]", "generate.engine=vllm", "hard_kd.decoding.engine=vllm", "device=cpu"]
+    report = run_experiment(micro_cfg(tmp_path, *extra), progress=False)
+    root = tmp_path / "micro"
+    inits = [c[1]["model"] for c in fake_vllm.calls if c[0] == "LLM"]
+    teacher = str(root / "train_teacher" / "model")
+    assert inits == [teacher, teacher, str(root / "train_hlkd" / "model")]  # labels, TEACHER, HLKD: one engine each
+    assert not list(root.glob("*/vllm-model"))
+    row = report["systems"]["HLKD"]["translation"]
+    assert row["engine"] == "vllm float32" and row["parameters"] > 0
 
 
 def test_engines_that_cannot_run_here_are_refused_before_any_stage(tmp_path):

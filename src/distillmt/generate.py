@@ -6,6 +6,7 @@ by the model's own length-normalised log-probability or by MBR with chrF between
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -299,19 +300,45 @@ def convert_to_ct2(model: Any, tokenizer: Any, out_dir: str | Path, quantization
     return out_dir
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """Where a model's weights lie on disk, for an engine that loads them itself (vLLM): a folder of full weights,
+    the LoRA adapter folder trained on top of it (or None) and the dtype to run in."""
+
+    folder: str
+    adapter: str | None
+    dtype: str
+
+
 def translate_with_engine(
-    model: Any, tokenizer: Any, sources: list[str], *, engine: str, quantization: str, work_dir: str | Path, **decoding
+    model: Any,
+    tokenizer: Any,
+    sources: list[str],
+    *,
+    engine: str,
+    quantization: str,
+    work_dir: str | Path,
+    saved: SavedModel | None = None,
+    **decoding,
 ) -> tuple[TranslationResult, str]:
     """Translate with transformers (``hf``, the reference), CTranslate2 (``ct2``: ``model`` is converted once into
-    ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard) or vLLM (``vllm``, GPU only: the
-    model, LoRA merged, is saved once into ``work_dir/vllm-model``). Returns the result and the engine with its
-    precision (``hf float32``, ``ct2 int8``, ``vllm bfloat16``). CTranslate2 and vLLM give one candidate per source.
-    Several processes (``shard``) convert once: the first holds a lock on the folder, the others wait and reuse it."""
+    ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard) or vLLM (``vllm``, GPU only: with
+    ``saved``, vLLM loads the weights from there, a LoRA adapter through its own LoRA support, and ``model`` may be
+    None; without, the model, LoRA merged, is saved once into ``work_dir/vllm-model``). Returns the result and the
+    engine with its precision (``hf float32``, ``ct2 int8``, ``vllm bfloat16``, ``vllm bfloat16 + LoRA``).
+    CTranslate2 and vLLM give one candidate per source. Several processes (``shard``) convert once: the first holds a
+    lock on the folder, the others wait and reuse it."""
+    if engine != "hf":  # one candidate per source
+        for key in ("num_return_sequences", "selection"):
+            decoding.pop(key, None)
+    if engine == "vllm" and saved is not None:
+        res = translate_vllm(saved.folder, tokenizer, sources, adapter=saved.adapter, dtype=saved.dtype, **decoding)
+        return res, f"vllm {saved.dtype}" + (" + LoRA" if saved.adapter else "")
+    if model is None:
+        raise ValueError(f"engine {engine} translates a loaded model: model is None")
     dtype = str(next(model.parameters()).dtype)[6:]
     if engine == "hf":
         return translate(model, tokenizer, sources, **decoding), f"hf {dtype}"
-    for key in ("num_return_sequences", "selection"):
-        decoding.pop(key, None)
     if engine == "vllm":
         vllm_dir = Path(work_dir) / "vllm-model"
         with file_lock(Path(work_dir) / ".vllm-model.lock"):
@@ -335,6 +362,7 @@ def translate_vllm(
     tokenizer: Any,
     sources: list[str],
     *,
+    adapter: str | None = None,
     dtype: str = "bfloat16",
     batch_size: int = 32,
     max_new_tokens: int = 64,
@@ -352,8 +380,9 @@ def translate_vllm(
 ) -> TranslationResult:
     """:func:`translate` with vLLM on a GPU (the engine TRL uses for on-policy generation): the same prompts, stop
     tokens and output cleaning; vLLM schedules the batches itself (``batch_size`` and ``max_batch_tokens`` are not
-    used). Greedy or sampling; beam search is refused (vLLM's sampler has none). ``shard=(rank, world)``: every
-    ``world``-th source from ``rank`` on."""
+    used). Greedy or sampling; beam search is refused (vLLM's sampler has none). ``adapter``: a peft LoRA adapter
+    folder that vLLM applies itself (its LoRA support, the rank rounded up to one vLLM accepts), so no merged copy of
+    the model is written. ``shard=(rank, world)``: every ``world``-th source from ``rank`` on."""
     if num_beams > 1:
         raise DistillmtError("engine vllm does not do beam search: use num_beams=1, or engine hf or ct2")
     try:
@@ -370,13 +399,60 @@ def translate_vllm(
         stop_token_ids=stop,
     )
     rank, world = _check_shard(shard)
-    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=False)
+    lora, request = {}, {}
+    if adapter is not None:
+        from vllm.lora.request import LoRARequest
+
+        lora = {"enable_lora": True, "max_lora_rank": vllm_lora_rank(adapter)}
+        lora_id = _VLLM_LORA_IDS.setdefault(str(adapter), len(_VLLM_LORA_IDS) + 1)  # vLLM caches adapters by id
+        request = {"lora_request": LoRARequest(f"adapter-{lora_id}", lora_id, str(adapter))}
+    key = (str(model_dir), dtype, tuple(sorted(lora.items())))
+    if key not in _VLLM_ENGINE:
+        release_vllm()  # one engine at a time: a second would not fit beside the first in GPU memory
+        _VLLM_ENGINE[key] = LLM(model=str(model_dir), dtype=dtype, seed=0, trust_remote_code=False, **lora)
+    llm = _VLLM_ENGINE[key]
     mine = list(range(rank, len(sources), world))
     start = time.perf_counter()
-    outputs = llm.generate([build_prompt(tokenizer, sources[i]) for i in mine], params, use_tqdm=progress)
+    outputs = llm.generate([build_prompt(tokenizer, sources[i]) for i in mine], params, use_tqdm=progress, **request)
     seconds = time.perf_counter() - start
     hyps: list[str | None] = [None] * len(sources)
     for i, o in zip(mine, outputs, strict=True):
         hyps[i] = strip_output(o.outputs[0].text)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return TranslationResult(hyps, [[] if h is None else [h] for h in hyps], generated, seconds)
+
+
+_VLLM_ENGINE: dict[tuple, Any] = {}  # this process's vLLM engine, reused by the next call on the same weights
+_VLLM_LORA_IDS: dict[str, int] = {}
+
+
+def release_vllm() -> None:
+    """Shut down this process's vLLM engine, if any, and hand its GPU memory back (to the next stage's training, or
+    to an engine on other weights). vLLM starts in tens of seconds, so the label shards of one stage share one
+    engine; every stage releases it when done."""
+    if not _VLLM_ENGINE:
+        return
+    _VLLM_ENGINE.clear()
+    _VLLM_LORA_IDS.clear()
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM's LoRAConfig accepts
+
+
+def vllm_lora_rank(adapter: str | Path) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's rank (``r`` in adapter_config.json)."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        rank = max([int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DistillmtError(f"{path}: not a readable LoRA adapter config ({e})") from None
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise DistillmtError(f"{path}: LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+    return fits[0]

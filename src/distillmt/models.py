@@ -7,6 +7,7 @@ Weights are read and written as safetensors only, and remote code is never trust
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,22 @@ def count_parameters(model: Any) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
+
+
+def saved_parameter_count(folder: str | Path) -> int | None:
+    """The parameters of a saved model, from its safetensors headers (nothing is loaded); None where the folder holds
+    no safetensors (a hub id). A tied output layer is stored once, so it counts once, as in :func:`count_parameters`."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
 
 
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:

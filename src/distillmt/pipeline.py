@@ -115,11 +115,24 @@ class Models:
             return load_trained(t.model, path, dtype=self.dtype(t), device=self.device, merge=True)
         return load_model(t.model, dtype=self.dtype(t), device=self.device)
 
-    def teacher_for_labels(self, which: str) -> tuple[Any, Any]:
-        """(teacher, tokenizer) for label generation, loaded only when a label shard is missing."""
-        tokenizer, model = self.tokenizer(), self.load_teacher(which)
+    def teacher_for_labels(self, which: str, engine: str) -> tuple[Any, Any]:
+        """(teacher, tokenizer) for label generation, loaded only when a label shard is missing; vLLM loads the
+        weights itself (see :meth:`saved`), so the model is None for it."""
+        tokenizer, model = self.tokenizer(), None if engine == "vllm" else self.load_teacher(which)
         self.seed()
         return model, tokenizer
+
+    def saved(self, m: ModelConfig, stage: str | None) -> Any:
+        """Where an engine that loads weights itself (vLLM) finds a model: the base model, or what training ``stage``
+        saved (full weights, or a LoRA adapter that goes on the base model)."""
+        from distillmt.generate import SavedModel
+        from distillmt.models import resolve_ref
+
+        dtype = str(self.dtype(m)).removeprefix("torch.")
+        trained = None if stage is None else self.root / stage / "model"
+        if trained is not None and not (trained / "adapter_config.json").exists():
+            return SavedModel(str(trained), None, dtype)
+        return SavedModel(resolve_ref(m.model), None if trained is None else str(trained), dtype)
 
     def load_system(self, system: systems.System) -> Any:
         """The model behind a results row: a base model, or what a training stage saved (adapter or full weights)."""
@@ -282,9 +295,11 @@ class Experiment:
         identity = self.models.teacher_identity(h.teacher)
 
         def fn(folder: Path) -> dict[str, Any]:
-            teacher = partial(self.models.teacher_for_labels, h.teacher)
+            teacher = partial(self.models.teacher_for_labels, h.teacher, h.decoding.engine)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
             run = {"identity": identity, "progress": self.progress, "processes": self.processes}
+            if h.decoding.engine == "vllm":
+                run["saved"] = self.models.saved(self.cfg.teacher, next(iter(teacher_stage(h.teacher)), None))
             return build_teacher_labels(teacher, sources, folder, **run, **labels)
 
         settings = {"data": self.keys["data"], "teacher": identity, **labels}
@@ -365,17 +380,22 @@ class Experiment:
         system = systems.get(name)
         g = self.cfg.generate
 
+        stage = system.trained_stage(self.scratch)
+        m = getattr(self.cfg, system.side)
+
         def fn(folder: Path) -> dict[str, Any]:
-            tokenizer, model, test = self.models.tokenizer(), self.models.load_system(system), self.split("test")
-            self.models.seed()
+            tokenizer, test = self.models.tokenizer(), self.split("test")
             run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", **asdict(g)}
+            if g.engine == "vllm":  # vLLM loads the weights (and a LoRA adapter) itself
+                model, run["saved"] = None, self.models.saved(m, stage)
+            else:
+                model = self.models.load_system(system)
+            self.models.seed()
             return {
                 **translate_split(model, tokenizer, test, folder, self.processes, **run),
                 "device": str(self.device),
             }
 
-        stage = system.trained_stage(self.scratch)
-        m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
         settings = {"system": name, "model": source, "generate": keyed_settings(g), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
@@ -540,19 +560,23 @@ def translate_split(
     merged rows."""
     from accelerate.utils import gather_object
 
-    from distillmt.generate import merge_shards, process_shard, translate_with_engine
-    from distillmt.models import count_parameters
+    from distillmt.generate import merge_shards, process_shard, release_vllm, translate_with_engine
+    from distillmt.models import count_parameters, saved_parameter_count
 
     shard = process_shard(processes)
     res, engine = translate_with_engine(
         model, tokenizer, [p.src for p in pairs], work_dir=folder, shard=shard, **generate
     )
+    release_vllm()
     if processes is not None:
         res = merge_shards(gather_object([res]))
     if processes is None or processes.is_main_process:
         rows = [{"src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(pairs, res.hypotheses, strict=True)]
         write_jsonl(folder / "translations.jsonl", rows)
-    return {"parameters": count_parameters(model)["total"], **res.summary(), "engine": engine, "processes": shard[1]}
+    n_params = (
+        count_parameters(model)["total"] if model is not None else saved_parameter_count(generate["saved"].folder)
+    )
+    return {"parameters": n_params, **res.summary(), "engine": engine, "processes": shard[1]}
 
 
 def available_cores() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillmt.data import Pair
-from distillmt.generate import process_shard, translate_with_engine
+from distillmt.generate import SavedModel, process_shard, release_vllm, translate_with_engine
 from distillmt.io import read_jsonl, write_jsonl
 
 log = logging.getLogger("distillmt.teacher_labels")
@@ -43,6 +43,7 @@ def build_teacher_labels(
     seed: int = 0,
     progress: bool = True,
     processes: Any = None,
+    saved: SavedModel | None = None,
 ) -> dict[str, Any]:
     """Translate the sources of ``pairs`` with the teacher and write them as label shards into ``out_dir``.
 
@@ -53,7 +54,8 @@ def build_teacher_labels(
     with ``do_sample``) and one is kept by ``selection`` (``score`` or ``mbr``). Shard ``i`` is decoded with seed
     ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens", "generation_seconds"}``.
 
-    ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards ``r, r + P, ...``;
+    ``saved``: where the teacher's weights lie, for vLLM to load them itself (``load_teacher`` may then return None
+    for the model). ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards ``r, r + P, ...``;
     every process returns once all shards are written, with the figures summed over the processes. A shard's
     content does not depend on which process wrote it (its seed is its index), so the labels equal one process's.
     """
@@ -71,6 +73,7 @@ def build_teacher_labels(
         decode["num_beams"] = max(decode["num_beams"], num_candidates)
     engines = set()
     model = tokenizer = None
+    loaded = False
     shards, generated, seconds = [], 0, 0.0
     n_shards = (len(pairs) + shard_size - 1) // shard_size
     rank, world = process_shard(processes)
@@ -80,8 +83,8 @@ def build_teacher_labels(
         shards.append(path.name)
         if path.exists() or i % world != rank:
             continue
-        if model is None:
-            model, tokenizer = load_teacher()
+        if not loaded:
+            (model, tokenizer), loaded = load_teacher(), True
         res, engine = translate_with_engine(
             model,
             tokenizer,
@@ -93,6 +96,7 @@ def build_teacher_labels(
             progress=progress,
             desc=f"teacher labels {i + 1}/{n_shards}",
             work_dir=out_dir,
+            saved=saved,
         )
         engines.add(engine)
         generated += res.generated_tokens
@@ -102,6 +106,7 @@ def build_teacher_labels(
             for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True)
         ]
         write_jsonl(path, rows)
+    release_vllm()
     if processes is not None:  # wait for every shard; the figures of all processes
         from accelerate.utils import gather_object
 
