@@ -188,9 +188,9 @@ def fake_vllm(monkeypatch):
 def test_vllm_loads_the_lora_adapter_itself_and_keeps_one_engine(tmp_path, fake_vllm):
     """With the weights' folders given, vLLM gets the base model and the peft adapter (LoRA through vLLM, nothing
     merged or written); label shards on the same weights share one engine until it is released."""
-    import torch
 
     from conftest import build_tiny_qwen
+
     from distillmt.generate import SavedModel, release_vllm, translate_with_engine
     from distillmt.models import apply_lora, count_parameters, saved_parameter_count, train_bpe_tokenizer
 
