@@ -323,3 +323,20 @@ def test_bench_train_compares_trl_and_distillmt_on_the_same_data(run_dir, tmp_pa
     assert len(ours) == 3 and all("not measured" not in r and float(r.split(" | ")[2]) > 0 for r in ours), ours
     assert main(["bench", "train", "--tokenizer", "store:no-such-model"]) == 2  # said before any child starts
     assert "is not in the store" in capsys.readouterr().err
+
+
+def test_bench_flops_counts_a_lora_step_against_the_matmul_peak(run_dir):
+    import re
+
+    from distillmt.bench import bench_flops
+
+    model = str(run_dir / "train_student" / "model")
+    text = bench_flops(model=model, batch=2, steps=1, threads=1, dtype="float32", lora_r=4, peak_sizes=(128, 256))
+    peak = re.search(
+        r"\| matmul peak, float32 \((\d+)×\1 @ \1×\1\) \| [\d.e+-]+ \| [\d.e+-]+ \| ([\d.e+-]+) \| 1\.00 \|", text
+    )
+    step = re.search(r"\| LoRA training step \(2 examples, (\d+) tokens, \d+ wide\) \| ([\d.e+-]+) \| [\d.e+-]+ \| ([\d.e+-]+) \| "
+                     r"([\d.]+) of float32 \|", text)  # fmt: skip
+    assert peak and step, text
+    assert int(peak.group(1)) in (128, 256) and float(step.group(2)) > 0  # FLOPs were counted
+    assert "bfloat16" not in text.split("\n\n")[1]  # float32 only: the peak is measured in the step's own dtype

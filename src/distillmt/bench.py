@@ -3,6 +3,8 @@
 ``generate``: sentences/s of one model translating the same sentences one at a time, in batches, in batches under a
 token budget, and with CTranslate2 float32 and int8 (when installed).
 
+``flops``: achieved FLOP/s of a LoRA training step of a real model against the machine's measured matmul peak.
+
 ``loss``: one forward + backward of the output layers and the KD loss, from the last hidden states (default:
 vocabulary 151,936, batch × sequence 8 × 256, bf16, half the positions targets, a LoRA-style frozen student output
 layer with Qwen2.5-0.5B's hidden size 896 and a teacher with Qwen2.5-1.5B's 1,536), for a full-vocabulary
@@ -368,6 +370,100 @@ def bench_train(
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
         f"{platform.python_version()}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _matmul_peak(dtype: Any, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 3) -> tuple[float, int]:
+    """The machine's measured matmul peak in this dtype: the best FLOP/s of square n×n @ n×n products (median of
+    ``repeats`` calls after a warm-up), and the n that reached it."""
+    import torch
+
+    best = (0.0, 0)
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        best = max(best, (2 * n**3 / statistics.median(times), n))
+    return best
+
+
+def bench_flops(
+    *, model: str = "store:qwen2.5-coder-0.5b-instruct", batch: int = 8, steps: int = 3, threads: int = 0,
+    dtype: str = "bfloat16", lora_r: int = 16, peak_sizes: tuple[int, ...] = (1024, 2048, 4096),
+) -> str:  # fmt: skip
+    """Achieved FLOP/s of a LoRA training step (forward, backward, AdamW) of ``model`` against this machine's
+    measured matmul peak. The step is distillmt's (``train.loss_step``: CE, output layer at the target rows) on one
+    batch of real Tatoeba examples, repeated; its FLOPs are counted by ``torch.utils.flop_counter`` during an untimed
+    warm-up step, and the timed steps run without the counter. Returns the markdown report."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distillmt.data import load_pairs, split_pairs
+    from distillmt.models import apply_lora, count_parameters, load_model, load_tokenizer
+    from distillmt.pipeline import available_cores
+    from distillmt.prompts import encode_example, pad_batch
+    from distillmt.train import _optimizer, loss_step
+
+    threads = threads or available_cores()
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    peaks = {name: _matmul_peak(getattr(torch, name), peak_sizes) for name in dict.fromkeys([dtype, "float32"])}
+    tok = load_tokenizer(model)
+    pairs = split_pairs(load_pairs("tatoeba")[0], train_size=batch, valid_size=0, test_size=0, seed=0)["train"]
+    examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=160, max_target_tokens=64) for p in pairs]
+    inputs = pad_batch(examples, tok.pad_token_id)
+    net = load_model(model, dtype=torch_dtype, device=torch.device("cpu"))
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=modules).train()
+    optimizer = _optimizer(net, lr=2e-4, weight_decay=0.01)
+
+    def step() -> None:
+        loss_sum, _ = loss_step(net, inputs, examples, None)
+        (loss_sum / int((inputs["labels"] != -100).sum())).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    achieved = flops / seconds
+    n_params = count_parameters(net)
+    tokens = int(inputs["attention_mask"].sum())
+    lines = [
+        f"# Achieved FLOP/s of a LoRA training step: {model}, LoRA r={lora_r} on {len(modules)} projections, {dtype}",
+        "",
+        "| what | GFLOP | seconds | GFLOP/s | fraction of the matmul peak |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (peak, n) in peaks.items():
+        lines.append(f"| matmul peak, {name} ({n}×{n} @ {n}×{n}) | {2 * n**3 / 1e9:.3g} | {2 * n**3 / peak:.3g} | "
+                     f"{peak / 1e9:.3g} | 1.00 |")  # fmt: skip
+    lines.append(
+        f"| LoRA training step ({batch} examples, {tokens} tokens, {inputs['input_ids'].shape[1]} wide) | "
+        f"{flops / 1e9:.3g} | {seconds:.3g} | {achieved / 1e9:.3g} | {achieved / peaks[dtype][0]:.2f} of {dtype} |"
+    )
+    lines += [
+        "",
+        f"The step: forward, backward and AdamW of distillmt's training step (`train.loss_step`: CE, output layer at "
+        f"the target rows only) on one batch of {batch} Tatoeba examples in the chat prompt (padded to the longest), "
+        f"repeated; {n_params['trainable']:,} of {n_params['total']:,} parameters trainable. GFLOP: counted by "
+        f"`torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward) in an untimed "
+        f"warm-up step; seconds: the median of {steps} timed steps. The peak is the best of the "
+        f"{', '.join(map(str, peak_sizes))}-wide square matmuls, median of 3 calls each.",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}.",
         "",
     ]
     return "\n".join(lines)

@@ -164,6 +164,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         text = bench_train(
             tokenizer=args.tokenizer, pairs=args.pairs, steps=args.steps, batch=args.batch, threads=args.threads
         )
+    elif args.what == "flops":
+        from distillmt.bench import bench_flops
+        from distillmt.models import load_tokenizer
+
+        load_tokenizer(args.model or "store:qwen2.5-coder-0.5b-instruct")  # a missing model is said here, at once
+        text = bench_flops(
+            model=args.model or "store:qwen2.5-coder-0.5b-instruct", batch=args.batch, steps=args.steps,
+            threads=args.threads,
+        )  # fmt: skip
     else:
         text = bench_loss(
             vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
@@ -534,16 +543,21 @@ def _add_bench_parser(sub: Any) -> None:
         "fused_linear_kd_loss, each in its own process: seconds per call and peak extra memory, as ratios to the "
         "naive one. train: KD training throughput of TRL's GKD trainer and distillmt's loop (live teacher, fused, "
         "cached teacher) on the same models and token ids. generate: sentences/s one at a time, batched, with a "
-        "token budget and with CTranslate2.",
+        "token budget and with CTranslate2. flops: achieved FLOP/s of a LoRA training step of a real model "
+        "(default the 0.5B student) against the machine's measured matmul peak.",
     )
-    b.add_argument("what", choices=["loss", "train", "generate"], help="what to measure")
+    b.add_argument("what", choices=["loss", "train", "generate", "flops"], help="what to measure")
     b.add_argument(
         "--tokenizer", default="store:qwen2.5-coder-0.5b-instruct", help="train: the tokenizer (its vocabulary sizes "
         "the models)"
     )  # fmt: skip
     b.add_argument("--pairs", type=_int_at_least(8), default=512, help="train: Tatoeba pairs to draw batches from")
-    b.add_argument("--steps", type=_int_at_least(1), default=30, help="train: optimizer steps per trainer")
-    b.add_argument("--model", help="generate: the model (a folder or store:NAME)")
+    b.add_argument(
+        "--steps", type=_int_at_least(1), default=30, help="train: optimizer steps per trainer; flops: timed steps"
+    )
+    b.add_argument(
+        "--model", help="generate: the model (a folder or store:NAME); flops: default store:qwen2.5-coder-0.5b-instruct"
+    )
     b.add_argument("--input", "-i", help="generate: sources, plain text or JSONL with 'src'")
     b.add_argument("--sentences", type=_int_at_least(1), default=100, help="generate: how many sources to use")
     b.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="generate: longest translation")
@@ -551,7 +565,7 @@ def _add_bench_parser(sub: Any) -> None:
         "--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="generate: hf dtype"
     )
     b.add_argument("--vocab", type=_int_at_least(2), default=151936)
-    b.add_argument("--batch", type=_int_at_least(1), default=8, help="loss and train: batch size")
+    b.add_argument("--batch", type=_int_at_least(1), default=8, help="loss, train and flops: batch size")
     b.add_argument("--seq", type=_int_at_least(2), default=256)
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--chunk-sizes", type=_int_at_least(1), nargs="+", default=[1024, 256])
