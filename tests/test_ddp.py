@@ -85,9 +85,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_distillmt_run_on_two_processes(tmp_path):
-    """`torchrun --nproc_per_node=2 -m distillmt run` (on GPUs, `accelerate launch` with a config from
-    configs/accelerate/ starts the same processes; on CPUs accelerate would need MPI): the main process keeps the
-    books, both processes train and share the label and translation work, and the rows match a one-process run."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m distillmt run` on CPUs (accelerate starts the processes
+    through torchrun; with no GPU, distillmt's Accelerator takes gloo): the main process keeps the books and prints
+    the table, both processes train and share the label and translation work, and the rows match a one-process run."""
     from test_pipeline import MICRO
 
     from distillmt.io import read_json
@@ -101,11 +101,13 @@ def test_distillmt_run_on_two_processes(tmp_path):
         f"output_dir={tmp_path}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+              "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]  # fmt: skip
     for name, cmd in (("one", [sys.executable, "-m", "distillmt"]), ("two", [*launch, "-m", "distillmt"])):
         proc = subprocess.run([*cmd, *args, f"name={name}"], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("2 processes" in proc.stderr) == (name == "two")
+        assert proc.stdout.count("run folder:") == 1  # printed by the main process alone
     one, two = (read_json(tmp_path / n / "results.json")["systems"] for n in ("one", "two"))
     for system in one:
         hyps = [

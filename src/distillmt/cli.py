@@ -83,6 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = "distillmt " + " ".join(args.argv)
     report = run_experiment(cfg, progress=not args.no_progress, command=command)
     root = Path(cfg.output_dir) / cfg.name
+    if os.environ.get("RANK", "0") != "0":  # several processes: the main one prints the table
+        return 0
     print()
     print(results_table(report))
     print(
