@@ -122,6 +122,13 @@ class Models:
         self.seed()
         return model, tokenizer
 
+    def system_for(self, system: systems.System, engine: str) -> tuple[Any, Any]:
+        """``(model, saved)`` to translate a row with: vLLM loads the weights itself (``saved``; no model loaded),
+        the other engines take the loaded model."""
+        if engine == "vllm":
+            return None, self.saved(getattr(self.cfg, system.side), system.trained_stage(self.scratch))
+        return self.load_system(system), None
+
     def saved(self, m: ModelConfig, stage: str | None) -> Any:
         """Where an engine that loads weights itself (vLLM) finds a model: the base model, or what training ``stage``
         saved (full weights, or a LoRA adapter that goes on the base model)."""
@@ -380,22 +387,18 @@ class Experiment:
         system = systems.get(name)
         g = self.cfg.generate
 
-        stage = system.trained_stage(self.scratch)
-        m = getattr(self.cfg, system.side)
-
         def fn(folder: Path) -> dict[str, Any]:
             tokenizer, test = self.models.tokenizer(), self.split("test")
-            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", **asdict(g)}
-            if g.engine == "vllm":  # vLLM loads the weights (and a LoRA adapter) itself
-                model, run["saved"] = None, self.models.saved(m, stage)
-            else:
-                model = self.models.load_system(system)
+            model, saved = self.models.system_for(system, g.engine)
             self.models.seed()
+            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", **asdict(g)}
             return {
-                **translate_split(model, tokenizer, test, folder, self.processes, **run),
+                **translate_split(model, tokenizer, test, folder, self.processes, saved=saved, **run),
                 "device": str(self.device),
             }
 
+        stage = system.trained_stage(self.scratch)
+        m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
         settings = {"system": name, "model": source, "generate": keyed_settings(g), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
