@@ -222,6 +222,20 @@ def test_run_with_bad_config_arguments_exit_2(tmp_path, capsys, extra, pattern):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+def test_overrides_may_follow_an_option(tmp_path, capsys):
+    """`run CONFIG --no-progress key=value`: the override after the option is read as one (argparse alone would stop
+    the positional list at the option and refuse the rest)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'runs'}\n", encoding="utf-8")
+    assert main(["run", str(cfg), "--no-progress", "soft_kd.alpha=1.5"]) == 2
+    assert "'soft_kd.alpha' = 1.5 is out of range" in _error_line(capsys.readouterr().err)
+    assert main(["sweep", str(cfg), "--no-progress", "seed=1"]) == 2  # a sweep's overrides too: the file is no sweep
+    assert "unrecognized arguments" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(cfg), "--no-progress", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_run_with_unknown_override_key_exit_2(tmp_path, capsys):
     assert main(["run", "sead=1", f"output_dir={tmp_path / 'runs'}"]) == 2
     assert "unknown config key 'sead'" in _error_line(capsys.readouterr().err)

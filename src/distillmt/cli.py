@@ -668,7 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so `run CONFIG --no-progress key=value` would
+    # leave the override over: bare words after an option join the command's config and overrides
+    words = next((name for name in ("args", "overrides") if isinstance(getattr(args, name, None), list)), None)
+    if extra and words and not any(a.startswith("-") for a in extra):
+        setattr(args, words, [*getattr(args, words), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
