@@ -242,7 +242,7 @@ def translate_ct2(
         raise DistillmtError(f"{model_dir} is a CTranslate2 model: pip install 'distillmt[ct2]'") from None
 
     rank, world = _check_shard(shard)
-    # as many threads as torch may use (the `threads` setting), not CTranslate2's own default of 4
+    # as many threads as torch may use (the `threads` setting), not CTranslate2's own default
     threads = {"intra_threads": torch.get_num_threads()} if device == "cpu" else {}
     generator = ctranslate2.Generator(str(model_dir), device=device, **threads)
     ctranslate2.set_random_seed(seed)
