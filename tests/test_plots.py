@@ -83,6 +83,8 @@ def run_folder(tmp_path, report=None):
     report["config"] = {"soft_kd": {"divergence": "jsd", "alpha": 0.5, "temperature": 2.0}}
     _metrics(root / "train_teacher", kd=False)
     _metrics(root / "train_slkd", kd=True)
+    for stage in ("train_teacher", "train_slkd"):
+        (root / stage / "stage.json").write_text("{}", encoding="utf-8")  # finished
     return root, report
 
 
@@ -154,6 +156,9 @@ def test_training_plot_lines_per_stage(tmp_path):
     report["config"]["soft_kd"]["divergence"] = "forward_kl"
     assert "forward KL(teacher‖student)" not in line_labels(training_plot(root, report, "train_slkd").figure.axes[0])
     assert training_plot(root, report, "train_hlkd") is None  # no metrics.jsonl
+    assert "not finished" not in kd.caption
+    (root / "train_slkd" / "stage.json").unlink()  # a stage stopped part-way: its curves, and the caption says so
+    assert "; not finished (stopped at step " in training_plot(root, report, "train_slkd").caption
     assert _png(save_plot(kd, tmp_path))
 
 

@@ -531,6 +531,9 @@ def training_plot(run_root: str | Path, report: dict[str, Any], stage: str) -> P
     caption += " against the optimizer step"
     if divergence == "tvd":
         caption += "; D = TVD is a distance between distributions (0–1), not nats"
+    if not (Path(run_root) / stage / "stage.json").is_file():
+        last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
+        caption += f"; not finished (stopped at step {last}): its row is not scored yet"
     return Plot(f"training_{_file_part(stage)}.png", fig, caption + ".")
 
 
