@@ -55,9 +55,10 @@ def build_teacher_labels(
     ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens", "generation_seconds"}``.
 
     ``saved``: where the teacher's weights lie, for vLLM to load them itself (``load_teacher`` may then return None
-    for the model). ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards ``r, r + P, ...``;
-    every process returns once all shards are written, with the figures summed over the processes. A shard's
-    content does not depend on which process wrote it (its seed is its index), so the labels equal one process's.
+    for the model). ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards
+    ``r, r + P, ...``; every process returns once all shards are written, with the figures summed over the
+    processes. A shard's content does not depend on which process wrote it (its seed is its index), so the labels
+    equal one process's.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
