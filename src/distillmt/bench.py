@@ -404,11 +404,12 @@ def bench_flops(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from distillmt.config import QWEN_LORA_TARGETS
     from distillmt.data import load_pairs, split_pairs
     from distillmt.models import apply_lora, count_parameters, load_model, load_tokenizer
     from distillmt.pipeline import available_cores
     from distillmt.prompts import encode_example, pad_batch
-    from distillmt.train import _optimizer, loss_step
+    from distillmt.train import _optimizer, _target_tokens, loss_step
 
     threads = threads or available_cores()
     torch.set_num_threads(threads)
@@ -419,13 +420,13 @@ def bench_flops(
     examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=160, max_target_tokens=64) for p in pairs]
     inputs = pad_batch(examples, tok.pad_token_id)
     net = load_model(model, dtype=torch_dtype, device=torch.device("cpu"))
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    modules = list(QWEN_LORA_TARGETS)  # the configs' default LoRA targets
     net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=modules).train()
     optimizer = _optimizer(net, lr=2e-4, weight_decay=0.01)
 
     def step() -> None:
         loss_sum, _ = loss_step(net, inputs, examples, None)
-        (loss_sum / int((inputs["labels"] != -100).sum())).backward()
+        (loss_sum / _target_tokens(inputs["labels"])).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

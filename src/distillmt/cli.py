@@ -170,11 +170,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from distillmt.bench import bench_flops
         from distillmt.models import load_tokenizer
 
-        load_tokenizer(args.model or "store:qwen2.5-coder-0.5b-instruct")  # a missing model is said here, at once
-        text = bench_flops(
-            model=args.model or "store:qwen2.5-coder-0.5b-instruct", batch=args.batch, steps=args.steps,
-            threads=args.threads,
-        )  # fmt: skip
+        model = args.model or "store:qwen2.5-coder-0.5b-instruct"
+        load_tokenizer(model)  # a missing model is said here, at once
+        text = bench_flops(model=model, batch=args.batch, steps=args.steps, threads=args.threads)
     else:
         text = bench_loss(
             vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,

@@ -556,11 +556,12 @@ def processes_state(device: str) -> Any:
 
 
 def translate_split(
-    model: Any, tokenizer: Any, pairs: list[data_mod.Pair], folder: Path, processes: Any, **generate: Any
-) -> dict[str, Any]:
+    model: Any, tokenizer: Any, pairs: list[data_mod.Pair], folder: Path, processes: Any, saved: Any = None,
+    **generate: Any,
+) -> dict[str, Any]:  # fmt: skip
     """``pairs`` translated into ``folder/translations.jsonl`` (src, ref, hyp per line, in order); returns the row's
     figures. With several processes each translates its share of the batches, and the main process writes the
-    merged rows."""
+    merged rows. ``saved``: where vLLM finds the weights when ``model`` is None (see ``Models.system_for``)."""
     from accelerate.utils import gather_object
 
     from distillmt.generate import merge_shards, process_shard, release_vllm, translate_with_engine
@@ -568,7 +569,7 @@ def translate_split(
 
     shard = process_shard(processes)
     res, engine = translate_with_engine(
-        model, tokenizer, [p.src for p in pairs], work_dir=folder, shard=shard, **generate
+        model, tokenizer, [p.src for p in pairs], work_dir=folder, shard=shard, saved=saved, **generate
     )
     release_vllm()
     if processes is not None:
@@ -576,9 +577,7 @@ def translate_split(
     if processes is None or processes.is_main_process:
         rows = [{"src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(pairs, res.hypotheses, strict=True)]
         write_jsonl(folder / "translations.jsonl", rows)
-    n_params = (
-        count_parameters(model)["total"] if model is not None else saved_parameter_count(generate["saved"].folder)
-    )
+    n_params = count_parameters(model)["total"] if model is not None else saved_parameter_count(saved.folder)
     return {"parameters": n_params, **res.summary(), "engine": engine, "processes": shard[1]}
 
 
