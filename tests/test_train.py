@@ -327,3 +327,19 @@ def test_target_hidden_skips_the_output_layer_and_matches_its_input():
     assert torch.allclose(h, full.hidden_states[-1][rows], atol=1e-6)
     assert torch.allclose(h @ w.T, full.logits[rows], atol=1e-5)
     assert model(input_ids=batch["input_ids"]).logits.shape == full.logits.shape  # the hook is gone
+
+
+def test_stages_of_one_process_may_train_at_different_precisions(tmp_path):
+    """A bf16-autocast teacher then an fp32 student in one process (accelerate keeps one precision per process and
+    refused the second); the fp32 stage after the bf16 one gives what it gives alone."""
+    ex = examples(8)
+    alone = tiny_model()
+    train(alone, ex, [], tmp_path / "alone", max_steps=2, batch_size=4, mixed_precision="no", **COMMON)
+    bf16, fp32 = tiny_model(seed=1), tiny_model()
+    train(bf16, ex, [], tmp_path / "bf16", max_steps=2, batch_size=4, mixed_precision="bf16", **COMMON)
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"
+    train(fp32, ex, [], tmp_path / "fp32", max_steps=2, batch_size=4, mixed_precision="no", **COMMON)
+    assert AcceleratorState().mixed_precision == "no"
+    assert torch.equal(params(fp32), params(alone))

@@ -256,36 +256,90 @@ def bench_generate(
 
 TRAINERS = {
     "trl": "TRL `GKDTrainer` (lmbda=0, beta=0: forward KL against the live teacher)",
+    "trl_grouped": "TRL `GKDTrainer`, length-grouped batches (`train_sampling_strategy=group_by_length`)",
     "live": "distillmt `train` (SLKD, live teacher, output layers at target rows)",
+    "live_alpha": "distillmt `train`, alpha=0.5 (0.5·CE + 0.5·KL; TRL has no CE mix)",
     "fused": "distillmt `train` (SLKD, live teacher, `soft_kd.fused`: fused-linear, logits never held)",
     "cache": "distillmt `train` (SLKD, teacher top-64 cache built beforehand, not timed)",
 }
 
 
-def _train_child(impl: str, tokenizer_ref: str, n_pairs: int, steps: int, batch: int, threads: int) -> None:
-    """Train one student for ``steps`` steps in this (fresh) process and print a JSON line: wall seconds of the
-    training itself, target tokens seen, peak resident memory."""
+def _bench_models(spec: dict[str, Any], tok: Any) -> tuple[Any, Any]:
+    """The teacher and student of a ``bench train`` child: the default experiment's shapes at the tokenizer's whole
+    vocabulary (randomly initialised, fp32), or real models (``spec["student"]`` and ``spec["teacher"]``, in
+    ``spec["dtype"]``) with a LoRA student, as in the real study."""
+    import torch
+
+    from distillmt.models import apply_lora, build_scratch_model, load_model
+
+    if spec.get("student"):
+        dtype, cpu = getattr(torch, spec["dtype"]), torch.device("cpu")
+        from distillmt.config import QWEN_LORA_TARGETS
+
+        teacher = load_model(spec["teacher"], dtype=dtype, device=cpu).eval()
+        student = load_model(spec["student"], dtype=dtype, device=cpu)
+        torch.manual_seed(0)  # the LoRA weights: the same for every trainer
+        student = apply_lora(student, r=16, alpha=32, dropout=0.05, target_modules=list(QWEN_LORA_TARGETS))
+        return teacher, student
+    shape = {"num_heads": 4, "num_kv_heads": 2, "max_positions": 200}
+    teacher = build_scratch_model(tok, hidden_size=224, num_layers=4, intermediate_size=640, seed=1, **shape).eval()
+    student = build_scratch_model(tok, hidden_size=64, num_layers=1, intermediate_size=192, seed=0, **shape)
+    return teacher, student
+
+
+def _train_trl(student: Any, teacher: Any, tok: Any, pairs: list, examples: list[dict], tmp: str, spec: dict) -> float:
+    """TRL's GKD trainer (lmbda=0, beta=0) on the same token ids as distillmt's examples; returns the seconds of
+    ``trainer.train()`` (its setup is not timed)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from distillmt.prompts import build_prompt
+
+    rows = []
+    for p, e in zip(pairs, examples, strict=True):
+        mask = [int(y != -100) for y in e["labels"]]
+        rows.append({"prompt": build_prompt(tok, p.src), "input_ids": e["input_ids"], "completion_mask": mask})
+    sampling = "group_by_length" if spec["impl"] == "trl_grouped" else "random"
+    args = GKDConfig(
+        output_dir=f"{tmp}/trl", per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
+        learning_rate=spec["lr"], lr_scheduler_type="constant", lmbda=0.0, beta=0.0, save_strategy="no",
+        report_to="none", use_cpu=True, logging_steps=spec["steps"], dataloader_num_workers=0, disable_tqdm=True,
+        seed=0, train_sampling_strategy=sampling,
+        # GKDConfig's defaults differ from the other rows: T = 0.9, bf16 autocast and gradient checkpointing (which
+        # recomputes the forward); set as distillmt's rows run, so both do the same work in the same precision
+        temperature=1.0, bf16=False, gradient_checkpointing=False,
+    )  # fmt: skip
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list(rows))  # fmt: skip
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def _train_child(spec: dict[str, Any]) -> None:
+    """Train one student for ``spec["steps"]`` steps in this (fresh) process and print a JSON line: wall seconds of
+    the training itself, target tokens seen, peak resident memory."""
     import tempfile
 
     import torch
 
     from distillmt.data import load_pairs, split_pairs
-    from distillmt.models import build_scratch_model, load_tokenizer
-    from distillmt.prompts import build_prompt, encode_example
+    from distillmt.models import load_tokenizer
+    from distillmt.prompts import encode_example
     from distillmt.train import KDSettings, train
 
-    torch.set_num_threads(threads)
-    tok = load_tokenizer(tokenizer_ref)
+    impl = spec["impl"]
+    torch.set_num_threads(spec["threads"])
+    tok = load_tokenizer(spec["tokenizer"])
     pairs, _ = load_pairs("tatoeba")
-    pairs = split_pairs(pairs, train_size=n_pairs, valid_size=0, test_size=0, seed=0)["train"]
-    examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=96, max_target_tokens=64) for p in pairs]
-    shape = {"num_heads": 4, "num_kv_heads": 2, "max_positions": 200}
-    teacher = build_scratch_model(tok, hidden_size=224, num_layers=4, intermediate_size=640, seed=1, **shape).eval()
-    student = build_scratch_model(tok, hidden_size=64, num_layers=1, intermediate_size=192, seed=0, **shape)
+    pairs = split_pairs(pairs, train_size=spec["pairs"], valid_size=0, test_size=0, seed=0)["train"]
+    examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=160, max_target_tokens=64) for p in pairs]
+    teacher, student = _bench_models(spec, tok)
     n_targets = sum(sum(1 for y in e["labels"] if y != -100) for e in examples)
     with tempfile.TemporaryDirectory() as tmp:
-        kd = KDSettings(alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.0, chunk_size=1024,
-                        vocab_size=len(tok), teacher=teacher, fused=impl == "fused")  # fmt: skip
+        kd = KDSettings(alpha=0.5 if impl == "live_alpha" else 0.0, temperature=1.0, divergence="forward_kl",
+                        beta=0.0, chunk_size=1024, vocab_size=len(tok), teacher=teacher, fused=impl == "fused")  # fmt: skip
         if impl == "cache":
             from distillmt.logit_cache import build_teacher_cache
 
@@ -295,56 +349,59 @@ def _train_child(impl: str, tokenizer_ref: str, n_pairs: int, steps: int, batch:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS")
-        start = time.perf_counter()
-        if impl == "trl":
-            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-            from datasets import Dataset
-            from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-            rows = []
-            for p, e in zip(pairs, examples, strict=True):  # the same token ids as distillmt's examples
-                mask = [int(y != -100) for y in e["labels"]]
-                rows.append({"prompt": build_prompt(tok, p.src), "input_ids": e["input_ids"], "completion_mask": mask})
-            args = GKDConfig(
-                output_dir=f"{tmp}/trl", per_device_train_batch_size=batch, max_steps=steps, learning_rate=3e-3,
-                lr_scheduler_type="constant", lmbda=0.0, beta=0.0, save_strategy="no", report_to="none",
-                use_cpu=True, logging_steps=steps, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-            )  # fmt: skip
-            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
-                                 train_dataset=Dataset.from_list(rows))  # fmt: skip
-            start = time.perf_counter()  # the trainer's setup is not timed
-            trainer.train()
+        if impl.startswith("trl"):
+            seconds = _train_trl(student, teacher, tok, pairs, examples, tmp, spec)
         else:
-            train(student, examples, [], f"{tmp}/ours", pad_token_id=tok.pad_token_id, max_steps=steps,
-                  batch_size=batch, lr=3e-3, schedule="constant", warmup_ratio=0.0, save_every=0, kd=kd,
+            start = time.perf_counter()
+            train(student, examples, [], f"{tmp}/ours", pad_token_id=tok.pad_token_id, max_steps=spec["steps"],
+                  batch_size=spec["batch"], lr=spec["lr"], schedule="constant", warmup_ratio=0.0, save_every=0, kd=kd,
                   device="cpu", progress=False)  # fmt: skip
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM") - base
-    seen = n_targets * steps * batch / len(examples)  # the expected target tokens of `steps` random batches
+    seen = n_targets * spec["steps"] * spec["batch"] / len(examples)  # the expected target tokens of the steps
     print(json.dumps({"impl": impl, "seconds": seconds, "target_tokens_per_s": seen / seconds, "peak_mb": peak / 1024}))
 
 
 def bench_train(
     *, tokenizer: str = "store:qwen2.5-coder-0.5b-instruct", pairs: int = 512, steps: int = 30, batch: int = 8,
-    threads: int = 0,
+    threads: int = 0, student: str | None = None, teacher: str | None = None, dtype: str = "bfloat16",
 ) -> str:  # fmt: skip
-    """KD training throughput: the same student, teacher and token ids through TRL's GKD trainer and distillmt's
-    loop (live teacher, fused, cached teacher), each in its own child process; returns the markdown report."""
+    """KD training throughput: the same student, teacher and token ids through TRL's GKD trainer (random and
+    length-grouped batches) and distillmt's loop (live teacher at alpha 0 and 0.5, fused, cached teacher), each in
+    its own child process; returns the markdown report. Without ``student``/``teacher`` the models are the default
+    experiment's shapes at ``tokenizer``'s vocabulary; with them, those real models (in ``dtype``, the student with
+    LoRA r=16 on every projection) and the student's tokenizer."""
     from distillmt.pipeline import available_cores
 
+    if bool(student) != bool(teacher):
+        raise ValueError("bench train takes both a student and a teacher, or neither")
     threads = threads or available_cores()
+    real = bool(student)
+    spec = {"tokenizer": student or tokenizer, "pairs": pairs, "steps": steps, "batch": batch, "threads": threads,
+            "student": student, "teacher": teacher, "dtype": dtype, "lr": 2e-4 if real else 3e-3}  # fmt: skip
     results = []
     for impl in TRAINERS:
-        args = [sys.executable, "-m", "distillmt.bench", "train", impl, tokenizer, str(pairs), str(steps), str(batch)]
-        proc = subprocess.run([*args, str(threads)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "distillmt.bench", "train", json.dumps({**spec, "impl": impl})],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
             results.append({"impl": impl, "error": reason})
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return _train_report(results, spec, real)
+
+
+def _train_report(results: list[dict], spec: dict[str, Any], real: bool) -> str:
     base = next((r for r in results if r["impl"] == "trl" and "error" not in r), None)
+    what = (
+        f"{spec['teacher']} → {spec['student']} (LoRA), {spec['dtype']}" if real else f"tokenizer {spec['tokenizer']}"
+    )
     lines = [
-        f"# KD training throughput: {steps} steps of {batch} examples, {pairs} Tatoeba pairs, tokenizer {tokenizer}",
+        f"# KD training throughput: {spec['steps']} steps of {spec['batch']} examples, {spec['pairs']} Tatoeba pairs, "
+        f"{what}",
         "",
         "| trainer | seconds | target tokens/s | vs TRL | peak extra memory (MB) |",
         "|---|---|---|---|---|",
@@ -358,17 +415,24 @@ def bench_train(
             f"| {TRAINERS[r['impl']]} | {r['seconds']:.1f} | {r['target_tokens_per_s']:.0f} | {ratio} | "
             f"{r['peak_mb']:.0f} |"
         )
+    models = (
+        f"The models are {spec['teacher']} (teacher, frozen) and {spec['student']} (student, LoRA r=16 on the seven "
+        f"projections, the same initial adapter weights in every row), loaded in {spec['dtype']}; "
+        if real
+        else "The models are the default experiment's shapes (teacher 224 wide, 4 layers; student 64 wide, 1 layer) "
+        "with the tokenizer's whole vocabulary, randomly initialised, fp32; "
+    )
     lines += [
         "",
-        "The models are the default experiment's shapes (teacher 224 wide, 4 layers; student 64 wide, 1 layer) with the "
-        "tokenizer's whole vocabulary, randomly initialised, fp32; every trainer gets the same token ids (prompt "
-        "masked) and the same objective, forward KL(teacher‖student) at T = 1 with no CE term (TRL's GKD with "
-        "lmbda=0, beta=0; distillmt's SLKD with alpha=0). TRL batches examples at random and pads each batch to its "
-        "longest; distillmt batches examples of similar length. Target tokens/s: the target tokens of the steps' "
-        "examples (their expected number) over the wall time of the training loop; setup and the cache build are "
-        "not timed. Peak extra memory: the child's peak resident memory during training minus its memory before it.",
+        models + "every trainer gets the same token ids (prompt masked) and the same objective, forward "
+        "KL(teacher‖student) at T = 1 with no CE term (TRL's GKD with lmbda=0, beta=0; distillmt's SLKD with alpha=0), "
+        "except the alpha=0.5 row, which adds half CE. TRL batches examples at random (or, length-grouped, by its "
+        "`LengthGroupedSampler`) and pads each batch to its longest; distillmt batches examples of similar length. "
+        "Target tokens/s: the target tokens of the steps' examples (their expected number) over the wall time of the "
+        "training loop; setup and the cache build are not timed. Peak extra memory: the child's peak resident memory "
+        "during training minus its memory before it.",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {spec['threads']} torch threads, Python "
         f"{platform.python_version()}.",
         "",
     ]
@@ -472,8 +536,7 @@ def bench_flops(
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        impl, tokenizer, n_pairs, steps, batch, threads = sys.argv[2:8]
-        _train_child(impl, tokenizer, int(n_pairs), int(steps), int(batch), int(threads))
+        _train_child(json.loads(sys.argv[2]))
     else:
         impl, vocab, batch, seq, dtype, chunk, repeats, threads = sys.argv[1:9]
         _child(impl, int(vocab), int(batch), int(seq), dtype, int(chunk), int(repeats), int(threads))

@@ -162,10 +162,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from distillmt.bench import bench_train
         from distillmt.models import load_tokenizer
 
-        load_tokenizer(args.tokenizer)  # a missing or unimported tokenizer is said once, here
+        if bool(args.student) != bool(args.teacher):
+            raise DistillmtError("bench train takes --student and --teacher together (real models), or neither")
+        for ref in (args.student, args.teacher) if args.student else (args.tokenizer,):
+            load_tokenizer(ref)  # a missing or unimported model is said once, here
         text = bench_train(
-            tokenizer=args.tokenizer, pairs=args.pairs, steps=args.steps, batch=args.batch, threads=args.threads
-        )
+            tokenizer=args.tokenizer, pairs=args.pairs, steps=args.steps, batch=args.batch, threads=args.threads,
+            student=args.student, teacher=args.teacher, dtype=args.dtype,
+        )  # fmt: skip
     elif args.what == "flops":
         from distillmt.bench import bench_flops
         from distillmt.models import load_tokenizer
@@ -553,6 +557,11 @@ def _add_bench_parser(sub: Any) -> None:
     )  # fmt: skip
     b.add_argument("--pairs", type=_int_at_least(8), default=512, help="train: Tatoeba pairs to draw batches from")
     b.add_argument(
+        "--student", help="train: a real student (store:NAME or folder; trained with LoRA r=16), with --teacher; "
+        "default the default experiment's shapes at --tokenizer's vocabulary"
+    )  # fmt: skip
+    b.add_argument("--teacher", help="train: a real teacher (store:NAME or folder), with --student")
+    b.add_argument(
         "--steps", type=_int_at_least(1), default=30, help="train: optimizer steps per trainer; flops: timed steps"
     )
     b.add_argument(
@@ -567,7 +576,10 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument("--vocab", type=_int_at_least(2), default=151936)
     b.add_argument("--batch", type=_int_at_least(1), default=8, help="loss, train and flops: batch size")
     b.add_argument("--seq", type=_int_at_least(2), default=256)
-    b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    b.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="loss: the logits' dtype; "
+        "train with --student/--teacher: the models' dtype"
+    )  # fmt: skip
     b.add_argument("--chunk-sizes", type=_int_at_least(1), nargs="+", default=[1024, 256])
     b.add_argument("--repeats", type=_int_at_least(1), default=3)
     b.add_argument("--threads", type=_int_at_least(0), default=0, help="torch threads (0 = the cores available)")

@@ -115,12 +115,19 @@ class Models:
             return load_trained(t.model, path, dtype=self.dtype(t), device=self.device, merge=True)
         return load_model(t.model, dtype=self.dtype(t), device=self.device)
 
-    def teacher_for_labels(self, which: str, engine: str) -> tuple[Any, Any]:
-        """(teacher, tokenizer) for label generation, loaded only when a label shard is missing; vLLM loads the
-        weights itself (see :meth:`saved`), so the model is None for it."""
-        tokenizer, model = self.tokenizer(), None if engine == "vllm" else self.load_teacher(which)
-        self.seed()
-        return model, tokenizer
+    def label_teacher(self, which: str, engine: str) -> tuple[Callable[[], tuple[Any, Any]], Any]:
+        """``(load, saved)`` for label generation: ``load()`` gives ``(teacher, tokenizer)`` and is called only when a
+        label shard is missing; vLLM loads the weights itself from ``saved`` (see :meth:`saved`), so its ``load()``
+        gives no model, and ``saved`` is None for the other engines."""
+
+        def load() -> tuple[Any, Any]:
+            tokenizer, model = self.tokenizer(), None if engine == "vllm" else self.load_teacher(which)
+            self.seed()
+            return model, tokenizer
+
+        if engine != "vllm":
+            return load, None
+        return load, self.saved(self.cfg.teacher, next(iter(teacher_stage(which)), None))
 
     def system_for(self, system: systems.System, engine: str) -> tuple[Any, Any]:
         """``(model, saved)`` to translate a row with: vLLM loads the weights itself (``saved``; no model loaded),
@@ -302,12 +309,10 @@ class Experiment:
         identity = self.models.teacher_identity(h.teacher)
 
         def fn(folder: Path) -> dict[str, Any]:
-            teacher = partial(self.models.teacher_for_labels, h.teacher, h.decoding.engine)
+            load, saved = self.models.label_teacher(h.teacher, h.decoding.engine)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
-            run = {"identity": identity, "progress": self.progress, "processes": self.processes}
-            if h.decoding.engine == "vllm":
-                run["saved"] = self.models.saved(self.cfg.teacher, next(iter(teacher_stage(h.teacher)), None))
-            return build_teacher_labels(teacher, sources, folder, **run, **labels)
+            run = {"identity": identity, "progress": self.progress, "processes": self.processes, "saved": saved}
+            return build_teacher_labels(load, sources, folder, **run, **labels)
 
         settings = {"data": self.keys["data"], "teacher": identity, **labels}
         if h.extra_sources or h.extra_sources_file:  # (absent otherwise: the key of a run without them is unchanged)

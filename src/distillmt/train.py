@@ -545,10 +545,16 @@ def _check_finite(loss: float, step: int, ckpt_dir: Path) -> None:
 
 def _accelerator(device: str, mixed_precision: str) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if mixed_precision == "auto":
         mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one precision per process and refuses another; the stages of one run may differ (a bf16
+        # teacher, fp32 students). Only the precision part is reset: the process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
