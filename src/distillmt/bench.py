@@ -336,6 +336,9 @@ def _train_child(spec: dict[str, Any]) -> None:
     pairs = split_pairs(pairs, train_size=spec["pairs"], valid_size=0, test_size=0, seed=0)["train"]
     examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=160, max_target_tokens=64) for p in pairs]
     teacher, student = _bench_models(spec, tok)
+    with torch.no_grad():  # loaded weights are mapped from disk lazily: page them in, or the first steps count them
+        for p in (*teacher.parameters(), *student.parameters()):
+            p.sum()
     n_targets = sum(sum(1 for y in e["labels"] if y != -100) for e in examples)
     with tempfile.TemporaryDirectory() as tmp:
         kd = KDSettings(alpha=0.5 if impl == "live_alpha" else 0.0, temperature=1.0, divergence="forward_kl",
@@ -430,7 +433,7 @@ def _train_report(results: list[dict], spec: dict[str, Any], real: bool) -> str:
         "`LengthGroupedSampler`) and pads each batch to its longest; distillmt batches examples of similar length. "
         "Target tokens/s: the target tokens of the steps' examples (their expected number) over the wall time of the "
         "training loop; setup and the cache build are not timed. Peak extra memory: the child's peak resident memory "
-        "during training minus its memory before it.",
+        "during training minus its memory before it (both models' weights already resident).",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {spec['threads']} torch threads, Python "
         f"{platform.python_version()}.",
