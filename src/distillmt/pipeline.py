@@ -120,14 +120,14 @@ class Models:
         label shard is missing; vLLM loads the weights itself from ``saved`` (see :meth:`saved`), so its ``load()``
         gives no model, and ``saved`` is None for the other engines."""
 
+        vllm = engine == "vllm"
+
         def load() -> tuple[Any, Any]:
-            tokenizer, model = self.tokenizer(), None if engine == "vllm" else self.load_teacher(which)
+            tokenizer, model = self.tokenizer(), None if vllm else self.load_teacher(which)
             self.seed()
             return model, tokenizer
 
-        if engine != "vllm":
-            return load, None
-        return load, self.saved(self.cfg.teacher, next(iter(teacher_stage(which)), None))
+        return load, self.saved(self.cfg.teacher, next(iter(teacher_stage(which)), None)) if vllm else None
 
     def system_for(self, system: systems.System, engine: str) -> tuple[Any, Any]:
         """``(model, saved)`` to translate a row with: vLLM loads the weights itself (``saved``; no model loaded),
