@@ -343,3 +343,51 @@ def test_stages_of_one_process_may_train_at_different_precisions(tmp_path):
     train(fp32, ex, [], tmp_path / "fp32", max_steps=2, batch_size=4, mixed_precision="no", **COMMON)
     assert AcceleratorState().mixed_precision == "no"
     assert torch.equal(params(fp32), params(alone))
+
+
+def _prefixed(n: int = 5, prefix_len: int = 10) -> list[dict]:
+    """Examples that all start with the same prompt prefix (a chat template's system prompt and instruction)."""
+    prefix = list(range(3, 3 + prefix_len))
+    return [{"input_ids": prefix + e["input_ids"], "labels": [-100] * prefix_len + e["labels"]} for e in examples(n)]
+
+
+def test_shared_prefix_stops_before_the_first_target_row():
+    from distillmt.train import MIN_SHARED_PREFIX, shared_prefix
+
+    ex = _prefixed(prefix_len=10)
+    assert shared_prefix(ex) == ex[0]["input_ids"][: len(shared_prefix(ex))]
+    assert 10 <= len(shared_prefix(ex)) < min(next(i for i, y in enumerate(e["labels"]) if y != -100) for e in ex)
+    same = [dict(ex[0]) for _ in range(3)]  # identical examples: the prefix still ends before the target's row
+    first_target = next(i for i, y in enumerate(same[0]["labels"]) if y != -100)
+    assert len(shared_prefix(same)) == first_target - 1
+    assert shared_prefix(_prefixed(prefix_len=MIN_SHARED_PREFIX - 2)) == []  # too short to be worth a cache
+    assert shared_prefix(examples(5)) == []  # nothing shared: no cache
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_teacher_prefix_cache_gives_the_same_loss_and_gradient(fused):
+    """The live teacher run after its cached shared prefix gives the same loss and student gradient as the whole
+    forward, the prefix's keys and values are computed once, and a batch that does not start with it falls back."""
+    from distillmt.train import shared_prefix
+
+    ex = _prefixed(5)
+    batch = _batch(ex)
+    teacher = tiny_model(seed=5, hidden=32).eval()
+    results = []
+    for prefix in ([], shared_prefix(ex)):
+        student = tiny_model(seed=1)
+        kd = _kd(teacher=teacher, fused=fused, teacher_prefix=prefix)
+        loss, parts = loss_step(student, batch, ex, kd)
+        loss.backward()
+        results.append((loss.item(), parts, torch.cat([p.grad.flatten() for p in student.parameters()]), kd))
+    (l0, p0, g0, _), (l1, p1, g1, kd) = results
+    assert kd.prefix_kv is not None and len(kd.prefix_kv) == teacher.config.num_hidden_layers
+    assert l1 == pytest.approx(l0, rel=1e-5) and p1 == pytest.approx(p0, rel=1e-5)
+    assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)
+    cached = kd.prefix_kv
+    loss_step(tiny_model(seed=1), batch, ex, kd)
+    assert kd.prefix_kv is cached  # computed once
+    other = examples(4)  # rows that do not start with the prefix: the whole forward, the same loss as without
+    plain, _ = loss_step(tiny_model(seed=1), _batch(other), other, _kd(teacher=teacher, fused=fused))
+    with_prefix, _ = loss_step(tiny_model(seed=1), _batch(other), other, kd)
+    assert with_prefix.item() == pytest.approx(plain.item(), rel=1e-6)

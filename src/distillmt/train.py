@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,26 @@ class KDSettings:
     on_policy_max_new_tokens: int = 48
     end_token_id: int | None = None
     fused: bool = False  # online teacher: the objective's gradient in closed form (losses.fused_kd_loss)
+    teacher_prefix: list[int] = field(default_factory=list)  # see shared_prefix: the live teacher starts after it
+    prefix_kv: Any = None  # the teacher's keys and values of teacher_prefix, computed at its first use
+
+
+MIN_SHARED_PREFIX = 8  # shorter shared prefixes (the plain template's "English:") are not worth a cache
+
+
+def shared_prefix(examples: list[dict]) -> list[int]:
+    """The token ids every example starts with, up to the last prompt position before the first target's row (a
+    chat template's system prompt and instruction: with Qwen's template, more than half of a Tatoeba example's
+    tokens); empty when shorter than :data:`MIN_SHARED_PREFIX`. A frozen teacher's keys and values there are the same
+    for every example, so the live teacher computes them once (:func:`teacher_past`)."""
+    if not examples:
+        return []
+    first = examples[0]["input_ids"]
+    n = min(next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX) - 1 for e in examples)
+    for e in examples[1:]:
+        ids = e["input_ids"]
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    return first[:n] if n >= MIN_SHARED_PREFIX else []
 
 
 def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -78,21 +98,52 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def target_logits(model: Any, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+def target_logits(model: Any, batch: dict, rows: torch.Tensor, past: tuple | None = None) -> torch.Tensor:
     """The logits of a causal LM at ``rows`` (``[B, T]`` bool) alone, ``[N, V]`` in row-major order.
 
     The output layer is the largest matmul of a small model with a large vocabulary (0.5B Qwen2.5: 136M of its 494M
     parameters, 151,936 columns), and prompt and padding positions need no logits; restricting it to the target
     rows (a forward pre-hook on the output layer selects them from the last hidden states) halved a student step of
     the default experiment (0.49x, measured side by side). The model is called as usual, so DDP's hooks and
-    accelerate's autocast still apply.
+    accelerate's autocast still apply. ``past``: a frozen model's cached shared prefix (:func:`teacher_past`).
     """
     head = getattr(model, "module", model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows], *args[1:]))
+    keep = rows[:, past[0] :] if past is not None else rows
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep], *args[1:]))
     try:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return _forward(model, batch, past).logits
     finally:
         handle.remove()
+
+
+def _forward(model: Any, batch: dict, past: tuple | None) -> Any:
+    """``model`` on ``batch``; with ``past = (p, keys_values)``, only on the positions after the first p, which all
+    rows share and whose keys and values ``past`` holds (the attention mask still covers the whole rows)."""
+    if past is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    from transformers import DynamicCache
+
+    p, kv = past
+    n = batch["input_ids"].shape[0]
+    cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+    ids = batch["input_ids"][:, p:]
+    return model(input_ids=ids, attention_mask=batch["attention_mask"], cache=cache, use_cache=True)
+
+
+def teacher_past(kd: KDSettings, batch: dict) -> tuple | None:
+    """``(p, keys_values)`` of the teacher's shared prefix for this batch (computed once, at the first call), or None
+    when there is none or a row does not start with it."""
+    p = len(kd.teacher_prefix)
+    if not p or batch["input_ids"].shape[1] <= p:
+        return None
+    prefix = torch.tensor(kd.teacher_prefix, device=batch["input_ids"].device)
+    if not bool((batch["input_ids"][:, :p] == prefix).all()):
+        return None
+    if kd.prefix_kv is None:
+        with torch.no_grad():
+            out = kd.teacher(input_ids=prefix[None], use_cache=True)
+        kd.prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return p, kd.prefix_kv
 
 
 def _plain_head(model: Any) -> torch.nn.Linear | None:
@@ -101,19 +152,23 @@ def _plain_head(model: Any) -> torch.nn.Linear | None:
     return head if type(head) is torch.nn.Linear and head.bias is None else None
 
 
-def target_hidden(model: Any, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_hidden(
+    model: Any, batch: dict, rows: torch.Tensor, past: tuple | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The last hidden states of a causal LM at ``rows`` (``[B, T]`` bool), ``[N, H]`` in row-major order, and its
     output weight ``[V, H]``, with the output layer skipped (it is handed an empty input): what
-    :func:`distillmt.losses.fused_linear_kd_loss` takes. The model must have a :func:`_plain_head`."""
+    :func:`distillmt.losses.fused_linear_kd_loss` takes. The model must have a :func:`_plain_head`. ``past``: as in
+    :func:`target_logits`."""
     head, kept = _plain_head(model), []
+    keep = rows[:, past[0] :] if past is not None else rows
 
     def keep_rows(_module: Any, args: tuple) -> tuple:
-        kept.append(args[0][rows])
+        kept.append(args[0][keep])
         return (args[0][:0], *args[1:])
 
     handle = head.register_forward_pre_hook(keep_rows)
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        _forward(model, batch, past)
     finally:
         handle.remove()
     return kept[0], head.weight
@@ -382,7 +437,7 @@ def _online_teacher_terms(
 ) -> dict[str, torch.Tensor]:
     rows, targets = target_positions(batch["labels"]), _targets(batch["labels"])
     with torch.no_grad():
-        t_logits = target_logits(kd.teacher, batch, rows)
+        t_logits = target_logits(kd.teacher, batch, rows, teacher_past(kd, batch))
     # one chunked fp32 pass gives CE, the divergence at T and the true forward KL at T=1 (and, fused, the objective
     # with its gradient)
     args = _loss_args(kd)
@@ -399,7 +454,7 @@ def _fused_terms(model: Any, batch: dict, kd: KDSettings, weights: tuple[float, 
         return _online_teacher_terms(target_logits(model, batch, rows), batch, kd, weights)
     h_s, w_s = target_hidden(model, batch, rows)
     with torch.no_grad():
-        h_t, w_t = target_hidden(kd.teacher, batch, rows)
+        h_t, w_t = target_hidden(kd.teacher, batch, rows, teacher_past(kd, batch))
     args = {**_loss_args(kd), "ce_weight": weights[0], "kd_weight": weights[1]}
     return fused_linear_kd_loss(h_s, w_s, h_t, w_t, _targets(batch["labels"]), **args)
 
