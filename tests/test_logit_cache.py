@@ -281,3 +281,34 @@ def test_build_validates_arguments(teacher, examples, tmp_path):
         build(teacher, [{"input_ids": [1, 2, 3], "labels": [-100, 2]}], tmp_path / "b")
     with pytest.raises(DistillmtError, match="logits per token"):
         build(teacher, examples, tmp_path / "c", vocab_size=VOCAB + 8)
+
+
+def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(teacher, examples, tmp_path, monkeypatch):
+    """Examples that share a 10-token prompt prefix: the teacher skips it after computing it once, and the cached
+    top-k equals a build that runs the teacher over the whole rows."""
+    import distillmt.logit_cache as logit_cache
+
+    prefix = list(range(1, 11))
+    prefixed = [{"input_ids": prefix + e["input_ids"], "labels": [-100] * 10 + e["labels"]} for e in examples]
+    calls = []
+    real_past = logit_cache.PrefixCache.past
+
+    def counting_past(self, model, input_ids):
+        out = real_past(self, model, input_ids)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(logit_cache.PrefixCache, "past", counting_past)
+    with_prefix = build(teacher, prefixed, tmp_path / "prefix", k=VOCAB)
+    assert calls and all(calls)  # every batch ran after the cached prefix
+    monkeypatch.setattr(logit_cache, "shared_prefix", lambda _examples: [])
+    whole = build(teacher, prefixed, tmp_path / "whole", k=VOCAB)
+    args = (
+        [e["input_ids"] for e in prefixed],
+        [e["labels"] for e in prefixed],
+        max(len(e["input_ids"]) for e in prefixed),
+    )
+    (lp_a, idx_a), (lp_b, idx_b) = with_prefix.gather(*args), whole.gather(*args)
+    assert torch.allclose(lp_a.float(), lp_b.float(), atol=2e-3)
+    mask = lp_b.float() > -10  # ties among tiny probabilities may order differently
+    assert torch.equal(idx_a[mask], idx_b[mask])

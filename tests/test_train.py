@@ -368,7 +368,7 @@ def test_shared_prefix_stops_before_the_first_target_row():
 def test_teacher_prefix_cache_gives_the_same_loss_and_gradient(fused):
     """The live teacher run after its cached shared prefix gives the same loss and student gradient as the whole
     forward, the prefix's keys and values are computed once, and a batch that does not start with it falls back."""
-    from distillmt.train import shared_prefix
+    from distillmt.train import PrefixCache, shared_prefix
 
     ex = _prefixed(5)
     batch = _batch(ex)
@@ -376,17 +376,17 @@ def test_teacher_prefix_cache_gives_the_same_loss_and_gradient(fused):
     results = []
     for prefix in ([], shared_prefix(ex)):
         student = tiny_model(seed=1)
-        kd = _kd(teacher=teacher, fused=fused, teacher_prefix=prefix)
+        kd = _kd(teacher=teacher, fused=fused, teacher_prefix=PrefixCache(prefix))
         loss, parts = loss_step(student, batch, ex, kd)
         loss.backward()
         results.append((loss.item(), parts, torch.cat([p.grad.flatten() for p in student.parameters()]), kd))
     (l0, p0, g0, _), (l1, p1, g1, kd) = results
-    assert kd.prefix_kv is not None and len(kd.prefix_kv) == teacher.config.num_hidden_layers
+    assert kd.teacher_prefix.kv is not None and len(kd.teacher_prefix.kv) == teacher.config.num_hidden_layers
     assert l1 == pytest.approx(l0, rel=1e-5) and p1 == pytest.approx(p0, rel=1e-5)
     assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)
-    cached = kd.prefix_kv
+    cached = kd.teacher_prefix.kv
     loss_step(tiny_model(seed=1), batch, ex, kd)
-    assert kd.prefix_kv is cached  # computed once
+    assert kd.teacher_prefix.kv is cached  # computed once
     other = examples(4)  # rows that do not start with the prefix: the whole forward, the same loss as without
     plain, _ = loss_step(tiny_model(seed=1), _batch(other), other, _kd(teacher=teacher, fused=fused))
     with_prefix, _ = loss_step(tiny_model(seed=1), _batch(other), other, kd)

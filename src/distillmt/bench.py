@@ -327,7 +327,7 @@ def _train_child(spec: dict[str, Any]) -> None:
     from distillmt.data import load_pairs, split_pairs
     from distillmt.models import load_tokenizer
     from distillmt.prompts import encode_example
-    from distillmt.train import KDSettings, shared_prefix, train
+    from distillmt.train import KDSettings, PrefixCache, shared_prefix, train
 
     impl = spec["impl"]
     torch.set_num_threads(spec["threads"])
@@ -343,7 +343,7 @@ def _train_child(spec: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         kd = KDSettings(alpha=0.5 if impl == "live_alpha" else 0.0, temperature=1.0, divergence="forward_kl",
                         beta=0.0, chunk_size=1024, vocab_size=len(tok), teacher=teacher, fused=impl == "fused",
-                        teacher_prefix=shared_prefix(examples))  # fmt: skip
+                        teacher_prefix=PrefixCache(shared_prefix(examples)))  # fmt: skip
         if impl == "cache":
             from distillmt.logit_cache import build_teacher_cache
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from distillmt.errors import DistillmtError
 from distillmt.generate import process_shard
 from distillmt.io import atomic_write_bytes, read_json, write_json
-from distillmt.train import target_logits
+from distillmt.train import PrefixCache, shared_prefix, target_logits
 
 FORMAT = "distillmt-teacher-cache"
 FORMAT_VERSION = 1
@@ -151,6 +151,7 @@ def _teacher_topk(
         else:
             results[i] = empty
     todo.sort(key=lambda i: -len(examples[i]["input_ids"]))  # similar lengths together: less padding
+    prefix = PrefixCache(shared_prefix([examples[i] for i in todo]))  # the teacher skips the shared prompt prefix
     for b0 in range(0, len(todo), batch_size):
         batch = todo[b0 : b0 + batch_size]
         width = max(len(examples[i]["input_ids"]) for i in batch)
@@ -165,8 +166,9 @@ def _teacher_topk(
             target[j, torch.as_tensor(positions[i], dtype=torch.long) - 1] = True
         # [n, V'] in the model dtype, row-major (example by example, positions ascending): the output layer runs at
         # these rows alone
+        ids = ids.to(device)
         rows = target_logits(
-            teacher, {"input_ids": ids.to(device), "attention_mask": attn.to(device)}, target.to(device)
+            teacher, {"input_ids": ids, "attention_mask": attn.to(device)}, target.to(device), prefix.past(teacher, ids)
         )
         if rows.shape[-1] < vocab_size:
             raise DistillmtError(

@@ -167,7 +167,7 @@ class Models:
         from distillmt.logit_cache import TeacherCache
         from distillmt.models import check_same_tokenizer, load_tokenizer
         from distillmt.prompts import end_token_id
-        from distillmt.train import KDSettings, shared_prefix
+        from distillmt.train import KDSettings, PrefixCache, shared_prefix
 
         s = self.cfg.soft_kd
         if not self.scratch:  # logit KD compares token by token: refuse mismatched vocabularies before training
@@ -196,7 +196,7 @@ class Models:
             on_policy_max_new_tokens=on_policy.max_new_tokens if on_policy else 48,
             end_token_id=end_token_id(tokenizer),
             fused=s.fused,
-            teacher_prefix=shared_prefix(examples) if cache is None else [],
+            teacher_prefix=PrefixCache(shared_prefix(examples)) if cache is None else None,
         )
 
 

@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,7 @@ class KDSettings:
     on_policy_max_new_tokens: int = 48
     end_token_id: int | None = None
     fused: bool = False  # online teacher: the objective's gradient in closed form (losses.fused_kd_loss)
-    teacher_prefix: list[int] = field(default_factory=list)  # see shared_prefix: the live teacher starts after it
-    prefix_kv: Any = None  # the teacher's keys and values of teacher_prefix, computed at its first use
+    teacher_prefix: PrefixCache | None = None  # the prompt prefix every example shares: the live teacher skips it
 
 
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes (the plain template's "English:") are not worth a cache
@@ -62,7 +61,7 @@ def shared_prefix(examples: list[dict]) -> list[int]:
     """The token ids every example starts with, up to the last prompt position before the first target's row (a
     chat template's system prompt and instruction: with Qwen's template, more than half of a Tatoeba example's
     tokens); empty when shorter than :data:`MIN_SHARED_PREFIX`. A frozen teacher's keys and values there are the same
-    for every example, so the live teacher computes them once (:func:`teacher_past`)."""
+    for every example, so the live teacher computes them once (:class:`PrefixCache`)."""
     if not examples:
         return []
     first = examples[0]["input_ids"]
@@ -105,7 +104,7 @@ def target_logits(model: Any, batch: dict, rows: torch.Tensor, past: tuple | Non
     parameters, 151,936 columns), and prompt and padding positions need no logits; restricting it to the target
     rows (a forward pre-hook on the output layer selects them from the last hidden states) halved a student step of
     the default experiment (0.49x, measured side by side). The model is called as usual, so DDP's hooks and
-    accelerate's autocast still apply. ``past``: a frozen model's cached shared prefix (:func:`teacher_past`).
+    accelerate's autocast still apply. ``past``: a frozen model's cached shared prefix (:meth:`PrefixCache.past`).
     """
     head = getattr(model, "module", model).get_output_embeddings()
     keep = rows[:, past[0] :] if past is not None else rows
@@ -130,20 +129,32 @@ def _forward(model: Any, batch: dict, past: tuple | None) -> Any:
     return model(input_ids=ids, attention_mask=batch["attention_mask"], cache=cache, use_cache=True)
 
 
+class PrefixCache:
+    """A frozen model's keys and values at the prompt prefix every example shares (:func:`shared_prefix`), computed
+    at the first use; :meth:`past` hands them to :func:`target_logits` and :func:`target_hidden`, which then run the
+    model only on what follows the prefix."""
+
+    def __init__(self, prefix: list[int]):
+        self.prefix, self.kv = list(prefix), None
+
+    def past(self, model: Any, input_ids: torch.Tensor) -> tuple | None:
+        """``(p, keys_values)`` for a batch whose rows all start with the prefix, else None (the whole forward)."""
+        p = len(self.prefix)
+        if not p or input_ids.shape[1] <= p:
+            return None
+        prefix = torch.tensor(self.prefix, device=input_ids.device)
+        if not bool((input_ids[:, :p] == prefix).all()):
+            return None
+        if self.kv is None:
+            with torch.no_grad():
+                out = model(input_ids=prefix[None], use_cache=True)
+            self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return p, self.kv
+
+
 def teacher_past(kd: KDSettings, batch: dict) -> tuple | None:
-    """``(p, keys_values)`` of the teacher's shared prefix for this batch (computed once, at the first call), or None
-    when there is none or a row does not start with it."""
-    p = len(kd.teacher_prefix)
-    if not p or batch["input_ids"].shape[1] <= p:
-        return None
-    prefix = torch.tensor(kd.teacher_prefix, device=batch["input_ids"].device)
-    if not bool((batch["input_ids"][:, :p] == prefix).all()):
-        return None
-    if kd.prefix_kv is None:
-        with torch.no_grad():
-            out = kd.teacher(input_ids=prefix[None], use_cache=True)
-        kd.prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-    return p, kd.prefix_kv
+    """The live teacher's cached shared prefix for this batch, or None."""
+    return kd.teacher_prefix.past(kd.teacher, batch["input_ids"]) if kd.teacher_prefix is not None else None
 
 
 def _plain_head(model: Any) -> torch.nn.Linear | None:
