@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from distillmt.errors import DistillmtError
+
 IMPLEMENTATIONS = {
     "naive": "full-vocabulary fp32 at every position (the obvious implementation)",
     "trl": "TRL `GKDTrainer.generalized_jsd_loss` (beta=0, forward KL) at every position",
@@ -378,7 +380,7 @@ def bench_train(
     from distillmt.pipeline import available_cores
 
     if bool(student) != bool(teacher):
-        raise ValueError("bench train takes both a student and a teacher, or neither")
+        raise DistillmtError("bench train takes --student and --teacher together (real models), or neither")
     threads = threads or available_cores()
     real = bool(student)
     spec = {"tokenizer": student or tokenizer, "pairs": pairs, "steps": steps, "batch": batch, "threads": threads,

@@ -135,19 +135,19 @@ class PrefixCache:
     model only on what follows the prefix."""
 
     def __init__(self, prefix: list[int]):
-        self.prefix, self.kv = list(prefix), None
+        self.ids, self.kv = torch.tensor(prefix, dtype=torch.long), None
 
     def past(self, model: Any, input_ids: torch.Tensor) -> tuple | None:
         """``(p, keys_values)`` for a batch whose rows all start with the prefix, else None (the whole forward)."""
-        p = len(self.prefix)
+        p = len(self.ids)
         if not p or input_ids.shape[1] <= p:
             return None
-        prefix = torch.tensor(self.prefix, device=input_ids.device)
-        if not bool((input_ids[:, :p] == prefix).all()):
+        self.ids = self.ids.to(input_ids.device)  # once: a no-op when already there
+        if not bool((input_ids[:, :p] == self.ids).all()):
             return None
         if self.kv is None:
             with torch.no_grad():
-                out = model(input_ids=prefix[None], use_cache=True)
+                out = model(input_ids=self.ids[None], use_cache=True)
             self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return p, self.kv
 
