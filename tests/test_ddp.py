@@ -24,11 +24,11 @@ SCRIPT = textwrap.dedent(
 
     out = Path(sys.argv[1])
     g = torch.Generator().manual_seed(0)
-    examples = []
+    examples, prefix = [], list(range(3, 13))  # a shared prompt prefix: each process runs it once per micro-batch
     for i in range(22):  # 22 examples, micro-batches of 4: the last one has 2, one per process
         p = torch.randint(3, 40, (3 + i % 3,), generator=g).tolist()
         t = torch.randint(3, 40, (2 + i % 4,), generator=g).tolist() + [1]
-        examples.append({{"input_ids": p + t, "labels": [-100] * len(p) + t}})
+        examples.append({{"input_ids": prefix + p + t, "labels": [-100] * (len(prefix) + len(p)) + t}})
     model = build_tiny_qwen(40, pad_token_id=0)
     summary = train(
         model, examples, examples[:3], out, pad_token_id=0, max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,

@@ -318,9 +318,9 @@ def test_bench_train_compares_trl_and_distillmt_on_the_same_data(run_dir, tmp_pa
     assert main([*args, "--batch", "4", "--threads", "1", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| trainer")]
-    assert len(rows) == 6 and text == out.read_text() + "\n"
+    assert len(rows) == 7 and text == out.read_text() + "\n"
     ours = [r for r in rows if "distillmt" in r]
-    assert len(ours) == 4 and all("not measured" not in r and float(r.split(" | ")[2]) > 0 for r in ours), ours
+    assert len(ours) == 5 and all("not measured" not in r and float(r.split(" | ")[2]) > 0 for r in ours), ours
     assert main(["bench", "train", "--tokenizer", "store:no-such-model"]) == 2  # said before any child starts
     assert "is not in the store" in capsys.readouterr().err
     assert main(["bench", "train", "--student", str(run_dir / "train_student" / "model")]) == 2
@@ -335,7 +335,7 @@ def test_bench_train_on_saved_models_trains_a_lora_student(run_dir, capsys):
     text = capsys.readouterr().out
     assert f"{teacher} → {student} (LoRA), float32" in text and "LoRA r=16" in text
     rows = [line for line in text.splitlines() if line.startswith("| distillmt")]
-    assert len(rows) == 4 and all("not measured" not in r and float(r.split(" | ")[2]) > 0 for r in rows), rows
+    assert len(rows) == 5 and all("not measured" not in r and float(r.split(" | ")[2]) > 0 for r in rows), rows
 
 
 def test_bench_flops_counts_a_lora_step_against_the_matmul_peak(run_dir):

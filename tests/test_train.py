@@ -391,3 +391,54 @@ def test_teacher_prefix_cache_gives_the_same_loss_and_gradient(fused):
     plain, _ = loss_step(tiny_model(seed=1), _batch(other), other, _kd(teacher=teacher, fused=fused))
     with_prefix, _ = loss_step(tiny_model(seed=1), _batch(other), other, kd)
     assert with_prefix.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def _lora_student(seed: int = 1):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(tiny_model(seed=seed), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "fused", "lora_ce", "lora_fused"])  # every path of loss_step
+def test_student_prefix_run_once_gives_the_same_loss_and_gradient(method):
+    """The student's shared prefix run once for the micro-batch (with gradients, its weights being trained) gives
+    the loss and gradient of the whole forward, for plain and LoRA students, CE and KD; it is recomputed at every
+    call, so an update of the weights shows."""
+    from distillmt.train import PrefixCache, shared_prefix
+
+    ex = _prefixed(5)
+    batch = _batch(ex)
+    teacher = tiny_model(seed=5, hidden=32).eval()
+    kd = None if method.endswith("ce") else _kd(teacher=teacher, fused=method.endswith("fused"))
+    results = []
+    for prefix in ([], shared_prefix(ex)):
+        student = _lora_student() if method.startswith("lora") else tiny_model(seed=1)
+        loss, parts = loss_step(student, batch, ex, kd, prefix=PrefixCache(prefix, frozen=False))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
+        results.append((loss.item(), parts, grads, student))
+    (l0, p0, g0, _), (l1, p1, g1, student) = results
+    assert l1 == pytest.approx(l0, rel=1e-5) and p1 == pytest.approx(p0, rel=1e-5)
+    assert g1.abs().sum() > 0 and torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)
+    prefix = PrefixCache(shared_prefix(ex), frozen=False)
+    _, kv = prefix.past(student, batch["input_ids"])
+    assert kv[0][1].shape[0] == 1 and kv[0][1].requires_grad  # one row (values: LoRA on v_proj), with gradients
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1)
+    assert not torch.allclose(prefix.past(student, batch["input_ids"])[1][0][0], kv[0][0])  # not kept
+
+
+def test_training_with_the_shared_prefix_run_once_equals_the_whole_forward(tmp_path):
+    """train() runs the prompt prefix the examples share once per micro-batch by default: the same weights and
+    validation loss as running it for every example."""
+    ex, valid = _prefixed(8), _prefixed(3)
+    runs = {}
+    for share in (False, True):
+        model = tiny_model()
+        summary = train(model, ex, valid, tmp_path / str(share), max_steps=3, batch_size=4, share_prefix=share,
+                        **COMMON)  # fmt: skip
+        runs[share] = (params(model), summary["valid_ce"])
+    assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)

@@ -259,7 +259,8 @@ def bench_generate(
 TRAINERS = {
     "trl": "TRL `GKDTrainer` (lmbda=0, beta=0: forward KL against the live teacher)",
     "trl_grouped": "TRL `GKDTrainer`, length-grouped batches (`train_sampling_strategy=group_by_length`)",
-    "live": "distillmt `train` (SLKD, live teacher, output layers at target rows)",
+    "live_unshared": "distillmt `train`, the shared prompt prefix run for every example (`share_prefix=False`)",
+    "live": "distillmt `train` (SLKD, live teacher, output layers at target rows, shared prompt prefix run once)",
     "live_alpha": "distillmt `train`, alpha=0.5 (0.5·CE + 0.5·KL; TRL has no CE mix)",
     "fused": "distillmt `train` (SLKD, live teacher, `soft_kd.fused`: fused-linear, logits never held)",
     "cache": "distillmt `train` (SLKD, teacher top-64 cache built beforehand, not timed)",
@@ -361,7 +362,7 @@ def _train_child(spec: dict[str, Any]) -> None:
             start = time.perf_counter()
             train(student, examples, [], f"{tmp}/ours", pad_token_id=tok.pad_token_id, max_steps=spec["steps"],
                   batch_size=spec["batch"], lr=spec["lr"], schedule="constant", warmup_ratio=0.0, save_every=0, kd=kd,
-                  device="cpu", progress=False)  # fmt: skip
+                  device="cpu", progress=False, share_prefix=impl != "live_unshared")  # fmt: skip
             seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM") - base
     seen = n_targets * spec["steps"] * spec["batch"] / len(examples)  # the expected target tokens of the steps
@@ -433,7 +434,9 @@ def _train_report(results: list[dict], spec: dict[str, Any], real: bool) -> str:
         models + "every trainer gets the same token ids (prompt masked) and the same objective, forward "
         "KL(teacher‖student) at T = 1 with no CE term (TRL's GKD with lmbda=0, beta=0; distillmt's SLKD with alpha=0), "
         "except the alpha=0.5 row, which adds half CE. TRL batches examples at random (or, length-grouped, by its "
-        "`LengthGroupedSampler`) and pads each batch to its longest; distillmt batches examples of similar length. "
+        "`LengthGroupedSampler`) and pads each batch to its longest; distillmt batches examples of similar length and, in the student and the live "
+        "teacher, runs the prompt prefix every example shares (a chat template's system prompt and instruction) once "
+        "per micro-batch instead of once per example. "
         "Target tokens/s: the target tokens of the steps' examples (their expected number) over the wall time of the "
         "training loop; setup and the cache build are not timed. Peak extra memory: the child's peak resident memory "
         "during training minus its memory before it (both models' weights already resident).",

@@ -130,12 +130,16 @@ def _forward(model: Any, batch: dict, past: tuple | None) -> Any:
 
 
 class PrefixCache:
-    """A frozen model's keys and values at the prompt prefix every example shares (:func:`shared_prefix`), computed
-    at the first use; :meth:`past` hands them to :func:`target_logits` and :func:`target_hidden`, which then run the
-    model only on what follows the prefix."""
+    """A model's keys and values at the prompt prefix every example shares (:func:`shared_prefix`); :meth:`past`
+    hands them to :func:`target_logits` and :func:`target_hidden`, which then run the model only on what follows the
+    prefix. ``frozen``: a frozen model's (the live teacher's) are computed once, at the first use; a trained model's
+    (the student's) at every call, with gradients, since its weights change every step: one row's forward instead of
+    one per example, whose keys and values every row then attends to (the gradients of the rows add up there, as
+    they would over the rows' own copies). A dropout layer there draws one mask for all the rows instead of one each.
+    """
 
-    def __init__(self, prefix: list[int]):
-        self.ids, self.kv = torch.tensor(prefix, dtype=torch.long), None
+    def __init__(self, prefix: list[int], frozen: bool = True):
+        self.ids, self.kv, self.frozen = torch.tensor(prefix, dtype=torch.long), None, frozen
 
     def past(self, model: Any, input_ids: torch.Tensor) -> tuple | None:
         """``(p, keys_values)`` for a batch whose rows all start with the prefix, else None (the whole forward)."""
@@ -145,11 +149,21 @@ class PrefixCache:
         self.ids = self.ids.to(input_ids.device)  # once: a no-op when already there
         if not bool((input_ids[:, :p] == self.ids).all()):
             return None
+        if not self.frozen:
+            kv = self._keys_values(model)
+            return (p, kv) if kv is not None else None
         if self.kv is None:
             with torch.no_grad():
-                out = model(input_ids=self.ids[None], use_cache=True)
-            self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return p, self.kv
+                self.kv = self._keys_values(model)
+        return (p, self.kv) if self.kv is not None else None
+
+    def _keys_values(self, model: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        # DDP's wrapper expects one forward per backward (the rows' own, after this); the gradients that flow back
+        # through the prefix still reach the same parameters before its hooks fire, so the inner module runs it
+        out = getattr(model, "module", model)(input_ids=self.ids[None], use_cache=True)
+        if out.past_key_values is None:  # a model that returns no cache (gradient checkpointing in training)
+            return None
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
 def teacher_past(kd: KDSettings, batch: dict) -> tuple | None:
@@ -386,10 +400,14 @@ class _MetricsLog:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[dict], *, pad_token_id: int, batch_size: int, device: Any) -> float | None:
-    """Token-weighted mean cross-entropy on ``examples`` (the validation loss); None when there are none."""
+def evaluate_loss(
+    model: Any, examples: list[dict], *, pad_token_id: int, batch_size: int, device: Any, share_prefix: bool = True
+) -> float | None:
+    """Token-weighted mean cross-entropy on ``examples`` (the validation loss); None when there are none.
+    ``share_prefix``: run the prompt prefix every example shares once per batch (:class:`PrefixCache`)."""
     if not examples:
         return None
+    prefix = PrefixCache(shared_prefix(examples) if share_prefix else [], frozen=False)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -397,7 +415,7 @@ def evaluate_loss(model: Any, examples: list[dict], *, pad_token_id: int, batch_
     for b in range(0, len(order), batch_size):
         batch = pad_batch([examples[i] for i in order[b : b + batch_size]], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        rows = target_logits(model, batch, target_positions(batch["labels"]))
+        rows = target_logits(model, batch, target_positions(batch["labels"]), prefix.past(model, batch["input_ids"]))
         total += float(_ce_sum(rows, _targets(batch["labels"])))
         count += rows.shape[0]
     model.train(was_training)
@@ -457,13 +475,13 @@ def _online_teacher_terms(
     return kd_loss(logits, t_logits, targets, **args)
 
 
-def _fused_terms(model: Any, batch: dict, kd: KDSettings, weights: tuple[float, float]) -> dict:
+def _fused_terms(model: Any, batch: dict, kd: KDSettings, weights: tuple[float, float], past: tuple | None) -> dict:
     """The online objective with its gradient in closed form; from both models' last hidden states (neither
     model's logits are ever held) when both output layers are plain, else from the target rows' logits."""
     rows = target_positions(batch["labels"])
     if _plain_head(model) is None or _plain_head(kd.teacher) is None:
-        return _online_teacher_terms(target_logits(model, batch, rows), batch, kd, weights)
-    h_s, w_s = target_hidden(model, batch, rows)
+        return _online_teacher_terms(target_logits(model, batch, rows, past), batch, kd, weights)
+    h_s, w_s = target_hidden(model, batch, rows, past)
     with torch.no_grad():
         h_t, w_t = target_hidden(kd.teacher, batch, rows, teacher_past(kd, batch))
     args = {**_loss_args(kd), "ce_weight": weights[0], "kd_weight": weights[1]}
@@ -484,7 +502,12 @@ def _cached_teacher_terms(logits: torch.Tensor, batch: dict, examples: list[dict
 
 
 def loss_step(
-    model: Any, batch: dict, examples: list[dict], kd: KDSettings | None, on_policy: bool = False
+    model: Any,
+    batch: dict,
+    examples: list[dict],
+    kd: KDSettings | None,
+    on_policy: bool = False,
+    prefix: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch, for every method, and its logged parts.
 
@@ -493,21 +516,23 @@ def loss_step(
     with KD ``kd`` (the divergence D, no T²) and, with an online teacher, ``forward_kl``. Without KD the loss is CE
     on the labels (references or teacher labels); with KD it is ``alpha·CE + (1 − alpha)·T²·D``, D taken against
     the online teacher or the cached top-k; on-policy (GKD) targets are the student's own samples, which are no
-    reference, so only ``T²·D`` counts there.
+    reference, so only ``T²·D`` counts there. ``prefix``: the student's shared prompt prefix (trained, not frozen),
+    run once for the whole micro-batch.
     """
     labels = batch["labels"]
     n = _target_tokens(labels)
+    past = prefix.past(model, batch["input_ids"]) if prefix is not None else None
     if kd is None:
-        ce_sum = _ce_sum(target_logits(model, batch, target_positions(labels)), _targets(labels))
+        ce_sum = _ce_sum(target_logits(model, batch, target_positions(labels), past), _targets(labels))
         return ce_sum, {"ce": float(ce_sum.detach()) / max(n, 1)}
     # The objective's weights, the one place they are set: alpha·CE + (1 − alpha)·T²·D, and T²·D alone on the
     # student's own samples, which are no reference.
     w_ce, w_kd = (0.0, kd.temperature**2) if on_policy else (kd.alpha, (1 - kd.alpha) * kd.temperature**2)
     if kd.fused and kd.cache is None:  # the same objective, its gradient in closed form
-        terms = _fused_terms(model, batch, kd, (w_ce, w_kd))
+        terms = _fused_terms(model, batch, kd, (w_ce, w_kd), past)
         parts = {"ce": float(terms["ce"]), "kd": float(terms["kd"]), "forward_kl": float(terms["forward_kl"])}
         return terms["loss"] * n, parts
-    logits = target_logits(model, batch, target_positions(labels))  # [N, V]: the output layer at targets alone
+    logits = target_logits(model, batch, target_positions(labels), past)  # [N, V]: the output layer at targets alone
     terms = (
         _online_teacher_terms(logits, batch, kd)
         if kd.cache is None
@@ -564,7 +589,13 @@ def _shard(window: list[list[dict]], accelerator: Any) -> tuple[list[list[dict]]
 
 
 def _forward_backward(
-    model: Any, window: list[list[dict]], kd: KDSettings | None, on_policy: bool, accelerator: Any, pad: int
+    model: Any,
+    window: list[list[dict]],
+    kd: KDSettings | None,
+    on_policy: bool,
+    accelerator: Any,
+    pad: int,
+    prefix: PrefixCache | None = None,
 ) -> tuple[dict[str, float], int]:
     """Accumulate the gradients of this process's share of one window; returns the window's logged means and token
     count (prompt included), summed over the processes."""
@@ -581,7 +612,7 @@ def _forward_backward(
         sync = i == len(batches) - 1
         ctx = accelerator.no_sync(model) if not sync and n_proc > 1 else nullcontext()
         with ctx, accelerator.autocast():
-            loss_sum, parts = loss_step(model, batch, window[i], kd, on_policy)
+            loss_sum, parts = loss_step(model, batch, window[i], kd, on_policy, prefix)
             if n_proc > 1:
                 loss_sum = loss_sum * weights[i] * n_proc
             accelerator.backward(loss_sum / n_window)
@@ -671,9 +702,12 @@ def train(
     device: str = "auto",
     progress: bool = True,
     desc: str = "train",
+    share_prefix: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenised examples ({"input_ids", "labels"}); checkpoints and metrics go to
-    ``out_dir``. Resumes from the newest usable checkpoint there. Returns a summary (steps, losses, tokens/s)."""
+    ``out_dir``. Resumes from the newest usable checkpoint there. Returns a summary (steps, losses, tokens/s).
+    ``share_prefix``: the prompt prefix every example shares (a chat template's system prompt and instruction) runs
+    once per micro-batch instead of once per example (:class:`PrefixCache`); the same loss up to rounding."""
     if not train_examples:
         raise DistillmtError("no training examples")
     out_dir = Path(out_dir)
@@ -692,9 +726,9 @@ def train(
     if kd is not None and kd.teacher is not None:
         kd.teacher.to(dev).eval().requires_grad_(False)
 
-    valid_ce = partial(
-        evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size, device=dev
-    )
+    valid_ce = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=batch_size,
+                       device=dev, share_prefix=share_prefix)  # fmt: skip
+    prefix = PrefixCache(shared_prefix(train_examples) if share_prefix else [], frozen=False)
 
     # --- resume
     p, resumed_from = _resume(ckpt_dir, unwrapped, optimizer, scheduler, total_steps)
@@ -710,7 +744,7 @@ def train(
             # Dropout and sampling draw from a generator seeded by the step, so a resumed run repeats them exactly.
             torch.manual_seed(seed * 7919 + p.step)
             window, on_policy = _pick_targets(window_at(p.step), p.step, seed, kd, unwrapped, pad_token_id, dev)
-            stats, tokens = _forward_backward(model, window, kd, on_policy, accelerator, pad_token_id)
+            stats, tokens = _forward_backward(model, window, kd, on_policy, accelerator, pad_token_id, prefix)
             _check_finite(stats["loss"], p.step + 1, ckpt_dir)
             if max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
