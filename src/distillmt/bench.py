@@ -201,7 +201,7 @@ def bench_generate(
     dtype: str = "auto",
 ) -> str:
     """Sentences/s translating ``sources`` with ``model`` (a folder or store:NAME), greedy: one sentence at a time,
-    batched, batched under a token budget, and with CTranslate2 (float32 and int8) when it is installed; the same
+    batched, batched without running the shared prompt prefix once (a chat template's), batched under a token budget, and with CTranslate2 (float32 and int8) when it is installed; the same
     sentences in one process, one after another. Returns the markdown report."""
     import tempfile
 
@@ -220,6 +220,9 @@ def bench_generate(
     runs = {
         "hf, one sentence at a time": lambda: translate(hf, tokenizer, sources, batch_size=1, **common),
         f"hf, batches of {batch_size}": lambda: translate(hf, tokenizer, sources, batch_size=batch_size, **common),
+        f"hf, batches of {batch_size}, shared prompt prefix run in every row": lambda: translate(
+            hf, tokenizer, sources, batch_size=batch_size, share_prefix=False, **common
+        ),
         f"hf, batches of {batch_size} within 4,096 tokens": lambda: translate(
             hf, tokenizer, sources, batch_size=batch_size, max_batch_tokens=4096, **common
         ),

@@ -60,16 +60,23 @@ MIN_SHARED_PREFIX = 8  # shorter shared prefixes (the plain template's "English:
 def shared_prefix(examples: list[dict]) -> list[int]:
     """The token ids every example starts with, up to the last prompt position before the first target's row (a
     chat template's system prompt and instruction: with Qwen's template, more than half of a Tatoeba example's
-    tokens); empty when shorter than :data:`MIN_SHARED_PREFIX`. A frozen teacher's keys and values there are the same
-    for every example, so the live teacher computes them once (:class:`PrefixCache`)."""
+    tokens); empty when shorter than :data:`MIN_SHARED_PREFIX`. A model's keys and values there are the same for
+    every example, so they are computed once (:class:`PrefixCache`)."""
     if not examples:
         return []
-    first = examples[0]["input_ids"]
-    n = min(next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX) - 1 for e in examples)
-    for e in examples[1:]:
-        ids = e["input_ids"]
+    limit = min(next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX) - 1 for e in examples)
+    return common_prefix([e["input_ids"] for e in examples], limit)
+
+
+def common_prefix(seqs: list[list[int]], limit: int) -> list[int]:
+    """The longest start, at most ``limit`` tokens, that every sequence shares; empty when shorter than
+    :data:`MIN_SHARED_PREFIX` (or when there are no sequences)."""
+    if not seqs:
+        return []
+    first, n = seqs[0], max(limit, 0)
+    for ids in seqs[1:]:
         n = next((i for i in range(n) if ids[i] != first[i]), n)
-    return first[:n] if n >= MIN_SHARED_PREFIX else []
+    return list(first[:n]) if n >= MIN_SHARED_PREFIX else []
 
 
 def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -120,13 +127,18 @@ def _forward(model: Any, batch: dict, past: tuple | None) -> Any:
     rows share and whose keys and values ``past`` holds (the attention mask still covers the whole rows)."""
     if past is None:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    from transformers import DynamicCache
-
     p, kv = past
-    n = batch["input_ids"].shape[0]
-    cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+    cache = prefix_cache(kv, batch["input_ids"].shape[0])
     ids = batch["input_ids"][:, p:]
     return model(input_ids=ids, attention_mask=batch["attention_mask"], cache=cache, use_cache=True)
+
+
+def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
+    """A fresh ``DynamicCache`` holding one prefix's keys and values (``[1, heads, p, dim]`` per layer) for ``rows``
+    rows: views, not copies; the model's first forward appends to them."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
 
 
 class PrefixCache:
@@ -161,9 +173,9 @@ class PrefixCache:
         # DDP's wrapper expects one forward per backward (the rows' own, after this); the gradients that flow back
         # through the prefix still reach the same parameters before its hooks fire, so the inner module runs it
         out = getattr(model, "module", model)(input_ids=self.ids[None], use_cache=True)
-        if out.past_key_values is None:  # a model that returns no cache (gradient checkpointing in training)
+        if out.cache is None:  # a model that returns no cache (gradient checkpointing in training)
             return None
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
 def teacher_past(kd: KDSettings, batch: dict) -> tuple | None:

@@ -1,0 +1,81 @@
+"""Batched translation with the prompt prefix every source shares run once: the same outputs as without."""
+
+import pytest
+import torch
+from conftest import build_tiny_qwen
+
+from distillmt.generate import _prefix_inputs, translate
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n"
+)
+SOURCES = [
+    "the cat sat",
+    "a dog ran on the mat every day",
+    "we saw it",
+    "the cat and the dog",
+    "it",
+    "every day we sat",
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from distillmt.models import train_bpe_tokenizer
+
+    texts = SOURCES * 5 + ["Translate the following English text into Chinese. Reply with the translation only."] * 5
+    tok = train_bpe_tokenizer(texts + ["猫在桌子上睡觉。", "你好世界"] * 5, 300, tmp_path_factory.mktemp("tok"))
+    tok.chat_template = CHAT
+    model = build_tiny_qwen(len(tok), hidden_size=32, seed=3, max_positions=256, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():  # sharper than the initialisation: outputs that depend on the source
+        for p in model.parameters():
+            p.mul_(8.0 if p.ndim > 1 else 1.0)
+    return model.eval(), tok
+
+
+def test_prefix_inputs_put_the_shared_prefix_first_and_pad_the_rest_on_the_left():
+    enc = _prefix_inputs([[5, 6, 7, 8], [5, 6, 9]], 2, 0, "cpu")
+    assert enc["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 0, 9]]
+    assert enc["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+    plain = _prefix_inputs([[5, 6, 7], [9]], 0, 0, "cpu")  # no prefix: plain left padding
+    assert plain["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]] and plain["attention_mask"].tolist()[1] == [0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [{}, {"num_beams": 2}, {"do_sample": True, "temperature": 1.5, "num_return_sequences": 2}],
+    ids=["greedy", "beams", "sampled candidates"],
+)
+def test_translation_with_the_shared_prompt_prefix_run_once_is_the_same(chat_model, decoding, monkeypatch):
+    """Greedy, beam search and sampled candidates give the same outputs whether the chat template's shared prefix
+    is run once (handed to generate as a cache) or in every row; the cache is really used."""
+    model, tok = chat_model
+    caches = []
+    real_generate = model.generate
+
+    def spy(*args, **kwargs):
+        caches.append(kwargs.get("cache"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    args = {"batch_size": 4, "max_new_tokens": 6, "seed": 1, "progress": False, **decoding}
+    shared = translate(model, tok, SOURCES, **args)
+    assert len(caches) == 2 and all(c is not None for c in caches)
+    caches.clear()
+    whole = translate(model, tok, SOURCES, share_prefix=False, **args)
+    assert caches == [None, None]
+    assert shared.candidates == whole.candidates and shared.hypotheses == whole.hypotheses
+    assert shared.generated_tokens == whole.generated_tokens > 0
+    assert len(set(whole.hypotheses)) > 1  # the outputs differ between sources: the comparison means something
+
+
+def test_prompts_without_a_long_shared_prefix_are_not_cached(chat_model, monkeypatch):
+    """The plain template shares only "English:", under the minimum: no cache, plain left padding."""
+    model, tok = chat_model
+    monkeypatch.setattr(tok, "chat_template", None)
+    caches = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: caches.append(k.get("cache")) or real_generate(*a, **k))
+    out = translate(model, tok, SOURCES, batch_size=4, max_new_tokens=4, progress=False)
+    assert caches == [None, None] and len(out.hypotheses) == len(SOURCES)
