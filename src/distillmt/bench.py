@@ -201,8 +201,9 @@ def bench_generate(
     dtype: str = "auto",
 ) -> str:
     """Sentences/s translating ``sources`` with ``model`` (a folder or store:NAME), greedy: one sentence at a time,
-    batched, batched without running the shared prompt prefix once (a chat template's), batched under a token budget, and with CTranslate2 (float32 and int8) when it is installed; the same
-    sentences in one process, one after another. Returns the markdown report."""
+    batched, batched with the shared prompt prefix (a chat template's) run in every row instead of once, batched
+    under a token budget, and with CTranslate2 (float32 and int8) when it is installed; the same sentences in one
+    process, one after another. Returns the markdown report."""
     import tempfile
 
     import torch
@@ -437,9 +438,9 @@ def _train_report(results: list[dict], spec: dict[str, Any], real: bool) -> str:
         models + "every trainer gets the same token ids (prompt masked) and the same objective, forward "
         "KL(teacher‖student) at T = 1 with no CE term (TRL's GKD with lmbda=0, beta=0; distillmt's SLKD with alpha=0), "
         "except the alpha=0.5 row, which adds half CE. TRL batches examples at random (or, length-grouped, by its "
-        "`LengthGroupedSampler`) and pads each batch to its longest; distillmt batches examples of similar length and, in the student and the live "
-        "teacher, runs the prompt prefix every example shares (a chat template's system prompt and instruction) once "
-        "per micro-batch instead of once per example. "
+        "`LengthGroupedSampler`) and pads each batch to its longest; distillmt batches examples of similar length "
+        "and, in the student and the live teacher, runs the prompt prefix every example shares (a chat template's "
+        "system prompt and instruction) once per micro-batch instead of once per example. "
         "Target tokens/s: the target tokens of the steps' examples (their expected number) over the wall time of the "
         "training loop; setup and the cache build are not timed. Peak extra memory: the child's peak resident memory "
         "during training minus its memory before it (both models' weights already resident).",

@@ -184,17 +184,19 @@ def translate(
         bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - start
-    hyps: list[str | None] = []
-    for i, cands in enumerate(candidates):
-        if not cands:  # another shard's
-            hyps.append(None)
-        elif len(cands) == 1:
-            hyps.append(cands[0])
-        elif selection == "mbr":
-            hyps.append(cands[mbr_select(cands)])
-        else:
-            hyps.append(cands[max(range(len(cands)), key=lambda j: scores[i][j])])
+    hyps = [_choose(cands, scores[i], selection) for i, cands in enumerate(candidates)]
     return TranslationResult(hyps, candidates, generated, seconds)
+
+
+def _choose(candidates: list[str], scores: list[float], selection: str) -> str | None:
+    """A source's hypothesis among its candidates: by MBR or by score; None for another shard's source."""
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    if selection == "mbr":
+        return candidates[mbr_select(candidates)]
+    return candidates[max(range(len(candidates)), key=lambda j: scores[j])]
 
 
 def _prefix_inputs(ids: list[list[int]], p: int, pad_token_id: int, device: Any) -> dict[str, torch.Tensor]:
