@@ -79,3 +79,20 @@ def test_prompts_without_a_long_shared_prefix_are_not_cached(chat_model, monkeyp
     monkeypatch.setattr(model, "generate", lambda *a, **k: caches.append(k.get("cache")) or real_generate(*a, **k))
     out = translate(model, tok, SOURCES, batch_size=4, max_new_tokens=4, progress=False)
     assert caches == [None, None] and len(out.hypotheses) == len(SOURCES)
+
+
+@pytest.mark.parametrize("decoding", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
+def test_ct2_static_prompt_gives_the_same_translations(chat_model, tmp_path, decoding):
+    """With CTranslate2 the shared prompt prefix is its cached static prompt: the same outputs as the whole prompts,
+    and as transformers."""
+    pytest.importorskip("ctranslate2")
+    from distillmt.generate import convert_to_ct2, translate_ct2
+
+    model, tok = chat_model
+    folder = convert_to_ct2(model, tok, tmp_path / "ct2", "float32")
+    args = {"batch_size": 4, "max_new_tokens": 6, "progress": False, **decoding}
+    shared = translate_ct2(str(folder), tok, SOURCES, **args)
+    whole = translate_ct2(str(folder), tok, SOURCES, share_prefix=False, **args)
+    assert shared.hypotheses == whole.hypotheses and shared.generated_tokens == whole.generated_tokens > 0
+    if not decoding:
+        assert shared.hypotheses == translate(model, tok, SOURCES, **args).hypotheses

@@ -260,12 +260,16 @@ def translate_ct2(
     desc: str = "translate (ct2)",
     max_batch_tokens: int = 0,
     shard: tuple[int, int] = (0, 1),
+    share_prefix: bool = True,
 ) -> TranslationResult:
     """:func:`translate` with a CTranslate2 model folder (``distillmt export --format ct2``): the same prompts, stop
     tokens and output cleaning, CTranslate2's own batching inside each group of ``batch_size`` sources; one
     candidate per source. ``shard`` as for :func:`translate`, by groups instead of batches: greedy and beam output
     equal one process's, sampled output does not (CTranslate2 samples from per-thread generators that
-    ``set_random_seed`` does not reset between calls)."""
+    ``set_random_seed`` does not reset between calls). ``share_prefix``: the prompt prefix all sources share is
+    CTranslate2's ``static_prompt``, whose decoder state it computes once and caches."""
+    from distillmt.train import common_prefix
+
     try:
         import ctranslate2
     except ImportError:
@@ -277,11 +281,12 @@ def translate_ct2(
     generator = ctranslate2.Generator(str(model_dir), device=device, **threads)
     ctranslate2.set_random_seed(seed)
     stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
-    prompts = [
-        tokenizer.convert_ids_to_tokens(tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"])
-        for s in sources
-    ]
+    ids = [tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"] for s in sources]
+    p = len(common_prefix(ids, min(map(len, ids), default=0) - 1)) if share_prefix else 0
+    prompts = [tokenizer.convert_ids_to_tokens(x[p:]) for x in ids]
     options = {"max_length": max_new_tokens, "beam_size": num_beams, "length_penalty": length_penalty}
+    if p:
+        options["static_prompt"] = tokenizer.convert_ids_to_tokens(ids[0][:p])
     if do_sample:
         options.update(sampling_temperature=temperature, sampling_topk=top_k or 0, sampling_topp=top_p)
     hyps: list[str | None] = [None] * len(sources)
