@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import build_tiny_qwen
 
-from distillmt.generate import _prefix_inputs, translate
+from distillmt.generate import translate
+from distillmt.prompts import pad_left
 
 CHAT = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -35,10 +36,10 @@ def chat_model(tmp_path_factory):
 
 
 def test_prefix_inputs_put_the_shared_prefix_first_and_pad_the_rest_on_the_left():
-    enc = _prefix_inputs([[5, 6, 7, 8], [5, 6, 9]], 2, 0, "cpu")
+    enc = pad_left([[5, 6, 7, 8], [5, 6, 9]], 0, shared=2)
     assert enc["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 0, 9]]
     assert enc["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
-    plain = _prefix_inputs([[5, 6, 7], [9]], 0, 0, "cpu")  # no prefix: plain left padding
+    plain = pad_left([[5, 6, 7], [9]], 0)  # no prefix: plain left padding
     assert plain["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]] and plain["attention_mask"].tolist()[1] == [0, 0, 1]
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from distillmt.errors import DistillmtError
 from distillmt.io import file_lock
-from distillmt.prompts import build_prompt, end_token_id, strip_output
+from distillmt.prompts import build_prompt, end_token_id, pad_left, strip_output
 
 
 @dataclass
@@ -120,11 +120,11 @@ def translate(
 
     ``share_prefix``: the keys and values of the prompt prefix all sources share (Qwen's chat template: 38 tokens of
     a Tatoeba prompt's 52) are computed once and handed to every batch, which then runs its prompts' prefill on the
-    rest alone (:func:`_prefix_inputs`); the same outputs up to rounding. Prefixes under
+    rest alone (:func:`distillmt.prompts.pad_left`); the same outputs up to rounding. Prefixes under
     :data:`distillmt.train.MIN_SHARED_PREFIX` tokens are not shared."""
     from transformers import GenerationConfig
 
-    from distillmt.train import PrefixCache, common_prefix, prefix_cache
+    from distillmt.train import PrefixCache, prefix_cache
 
     model.eval()
     device = next(model.parameters()).device
@@ -132,8 +132,7 @@ def translate(
     prompts = [build_prompt(tokenizer, s) for s in sources]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in ids]
-    # the last prompt token stays out of the prefix: its logits give the first new token
-    prefix = PrefixCache(common_prefix(ids, min(lengths, default=0) - 1) if share_prefix else [])
+    prefix = PrefixCache(prompt_prefix(ids) if share_prefix else [])
     rows_per_source = max(num_beams, num_return_sequences)  # generate's own expansion (beams, candidates)
     order = sorted(
         range(len(prompts)), key=lambda i: -lengths[i]
@@ -165,7 +164,8 @@ def translate(
     for b in mine:
         idx = batches[b]
         torch.manual_seed(seed + b)
-        enc = _prefix_inputs([ids[i] for i in idx], len(prefix.ids), tokenizer.pad_token_id, device)
+        enc = pad_left([ids[i] for i in idx], tokenizer.pad_token_id, shared=len(prefix.ids))
+        enc = {k: v.to(device) for k, v in enc.items()}
         past = prefix.past(model, enc["input_ids"])
         cache = {"cache": prefix_cache(past[1], len(idx) * rows_per_source)} if past is not None else {}
         out = model.generate(**enc, **cache, generation_config=gen_config)
@@ -188,6 +188,14 @@ def translate(
     return TranslationResult(hyps, candidates, generated, seconds)
 
 
+def prompt_prefix(ids: list[list[int]]) -> list[int]:
+    """The start all prompts share (:func:`distillmt.train.common_prefix`), short of each one's last token, whose
+    logits give the first new token."""
+    from distillmt.train import common_prefix
+
+    return common_prefix(ids, min(map(len, ids), default=0) - 1)
+
+
 def _choose(candidates: list[str], scores: list[float], selection: str) -> str | None:
     """A source's hypothesis among its candidates: by MBR or by score; None for another shard's source."""
     if not candidates:
@@ -197,21 +205,6 @@ def _choose(candidates: list[str], scores: list[float], selection: str) -> str |
     if selection == "mbr":
         return candidates[mbr_select(candidates)]
     return candidates[max(range(len(candidates)), key=lambda j: scores[j])]
-
-
-def _prefix_inputs(ids: list[list[int]], p: int, pad_token_id: int, device: Any) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` of prompts whose first ``p`` tokens are shared: the prefix, then each
-    row's rest left-padded (mask 0 on the padding). With p = 0 this is plain left padding. generate takes the
-    position ids from the mask, so every row's positions are those of its unpadded prompt."""
-    width = max(len(x) for x in ids) - p
-    input_ids = torch.full((len(ids), p + width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for r, x in enumerate(ids):
-        input_ids[r, :p], mask[r, :p] = torch.tensor(x[:p], dtype=torch.long), 1
-        rest = x[p:]
-        input_ids[r, p + width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-        mask[r, p + width - len(rest) :] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def token_budget_batches(
@@ -268,8 +261,6 @@ def translate_ct2(
     equal one process's, sampled output does not (CTranslate2 samples from per-thread generators that
     ``set_random_seed`` does not reset between calls). ``share_prefix``: the prompt prefix all sources share is
     CTranslate2's ``static_prompt``, whose decoder state it computes once and caches."""
-    from distillmt.train import common_prefix
-
     try:
         import ctranslate2
     except ImportError:
@@ -282,7 +273,7 @@ def translate_ct2(
     ctranslate2.set_random_seed(seed)
     stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
     ids = [tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"] for s in sources]
-    p = len(common_prefix(ids, min(map(len, ids), default=0) - 1)) if share_prefix else 0
+    p = len(prompt_prefix(ids)) if share_prefix else 0
     prompts = [tokenizer.convert_ids_to_tokens(x[p:]) for x in ids]
     options = {"max_length": max_new_tokens, "beam_size": num_beams, "length_penalty": length_penalty}
     if p:

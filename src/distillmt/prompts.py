@@ -78,6 +78,23 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def pad_left(ids: list[list[int]], pad_token_id: int, shared: int = 0) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for generation (it continues from the right edge of every row): ``input_ids`` and
+    ``attention_mask``, 0 on the padding. With ``shared`` > 0 the rows' first ``shared`` tokens, the same in every
+    row, stay first and only the rest is left-padded: generate takes position ids from the mask, so every row's
+    positions are those of its unpadded prompt, and the shared start can come from a cache."""
+    width = max(len(x) for x in ids) - shared
+    input_ids = torch.full((len(ids), shared + width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    mask[:, :shared] = 1
+    for r, x in enumerate(ids):
+        input_ids[r, :shared] = torch.tensor(x[:shared], dtype=torch.long)
+        rest = x[shared:]
+        input_ids[r, shared + width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        mask[r, shared + width - len(rest) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def strip_output(text: str) -> str:
     """Remove chat scaffolding a model may emit around its answer; keep the translation itself untouched."""
     for marker in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distillmt.errors import DistillmtError
 from distillmt.io import atomic_write_bytes, atomic_write_text, write_json
 from distillmt.losses import fused_kd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss
-from distillmt.prompts import IGNORE_INDEX, pad_batch
+from distillmt.prompts import IGNORE_INDEX, pad_batch, pad_left
 
 log = logging.getLogger("distillmt.train")
 
@@ -114,10 +114,16 @@ def target_logits(model: Any, batch: dict, rows: torch.Tensor, past: tuple | Non
     accelerate's autocast still apply. ``past``: a frozen model's cached shared prefix (:meth:`PrefixCache.past`).
     """
     head = getattr(model, "module", model).get_output_embeddings()
+    return _forward_with_head(model, head, batch, rows, past, lambda h: h).logits
+
+
+def _forward_with_head(model: Any, head: Any, batch: dict, rows: torch.Tensor, past: tuple | None, take: Any) -> Any:
+    """:func:`_forward` with the output layer's input cut to ``rows`` (those after the cached prefix, if any) and
+    handed to ``take``, whose result the layer gets instead."""
     keep = rows[:, past[0] :] if past is not None else rows
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep], *args[1:]))
+    handle = head.register_forward_pre_hook(lambda _module, args: (take(args[0][keep]), *args[1:]))
     try:
-        return _forward(model, batch, past).logits
+        return _forward(model, batch, past)
     finally:
         handle.remove()
 
@@ -199,17 +205,12 @@ def target_hidden(
     :func:`distillmt.losses.fused_linear_kd_loss` takes. The model must have a :func:`_plain_head`. ``past``: as in
     :func:`target_logits`."""
     head, kept = _plain_head(model), []
-    keep = rows[:, past[0] :] if past is not None else rows
 
-    def keep_rows(_module: Any, args: tuple) -> tuple:
-        kept.append(args[0][keep])
-        return (args[0][:0], *args[1:])
+    def keep_rows(hidden: torch.Tensor) -> torch.Tensor:
+        kept.append(hidden)
+        return hidden[:0]
 
-    handle = head.register_forward_pre_hook(keep_rows)
-    try:
-        _forward(model, batch, past)
-    finally:
-        handle.remove()
+    _forward_with_head(model, head, batch, rows, past, keep_rows)
     return kept[0], head.weight
 
 
@@ -440,17 +441,13 @@ def evaluate_loss(
 def _on_policy_examples(model: Any, examples: list[dict], kd: KDSettings, pad_token_id: int, device: Any) -> list[dict]:
     """GKD: replace each target by the student's own sample; the prompt stays, labels cover the sampled tokens."""
     prompts = [e["input_ids"][: next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX)] for e in examples]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    enc = pad_left(prompts, pad_token_id)
+    width = enc["input_ids"].shape[1]
     was_training = model.training
     model.eval()
     out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
+        input_ids=enc["input_ids"].to(device),
+        attention_mask=enc["attention_mask"].to(device),
         do_sample=True,
         temperature=kd.on_policy_temperature,
         top_k=0,
