@@ -284,6 +284,7 @@ def test_default_yaml_equals_the_builtin_defaults():
         (["systems=[TEACHER_PEFT]"], r"TEACHER_PEFT needs pretrained models"),
         (["systems=[STUDENT,STUDENT_PEFT]"], r"STUDENT_PEFT needs pretrained models"),
         (["hard_kd.selection=mbr", "hard_kd.num_candidates=1"], r"mbr needs hard_kd.num_candidates >= 2"),
+        (["hard_kd.selection=reference"], r"reference needs hard_kd.num_candidates >= 2"),
         (["teacher.model=store:qwen2.5-coder-1.5b-instruct"], r"both be 'scratch' or both be pretrained"),
         (["hard_kd.teacher=base"], r"hard_kd.teacher=base needs a pretrained teacher"),
         (["soft_kd.teacher=base"], r"soft_kd.teacher=base needs a pretrained teacher"),

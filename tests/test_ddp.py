@@ -15,12 +15,13 @@ import torch
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     import torch
     sys.path.insert(0, {tests!r})
     from conftest import build_tiny_qwen
-    from distillmt.train import train
+    from distillmt.models import save_trained
+    from distillmt.train import full_state_dict, train
 
     out = Path(sys.argv[1])
     g = torch.Generator().manual_seed(0)
@@ -30,13 +31,31 @@ SCRIPT = textwrap.dedent(
         t = torch.randint(3, 40, (2 + i % 4,), generator=g).tolist() + [1]
         examples.append({{"input_ids": prefix + p + t, "labels": [-100] * (len(prefix) + len(p)) + t}})
     model = build_tiny_qwen(40, pad_token_id=0)
+    if os.environ.get("LORA"):
+        from distillmt.models import apply_lora
+        model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # away from zero: the adapters change the outputs from the first step on
+                torch.nn.init.normal_(p, std=0.1)
     summary = train(
         model, examples, examples[:3], out, pad_token_id=0, max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
         warmup_ratio=0.0, schedule="constant", save_every=2, log_every=1, progress=False, device="cpu",
     )
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
-        (out / "result.json").write_text(json.dumps({{"params": flat, "summary": summary}}))
+    state = full_state_dict(model)  # under FSDP every process takes part in gathering the shards
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = state or {{n: p.detach() for n, p in model.named_parameters()}}
+        flat = torch.cat([state[n].flatten() for n, _ in model.named_parameters()]).tolist()
+        save_trained(model, None, out / "model", state_dict=state)
+        if os.environ.get("LORA"):  # the adapter alone, in its file's order
+            from safetensors.torch import load_file
+            saved = load_file(str(out / "model" / "adapter_model.safetensors"))
+            flat_saved = torch.cat([saved[k].flatten() for k in sorted(saved)]).tolist()
+        else:
+            from transformers import AutoModelForCausalLM
+            saved = AutoModelForCausalLM.from_pretrained(str(out / "model"))
+            flat_saved = torch.cat([p.detach().flatten() for p in saved.parameters()]).tolist()
+        result = {{"params": flat, "saved": flat_saved, "summary": summary}}
+        (out / "result.json").write_text(json.dumps(result, default=str))
     """
 )
 
@@ -49,7 +68,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(tmp_path, name: str, processes: int) -> dict:
+def _run(tmp_path, name: str, processes: int, env: dict | None = None, check: bool = True) -> dict:
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))
     out = tmp_path / name
@@ -63,8 +82,10 @@ def _run(tmp_path, name: str, processes: int) -> dict:
             f"--master_port={_free_port()}",
             *cmd[1:],
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if not check:
+        return {"returncode": proc.returncode, "stderr": proc.stderr}
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     result["metrics"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -81,13 +102,61 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     ]
     assert two["summary"]["tokens_seen"] == one["summary"]["tokens_seen"]  # summed over the processes
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "state.json").exists()  # written once, by rank 0
+    assert two["saved"] == two["params"]
+
+
+# What `accelerate launch --config_file configs/accelerate/fsdp.yaml` puts in each process's environment.
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_on_two_processes_matches_one_saves_whole_weights_and_resumes(tmp_path, lora):
+    """FSDP2 through accelerate on 2 CPU processes (each holds half of every parameter): the losses and the final
+    weights match one process with the same global batch, for a full model and for LoRA adapters on a frozen base;
+    the saved model holds the whole weights (the saved adapter equals one process's). A run that lost its last
+    checkpoint resumes from the one before (gathered, written once, re-sharded on load) and ends at the same
+    weights; a run launched without FSDP refuses that checkpoint instead of misreading it."""
+    import shutil
+
+    extra = {"LORA": "1"} if lora else {}
+    one, fsdp = _run(tmp_path, "one", 1, extra), _run(tmp_path, "fsdp", 2, {**FSDP_ENV, **extra})
+    assert torch.allclose(torch.tensor(fsdp["params"]), torch.tensor(one["params"]), atol=1e-5)
+    losses = [(m["step"], m["loss"]) for m in one["metrics"] if "loss" in m]
+    assert [(s, pytest.approx(v, rel=1e-5)) for s, v in losses] == [
+        (m["step"], m["loss"]) for m in fsdp["metrics"] if "loss" in m
+    ]
+    if lora:
+        assert torch.allclose(torch.tensor(fsdp["saved"]), torch.tensor(one["saved"]), atol=1e-6)
+        return
+    assert fsdp["saved"] == fsdp["params"]
+    ckpt = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert ckpt["sharded"] is True
+
+    for name in ("resumed", "plain"):
+        shutil.copytree(tmp_path / "fsdp", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-0000004")
+        (tmp_path / name / "result.json").unlink()
+    resumed = _run(tmp_path, "resumed", 2, FSDP_ENV)
+    assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
+    assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(fsdp["params"]), atol=1e-6)
+    plain = _run(tmp_path, "plain", 1, check=False)
+    assert plain["returncode"] != 0 and "was written under FSDP" in plain["stderr"]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_distillmt_run_on_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m distillmt run` on CPUs (accelerate starts the processes
     through torchrun; with no GPU, distillmt's Accelerator takes gloo): the main process keeps the books and prints
-    the table, both processes train and share the label and translation work, and the rows match a one-process run."""
+    the table, both processes train and share the label and translation work, and the rows match a one-process run.
+    The same with the shipped FSDP config (`--config_file configs/accelerate/fsdp.yaml`): each process holds half of
+    every parameter, and the saved models hold the whole weights (the same translations)."""
     from test_pipeline import MICRO
 
     from distillmt.io import read_json
@@ -103,19 +172,29 @@ def test_distillmt_run_on_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]  # fmt: skip
-    for name, cmd in (("one", [sys.executable, "-m", "distillmt"]), ("two", [*launch, "-m", "distillmt"])):
+    fsdp_config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
+    fsdp = [*launch[:3], f"--config_file={fsdp_config}", *launch[4:]]  # in place of --multi_gpu
+    runs = {"one": [sys.executable, "-m", "distillmt"], "two": [*launch, "-m", "distillmt"], "fsdp": [*fsdp, "-m", "distillmt"]}  # fmt: skip
+    for name, cmd in runs.items():
         proc = subprocess.run([*cmd, *args, f"name={name}"], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert ("2 processes" in proc.stderr) == (name == "two")
+        assert ("2 processes" in proc.stderr) == (name != "one")
+        assert ("under FSDP" in proc.stderr) == (name == "fsdp")
         assert proc.stdout.count("run folder:") == 1  # printed by the main process alone
-    one, two = (read_json(tmp_path / n / "results.json")["systems"] for n in ("one", "two"))
-    for system in one:
-        hyps = [
-            [r["hyp"] for r in map(json.loads, (tmp_path / n / f"translate_{system}" / "translations.jsonl").open())]
-            for n in ("one", "two")
-        ]
-        assert sum(a == b for a, b in zip(*hyps, strict=True)) >= len(hyps[0]) - 1, system
-        assert two[system]["scores"]["chrf"]["score"] == pytest.approx(one[system]["scores"]["chrf"]["score"], abs=1.0)
+    one = read_json(tmp_path / "one" / "results.json")["systems"]
+    for name in ("two", "fsdp"):
+        other = read_json(tmp_path / name / "results.json")["systems"]
+        for system in one:
+            hyps = [
+                [
+                    r["hyp"]
+                    for r in map(json.loads, (tmp_path / n / f"translate_{system}" / "translations.jsonl").open())
+                ]
+                for n in ("one", name)
+            ]
+            assert sum(a == b for a, b in zip(*hyps, strict=True)) >= len(hyps[0]) - 1, (name, system)
+            chrf = one[system]["scores"]["chrf"]["score"]
+            assert other[system]["scores"]["chrf"]["score"] == pytest.approx(chrf, abs=1.0)
     logs = (tmp_path / "two" / "train_slkd" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in logs if '"valid_ce"' in x]) == 1  # written once, by the main process
     stage = read_json(tmp_path / "two" / "translate_HLKD" / "stage.json")["result"]
@@ -191,26 +270,35 @@ def test_label_generation_and_translation_split_across_two_processes(tmp_path):
     assert two["cache"] == one["cache"] and one["cache"]["entries"] == 23  # the teacher cache, 6 shards of 4
 
 
-def test_shipped_accelerate_config_parses():
-    """The GPU launch config is accelerate's own format (its loader accepts it) and says how to use it."""
+@pytest.mark.parametrize(("name", "kind"), [("multi-gpu", "MULTI_GPU"), ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_parse(name, kind):
+    """The launch configs are accelerate's own format (its loader accepts them) and say how to use them."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "multi-gpu.yaml")
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", f"{name}.yaml")
     config = load_config_from_file(path)
-    assert config.distributed_type.value == "MULTI_GPU" and config.num_processes >= 2 and not config.use_cpu
+    assert config.distributed_type.value == kind and config.num_processes >= 2 and not config.use_cpu
+    if kind == "FSDP":  # the version the checkpoints handle, wrapping each decoder layer
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     first = open(path, encoding="utf-8").readline()
-    assert first.startswith("# accelerate launch --config_file configs/accelerate/multi-gpu.yaml -m distillmt run")
+    assert first.startswith(f"# accelerate launch --config_file configs/accelerate/{name}.yaml -m distillmt run")
 
 
-def test_sharded_training_engines_are_refused_before_training(tmp_path, monkeypatch):
-    """FSDP and DeepSpeed shard the parameters or optimizer state that distillmt's checkpoints are written from:
-    refused with a clear error instead of saving a partial model."""
+def test_engines_the_checkpoints_cannot_handle_are_refused_before_training():
+    """DeepSpeed shards the optimizer state behind its own engine, and FSDP version 1 flattens the parameters: both
+    refused with a clear error instead of saving a partial model. FSDP2 and DDP go through."""
     from accelerate.utils import DistributedType
 
     from distillmt.errors import DistillmtError
     from distillmt.train import _check_engine
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(DistillmtError, match=f"{kind.value} is not supported yet"):
-            _check_engine(type("A", (), {"distributed_type": kind})())
-    _check_engine(type("A", (), {"distributed_type": DistributedType.MULTI_GPU})())
+    def accelerator(kind, fsdp2=False):
+        return type("A", (), {"distributed_type": kind, "is_fsdp2": fsdp2})()
+
+    with pytest.raises(DistillmtError, match="DeepSpeed is not supported yet"):
+        _check_engine(accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(DistillmtError, match="set fsdp_version: 2"):
+        _check_engine(accelerator(DistributedType.FSDP))
+    _check_engine(accelerator(DistributedType.FSDP, fsdp2=True))
+    _check_engine(accelerator(DistributedType.MULTI_GPU))

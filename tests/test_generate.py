@@ -97,3 +97,48 @@ def test_ct2_static_prompt_gives_the_same_translations(chat_model, tmp_path, dec
     assert shared.hypotheses == whole.hypotheses and shared.generated_tokens == whole.generated_tokens > 0
     if not decoding:
         assert shared.hypotheses == translate(model, tok, SOURCES, **args).hypotheses
+
+
+def test_reference_selection_keeps_the_candidate_closest_to_the_reference():
+    from distillmt.generate import reference_select
+
+    assert reference_select(["狗在跑", "猫在桌子上", "猫在桌子上睡觉了"], "猫在桌子上睡觉。") == 2
+    assert reference_select(["你好", "你好"], "你好世界") == 0  # a tie keeps the first (the teacher's best)
+    assert reference_select(["abc", "xyz"], "qqq") == 0  # nothing in common: the first
+
+
+def test_labels_by_reference_pick_the_candidate_nearest_the_reference_and_fall_back_to_the_score(chat_model, tmp_path):
+    """Seq-Inter labels: among the teacher's beams, the candidate with the best sentence chrF against the pair's
+    reference; a source without a reference (an extra source) keeps the teacher's own best, as selection=score."""
+    from sacrebleu.metrics import CHRF
+
+    from distillmt.data import Pair
+    from distillmt.io import read_jsonl
+    from distillmt.teacher_labels import build_teacher_labels
+
+    model, tok = chat_model
+    decoding = {"batch_size": 4, "max_new_tokens": 6, "num_beams": 1, "length_penalty": 1.0, "do_sample": False,
+                "temperature": 1.0, "top_k": 0, "top_p": 1.0}  # fmt: skip
+
+    def labels(selection: str, refs: list[str]) -> list[dict]:
+        pairs = [Pair(s, r) for s, r in zip(SOURCES, refs, strict=True)]
+        out = tmp_path / selection
+        result = build_teacher_labels(lambda: (model, tok), pairs, out, identity={"t": 1}, decoding=decoding,
+                                      num_candidates=4, selection=selection, shard_size=4, progress=False)  # fmt: skip
+        return [r for name in result["shards"] for r in read_jsonl(out / name)]
+
+    by_score = labels("score", [""] * len(SOURCES))
+    # references the teacher's last beam matches exactly (chrF 100), and one source without a reference
+    refs = [r["candidates"][-1] for r in by_score[:-1]] + [""]
+    by_ref = labels("reference", refs)
+    chrf = CHRF()
+    for s, r, ref in zip(by_score, by_ref, refs, strict=True):
+        assert r["candidates"] == s["candidates"] and len(r["candidates"]) == 4
+        if not ref:  # no reference: the teacher's own choice
+            assert r["label"] == s["label"]
+        else:
+            assert r["label"] == ref
+            assert chrf.sentence_score(r["label"], [ref]).score == max(
+                chrf.sentence_score(c, [ref]).score for c in r["candidates"]
+            )
+    assert sum(r["label"] != s["label"] for s, r in zip(by_score, by_ref, strict=True)) > 0  # moved somewhere

@@ -168,7 +168,10 @@ class HardKDConfig:
     )
     num_candidates: int = _f(1, "teacher translations per source", range=(1, 64))
     selection: str = _f(
-        "score", "pick among candidates by the teacher's own score or by MBR with chrF", choices=["score", "mbr"]
+        "score",
+        "pick among candidates by the teacher's own score, by MBR with chrF, or by sentence chrF against the source's "
+        "reference (Kim & Rush's Seq-Inter; sources without one fall back to the score)",
+        choices=["score", "mbr", "reference"],
     )
     decoding: GenerateConfig = _f(GenerateConfig, "decoding settings for the labels")
     shard_size: int = _f(256, "sources per label shard (the resume unit)", range=(1, None))
@@ -469,8 +472,8 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
         g = cfg.generate if section == "generate" else cfg.hard_kd.decoding
         if g.engine == "vllm" and g.num_beams > 1:
             raise DistillmtError(f"{section}.engine=vllm does not do beam search: set {section}.num_beams=1")
-    if cfg.hard_kd.selection == "mbr" and cfg.hard_kd.num_candidates < 2:
-        raise DistillmtError("hard_kd.selection=mbr needs hard_kd.num_candidates >= 2")
+    if cfg.hard_kd.selection != "score" and cfg.hard_kd.num_candidates < 2:
+        raise DistillmtError(f"hard_kd.selection={cfg.hard_kd.selection} needs hard_kd.num_candidates >= 2")
 
 
 # Keys added after runs were made with the behaviour of their default: they count in a stage's key only when they are

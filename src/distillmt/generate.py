@@ -87,6 +87,16 @@ def mbr_select(candidates: list[str]) -> int:
     return best
 
 
+def reference_select(candidates: list[str], reference: str) -> int:
+    """Index of the candidate with the highest sentence chrF against ``reference`` (the first on a tie): Kim & Rush's
+    Seq-Inter selection (2016, section 3.2), which keeps the teacher's translation closest to the human one."""
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    scores = [chrf.sentence_score(c, [reference]).score for c in candidates]
+    return max(range(len(candidates)), key=lambda i: (scores[i], -i))
+
+
 @torch.no_grad()
 def translate(
     model: Any,

@@ -274,9 +274,10 @@ def apply_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules
     return get_peft_model(model, config)
 
 
-def save_trained(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
-    """Adapter only for a peft model, full weights otherwise; safetensors either way; tokenizer beside it."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """Adapter only for a peft model, full weights otherwise; safetensors either way; tokenizer beside it.
+    ``state_dict``: the weights to write instead of the model's own (those gathered from FSDP's shards)."""
+    model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
 

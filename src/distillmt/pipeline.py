@@ -556,8 +556,9 @@ def processes_state(device: str) -> Any:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu, timeout=datetime.timedelta(hours=24))
     if state.is_main_process:
-        log.info("%d processes (%s): training stages run on all of them, the others on this one", state.num_processes,
-                 state.distributed_type)  # fmt: skip
+        engine = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "DDP"
+        log.info("%d processes (%s): training stages run on all of them under %s, the others on this one",
+                 state.num_processes, state.distributed_type, engine)  # fmt: skip
     return state
 
 
@@ -656,12 +657,13 @@ def train_and_save(
 ) -> dict[str, Any]:
     """Train (resuming from ``folder``'s checkpoints), then save the model to ``folder/model`` atomically."""
     from distillmt.models import count_parameters, save_trained
-    from distillmt.train import train
+    from distillmt.train import full_state_dict, train
 
     summary = train(model, examples, valid, folder, pad_token_id=tokenizer.pad_token_id, **train_args)
-    if processes is None or processes.is_main_process:  # with several processes, they all hold the same weights
+    state = full_state_dict(model)  # under FSDP the processes gather their shards; else None
+    if processes is None or processes.is_main_process:  # under DDP the processes all hold the same weights
         shutil.rmtree(folder / "model.tmp", ignore_errors=True)
-        save_trained(model, tokenizer, folder / "model.tmp")
+        save_trained(model, tokenizer, folder / "model.tmp", state_dict=state)
         shutil.rmtree(folder / "model", ignore_errors=True)
         (folder / "model.tmp").rename(folder / "model")
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the saved model supersedes them

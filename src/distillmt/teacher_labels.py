@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillmt.data import Pair
-from distillmt.generate import SavedModel, process_shard, release_vllm, translate_with_engine
+from distillmt.generate import SavedModel, process_shard, reference_select, release_vllm, translate_with_engine
 from distillmt.io import read_jsonl, write_jsonl
 
 log = logging.getLogger("distillmt.teacher_labels")
@@ -51,7 +51,8 @@ def build_teacher_labels(
     shards all exist loads nothing. ``identity`` names the teacher (it goes into the shard hashes with the decoding
     settings). ``decoding`` holds :func:`distillmt.generate.translate`'s decoding arguments (a ``GenerateConfig`` as
     a dict); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
-    with ``do_sample``) and one is kept by ``selection`` (``score`` or ``mbr``). Shard ``i`` is decoded with seed
+    with ``do_sample``) and one is kept by ``selection``: ``score`` (the teacher's), ``mbr`` (chrF against the
+    other candidates) or ``reference`` (chrF against the source's reference; by score where it has none). Shard ``i`` is decoded with seed
     ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens", "generation_seconds"}``.
 
     ``saved``: where the teacher's weights lie, for vLLM to load them itself (``load_teacher`` may then return None
@@ -92,7 +93,7 @@ def build_teacher_labels(
             [p.src for p in chunk],
             **decode,
             num_return_sequences=num_candidates,
-            selection=selection,
+            selection="score" if selection == "reference" else selection,
             seed=seed + i,
             progress=progress,
             desc=f"teacher labels {i + 1}/{n_shards}",
@@ -102,10 +103,11 @@ def build_teacher_labels(
         engines.add(engine)
         generated += res.generated_tokens
         seconds += res.seconds
-        rows = [
-            {"src": p.src, "ref": p.tgt or None, "label": hyp, "candidates": c}
-            for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True)
-        ]
+        rows = []
+        for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True):
+            if selection == "reference" and p.tgt and len(c) > 1:
+                hyp = c[reference_select(c, p.tgt)]
+            rows.append({"src": p.src, "ref": p.tgt or None, "label": hyp, "candidates": c})
         write_jsonl(path, rows)
     release_vllm()
     if processes is not None:  # wait for every shard; the figures of all processes

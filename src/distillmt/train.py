@@ -192,9 +192,11 @@ def teacher_past(kd: KDSettings, batch: dict) -> tuple | None:
 
 
 def _plain_head(model: Any) -> torch.nn.Linear | None:
-    """The output layer when it is a plain bias-free ``nn.Linear`` (so ``h @ W.T`` is its logits), else None."""
+    """The output layer when it is a plain bias-free ``nn.Linear`` (so ``h @ W.T`` is its logits) whose weight this
+    process holds whole (not an FSDP shard), else None."""
     head = getattr(model, "module", model).get_output_embeddings()
-    return head if type(head) is torch.nn.Linear and head.bias is None else None
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    return head if plain and not _sharded(head) else None
 
 
 def target_hidden(
@@ -239,29 +241,81 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
+def _sharded(model: Any) -> bool:
+    """Whether the parameters are split across the processes (FSDP2's DTensors) instead of whole on each."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _reshard(model: Any) -> None:
+    """Put FSDP2's sharded parameters back in place: a forward without backward (the validation loss) leaves the root
+    module's own parameters gathered, which the optimizer and the state-dict helpers do not know."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on this process: an FSDP2 shard is gathered (every process must take part)."""
+    from torch.distributed.tensor import DTensor
+
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+
+
+def full_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
+    """The whole weights of a model trained under FSDP, gathered from the processes' shards onto the main process
+    (every process must call it; the others get an empty dict), for ``save_pretrained(state_dict=...)``; None for a
+    model whose parameters are whole on each process (it saves itself)."""
+    if not _sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    _reshard(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # one name per tied parameter (the output layer tied to the embeddings), as save_pretrained writes on its own
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
 def _save_checkpoint(
     ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, accelerator: Any = None
 ) -> None:
     """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed). The
     previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
-    processes the main one writes it and the others wait (they hold the same weights)."""
+    processes the main one writes it and the others wait (under DDP they hold the same weights; under FSDP they
+    first gather their shards, and the optimizer state is keyed by parameter name)."""
+    main = accelerator is None or accelerator.is_main_process
+    sharded = _sharded(model)
+    if sharded:  # collective: every process gathers
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        _reshard(model)
+        trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opt_state = get_optimizer_state_dict(model, optimizer, options=options)
+    elif main:
+        trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+        opt_state = optimizer.state_dict()
+    if main:
+        _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), {**state, "sharded": sharded})
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(ckpt_dir: Path, trainable: dict, opt_state: dict, sched_state: dict, state: dict) -> None:
     import io
 
     from safetensors.torch import save_file
-
-    if accelerator is not None and accelerator.num_processes > 1:
-        if accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
-        accelerator.wait_for_everyone()
-        return
 
     final = ckpt_dir / f"step-{state['step']:07d}"
     tmp = ckpt_dir / f"step-{state['step']:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict())):
+    for name, obj in (("optimizer.pt", opt_state), ("scheduler.pt", sched_state)):
         buf = io.BytesIO()
         torch.save(obj, buf)
         atomic_write_bytes(tmp / name, buf.getvalue())
@@ -289,10 +343,27 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> 
         raise DistillmtError(
             f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
         )
-    with torch.no_grad():
-        for n, t in trainable.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(opt_state)
+    if bool(state.get("sharded", False)) != _sharded(model):
+        how = {True: "under FSDP", False: "without FSDP"}
+        was = bool(state.get("sharded", False))
+        raise DistillmtError(
+            f"checkpoint {path} was written {how[was]}; this run is {how[not was]}: launch as before to resume"
+        )
+    if _sharded(model):  # every process holds the whole values: each keeps its shard
+        _reshard(model)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            for n, t in trainable.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(sched_state)
     return state
 
@@ -663,20 +734,37 @@ def _accelerator(device: str, mixed_precision: str) -> Any:
         # accelerate keeps one precision per process and refuses another; the stages of one run may differ (a bf16
         # teacher, fp32 students). Only the precision part is reset: the process group (PartialState) stays.
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Any) -> None:
+    """accelerate takes an FSDP launch (``ACCELERATE_USE_FSDP``, set by ``accelerate launch`` from an FSDP config) only
+    on GPU-like devices and falls back to plain data parallel on CPU processes; FSDP2 runs on CPUs with gloo, so the
+    launch is honoured there too, with the plugin accelerate would have built from the same environment."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        plugin = FullyShardedDataParallelPlugin()
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
 
 
 def _check_engine(accelerator: Any) -> None:
-    """Refuse the accelerate engines whose sharding the checkpoints do not handle yet."""
+    """Refuse the accelerate engines whose sharding the checkpoints do not handle."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if kind == DistributedType.DEEPSPEED:
         raise DistillmtError(
-            f"accelerate's {kind.value} is not supported yet: distillmt writes checkpoints and the final model from "
-            "the main process's own parameters and optimizer state, which it shards; launch with DDP "
+            "accelerate's DeepSpeed is not supported yet: launch with FSDP (configs/accelerate/fsdp.yaml) or DDP "
             "(configs/accelerate/multi-gpu.yaml, or torchrun)"
         )
+    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise DistillmtError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
 
 
 def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -734,6 +822,11 @@ def train(
     scheduler = _make_scheduler(optimizer, schedule, int(warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped, dev = accelerator.unwrap_model(model), accelerator.device
+    if share_prefix and _sharded(model) and shared_prefix(train_examples):
+        # FSDP2 frees a layer's gathered weights after the layer's first backward in a step; the backward of the
+        # prefix's own forward, a second one through every layer, would find them gone
+        log.info("%s: under FSDP the prompt prefix runs in every row, not once per micro-batch", desc)
+        share_prefix = False
     if kd is not None and kd.teacher is not None:
         kd.teacher.to(dev).eval().requires_grad_(False)
 
