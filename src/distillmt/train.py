@@ -767,6 +767,19 @@ def _check_engine(accelerator: Any) -> None:
         raise DistillmtError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
 
 
+def _same_start(model: Any, accelerator: Any) -> None:
+    """Under FSDP every process keeps its own slice of its own copy of the weights, where DDP broadcasts the main
+    process's when it wraps the model: the trained parameters (an adapter initialised without a seed, say) are made
+    the main process's first. Frozen ones come from the same files."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
+
+
 def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # no weight decay on norms and biases
@@ -820,6 +833,7 @@ def train(
     total_steps = max_steps or max(1, math.ceil(epochs * window_at.micro_per_epoch / grad_accum))
     optimizer = _optimizer(model, lr, weight_decay)
     scheduler = _make_scheduler(optimizer, schedule, int(warmup_ratio * total_steps), total_steps)
+    _same_start(model, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped, dev = accelerator.unwrap_model(model), accelerator.device
     if share_prefix and _sharded(model) and shared_prefix(train_examples):
