@@ -176,9 +176,10 @@ def test_distillmt_run_on_two_processes(tmp_path):
               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]  # fmt: skip
     fsdp_config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
     fsdp = [*launch[:3], f"--config_file={fsdp_config}", *launch[4:]]  # in place of --multi_gpu
-    runs = {"one": [sys.executable, "-m", "distillmt"], "two": [*launch, "-m", "distillmt"], "fsdp": [*fsdp, "-m", "distillmt"]}  # fmt: skip
+    runs = {"one": [sys.executable], "two": launch, "fsdp": fsdp}
     for name, cmd in runs.items():
-        proc = subprocess.run([*cmd, *args, f"name={name}"], env=env, capture_output=True, text=True, timeout=300)
+        cmd = [*cmd, "-m", "distillmt", *args, f"name={name}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("2 processes" in proc.stderr) == (name != "one")
         assert ("under FSDP" in proc.stderr) == (name == "fsdp")

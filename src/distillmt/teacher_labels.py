@@ -52,8 +52,9 @@ def build_teacher_labels(
     settings). ``decoding`` holds :func:`distillmt.generate.translate`'s decoding arguments (a ``GenerateConfig`` as
     a dict); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
     with ``do_sample``) and one is kept by ``selection``: ``score`` (the teacher's), ``mbr`` (chrF against the
-    other candidates) or ``reference`` (chrF against the source's reference; by score where it has none). Shard ``i`` is decoded with seed
-    ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens", "generation_seconds"}``.
+    other candidates) or ``reference`` (chrF against the source's reference; by score where it has none). Shard
+    ``i`` is decoded with seed ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens",
+    "generation_seconds"}``.
 
     ``saved``: where the teacher's weights lie, for vLLM to load them itself (``load_teacher`` may then return None
     for the model). ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards
