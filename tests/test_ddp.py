@@ -123,8 +123,8 @@ def test_fsdp_on_two_processes_matches_one_saves_whole_weights_and_resumes(tmp_p
     weights match one process with the same global batch, for a full model and for LoRA adapters on a frozen base
     (initialised differently on each process: the main process's are taken, as DDP does);
     the saved model holds the whole weights (the saved adapter equals one process's). A run that lost its last
-    checkpoint resumes from the one before (gathered, written once, re-sharded on load) and ends at the same
-    weights; a run launched without FSDP refuses that checkpoint instead of misreading it."""
+    checkpoint resumes from the one before (gathered, written once, re-sharded on load), here on 3 processes, and
+    ends at the same weights; a run launched without FSDP refuses that checkpoint instead of misreading it."""
     import shutil
 
     extra = {"LORA": "1"} if lora else {}
@@ -145,7 +145,7 @@ def test_fsdp_on_two_processes_matches_one_saves_whole_weights_and_resumes(tmp_p
         shutil.copytree(tmp_path / "fsdp", tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "step-0000004")
         (tmp_path / name / "result.json").unlink()
-    resumed = _run(tmp_path, "resumed", 2, FSDP_ENV)
+    resumed = _run(tmp_path, "resumed", 3, FSDP_ENV)  # on another number of processes
     assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
     assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(fsdp["params"]), atol=1e-6)
     plain = _run(tmp_path, "plain", 1, check=False)
