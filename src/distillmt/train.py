@@ -780,6 +780,16 @@ def _same_start(model: Any, accelerator: Any) -> None:
                     torch.distributed.broadcast(p.data, src=0)
 
 
+def _prefix_shareable(model: Any, examples: list[dict], share_prefix: bool, desc: str) -> bool:
+    """``share_prefix``, unless FSDP shards the model: FSDP2 frees a layer's gathered weights after the layer's first
+    backward in a step, and the backward of the prefix's own forward, a second one through every layer, would find
+    them gone."""
+    if share_prefix and _sharded(model) and shared_prefix(examples):
+        log.info("%s: under FSDP the prompt prefix runs in every row, not once per micro-batch", desc)
+        return False
+    return share_prefix
+
+
 def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # no weight decay on norms and biases
@@ -836,11 +846,7 @@ def train(
     _same_start(model, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped, dev = accelerator.unwrap_model(model), accelerator.device
-    if share_prefix and _sharded(model) and shared_prefix(train_examples):
-        # FSDP2 frees a layer's gathered weights after the layer's first backward in a step; the backward of the
-        # prefix's own forward, a second one through every layer, would find them gone
-        log.info("%s: under FSDP the prompt prefix runs in every row, not once per micro-batch", desc)
-        share_prefix = False
+    share_prefix = _prefix_shareable(model, train_examples, share_prefix, desc)
     if kd is not None and kd.teacher is not None:
         kd.teacher.to(dev).eval().requires_grad_(False)
 
