@@ -158,7 +158,8 @@ def test_distillmt_run_on_two_processes(tmp_path):
     through torchrun; with no GPU, distillmt's Accelerator takes gloo): the main process keeps the books and prints
     the table, both processes train and share the label and translation work, and the rows match a one-process run.
     The same with the shipped FSDP config (`--config_file configs/accelerate/fsdp.yaml`): each process holds half of
-    every parameter, and the saved models hold the whole weights (the same translations)."""
+    every parameter, and the saved models hold the whole weights (the same translations), GKD's on-policy sampling
+    included."""
     from test_pipeline import MICRO
 
     from distillmt.io import read_json
@@ -167,7 +168,7 @@ def test_distillmt_run_on_two_processes(tmp_path):
         "run",
         "--no-progress",
         *MICRO,
-        "systems=[TEACHER,STUDENT,HLKD,SLKD]",
+        "systems=[TEACHER,STUDENT,HLKD,SLKD,GKD]",  # GKD: the student samples its own targets on every process
         "threads=1",
         f"output_dir={tmp_path}",
     ]
