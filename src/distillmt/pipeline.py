@@ -556,7 +556,9 @@ def processes_state(device: str) -> Any:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu, timeout=datetime.timedelta(hours=24))
     if state.is_main_process:
-        engine = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "DDP"
+        from accelerate.utils import parse_flag_from_env
+
+        engine = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DDP"
         log.info("%d processes (%s): training stages run on all of them under %s, the others on this one",
                  state.num_processes, state.distributed_type, engine)  # fmt: skip
     return state

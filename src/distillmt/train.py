@@ -287,18 +287,14 @@ def _save_checkpoint(
     previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
     processes the main one writes it and the others wait (under DDP they hold the same weights; under FSDP they
     first gather their shards, and the optimizer state is keyed by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     main = accelerator is None or accelerator.is_main_process
     sharded = _sharded(model)
-    if sharded:  # collective: every process gathers
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        _reshard(model)
+    if sharded or main:  # under FSDP every process takes part in gathering
         trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        opt_state = get_optimizer_state_dict(model, optimizer, options=options)
-    elif main:
-        trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
-        opt_state = optimizer.state_dict()
+        opt_state = get_optimizer_state_dict(model, optimizer, options=options) if sharded else optimizer.state_dict()
     if main:
         _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), {**state, "sharded": sharded})
     if accelerator is not None and accelerator.num_processes > 1:
@@ -343,14 +339,13 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> 
         raise DistillmtError(
             f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
         )
-    if bool(state.get("sharded", False)) != _sharded(model):
+    was, now = bool(state.get("sharded", False)), _sharded(model)
+    if was != now:
         how = {True: "under FSDP", False: "without FSDP"}
-        was = bool(state.get("sharded", False))
         raise DistillmtError(
-            f"checkpoint {path} was written {how[was]}; this run is {how[not was]}: launch as before to resume"
+            f"checkpoint {path} was written {how[was]}; this run is {how[now]}: launch as before to resume"
         )
-    if _sharded(model):  # every process holds the whole values: each keeps its shard
-        _reshard(model)
+    if now:  # every process holds the whole values: each keeps its shard
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -505,6 +500,8 @@ def evaluate_loss(
         total += float(_ce_sum(rows, _targets(batch["labels"])))
         count += rows.shape[0]
     model.train(was_training)
+    if _sharded(model):  # a forward without backward leaves FSDP2's root parameters gathered
+        _reshard(model)
     return total / max(count, 1)
 
 
