@@ -4,6 +4,7 @@ global batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,7 +22,8 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import build_tiny_qwen
     from distillmt.models import save_trained
-    from distillmt.train import full_state_dict, train
+    from distillmt.engines import full_state_dict
+    from distillmt.train import train
 
     out = Path(sys.argv[1])
     g = torch.Generator().manual_seed(0)
@@ -152,6 +154,53 @@ def test_fsdp_on_two_processes_matches_one_saves_whole_weights_and_resumes(tmp_p
     assert plain["returncode"] != 0 and "was written under FSDP" in plain["stderr"]
 
 
+# What `accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml` puts in each process's environment.
+DEEPSPEED_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_deepspeed_zero2_on_two_processes_matches_one_and_resumes(tmp_path, lora):
+    """DeepSpeed ZeRO-2 through accelerate on 2 CPU processes (each holds half of the optimizer state and of the
+    gradients; its engine steps inside backward): the losses and the final weights match one process with the same
+    global batch, for a full model and for LoRA adapters initialised differently on each process. A run that lost
+    its last checkpoint resumes from the one before (the partitions gathered by name, written once, split again on
+    load) on 3 processes and ends at the same weights; the same checkpoint resumes under FSDP too."""
+    import shutil
+
+    pytest.importorskip("deepspeed")
+    extra = {"LORA": "1"} if lora else {}
+    one, ds = _run(tmp_path, "one", 1, extra), _run(tmp_path, "ds", 2, {**DEEPSPEED_ENV, **extra})
+    assert torch.allclose(torch.tensor(ds["params"]), torch.tensor(one["params"]), atol=1e-5)
+    losses = [(m["step"], m["loss"]) for m in one["metrics"] if "loss" in m]
+    assert [(s, pytest.approx(v, rel=1e-5)) for s, v in losses] == [
+        (m["step"], m["loss"]) for m in ds["metrics"] if "loss" in m
+    ]
+    if lora:
+        assert torch.allclose(torch.tensor(ds["saved"]), torch.tensor(one["saved"]), atol=1e-6)
+        return
+    assert ds["saved"] == ds["params"]
+    ckpt = json.loads((tmp_path / "ds" / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert ckpt["sharded"] is True
+
+    for name in ("resumed", "fsdp"):
+        shutil.copytree(tmp_path / "ds", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-0000004")
+        (tmp_path / name / "result.json").unlink()
+    resumed = _run(tmp_path, "resumed", 3, DEEPSPEED_ENV)  # on another number of processes
+    assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
+    assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(ds["params"]), atol=1e-6)
+    fsdp = _run(tmp_path, "fsdp", 2, FSDP_ENV)
+    assert str(fsdp["summary"]["resumed_from"]).endswith("step-0000002")
+    assert torch.allclose(torch.tensor(fsdp["params"]), torch.tensor(ds["params"]), atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_distillmt_run_on_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m distillmt run` on CPUs (accelerate starts the processes
@@ -159,7 +208,7 @@ def test_distillmt_run_on_two_processes(tmp_path):
     the table, both processes train and share the label and translation work, and the rows match a one-process run.
     The same with the shipped FSDP config (`--config_file configs/accelerate/fsdp.yaml`): each process holds half of
     every parameter, and the saved models hold the whole weights (the same translations), GKD's on-policy sampling
-    included."""
+    included; and with the DeepSpeed ZeRO-2 one, where DeepSpeed is installed."""
     from test_pipeline import MICRO
 
     from distillmt.io import read_json
@@ -175,18 +224,21 @@ def test_distillmt_run_on_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]  # fmt: skip
-    fsdp_config = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp.yaml")
-    fsdp = [*launch[:3], f"--config_file={fsdp_config}", *launch[4:]]  # in place of --multi_gpu
-    runs = {"one": [sys.executable], "two": launch, "fsdp": fsdp}
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate")
+    runs = {"one": [sys.executable], "two": launch}
+    for name, config in (("fsdp", "fsdp.yaml"), ("deepspeed", "deepspeed-zero2.yaml")):
+        if name != "deepspeed" or importlib.util.find_spec("deepspeed"):
+            runs[name] = [*launch[:3], f"--config_file={os.path.join(configs, config)}", *launch[4:]]  # not --multi_gpu
+    engines = {"one": "", "two": "under DDP", "fsdp": "under FSDP", "deepspeed": "under DeepSpeed ZeRO-2"}
     for name, cmd in runs.items():
         cmd = [*cmd, "-m", "distillmt", *args, f"name={name}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("2 processes" in proc.stderr) == (name != "one")
-        assert ("under FSDP" in proc.stderr) == (name == "fsdp")
+        assert engines[name] in proc.stderr
         assert proc.stdout.count("run folder:") == 1  # printed by the main process alone
     one = read_json(tmp_path / "one" / "results.json")["systems"]
-    for name in ("two", "fsdp"):
+    for name in set(runs) - {"one"}:
         other = read_json(tmp_path / name / "results.json")["systems"]
         for system in one:
             hyps = [
@@ -274,7 +326,9 @@ def test_label_generation_and_translation_split_across_two_processes(tmp_path):
     assert two["cache"] == one["cache"] and one["cache"]["entries"] == 23  # the teacher cache, 6 shards of 4
 
 
-@pytest.mark.parametrize(("name", "kind"), [("multi-gpu", "MULTI_GPU"), ("fsdp", "FSDP")])
+@pytest.mark.parametrize(
+    ("name", "kind"), [("multi-gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero2", "DEEPSPEED")]
+)
 def test_shipped_accelerate_configs_parse(name, kind):
     """The launch configs are accelerate's own format (its loader accepts them) and say how to use them."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -285,24 +339,37 @@ def test_shipped_accelerate_configs_parse(name, kind):
     if kind == "FSDP":  # the version the checkpoints handle, wrapping each decoder layer
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if kind == "DEEPSPEED":  # the stage the checkpoints handle, with nothing offloaded
+        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["offload_optimizer_device"] == "none"
     first = open(path, encoding="utf-8").readline()
     assert first.startswith(f"# accelerate launch --config_file configs/accelerate/{name}.yaml -m distillmt run")
 
 
 def test_engines_the_checkpoints_cannot_handle_are_refused_before_training():
-    """DeepSpeed shards the optimizer state behind its own engine, and FSDP version 1 flattens the parameters: both
-    refused with a clear error instead of saving a partial model. FSDP2 and DDP go through."""
+    """ZeRO-3 partitions the weights themselves, DeepSpeed's offload moves the optimizer behind a compiled op, and
+    FSDP version 1 flattens the parameters: all refused with a clear error, naming the setting to change, instead of
+    saving a partial model. ZeRO-1/2, FSDP2 and DDP go through."""
     from accelerate.utils import DistributedType
 
+    from distillmt.engines import check_engine
     from distillmt.errors import DistillmtError
-    from distillmt.train import _check_engine
 
-    def accelerator(kind, fsdp2=False):
-        return type("A", (), {"distributed_type": kind, "is_fsdp2": fsdp2})()
+    def accelerator(kind, fsdp2=False, stage=2, offload="none"):
+        plugin = type("P", (), {"zero_stage": stage, "offload_optimizer_device": offload, "offload_param_device": None})
+        state = type("S", (), {"deepspeed_plugin": plugin})
+        return type("A", (), {"distributed_type": kind, "is_fsdp2": fsdp2, "state": state})()
 
-    with pytest.raises(DistillmtError, match="DeepSpeed is not supported yet"):
-        _check_engine(accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(DistillmtError, match="ZeRO stage 3 is not supported: set zero_stage: 2"):
+        check_engine(accelerator(DistributedType.DEEPSPEED, stage=3))
+    with pytest.raises(DistillmtError, match=r"DeepSpeed offload \(cpu\) is not supported"):
+        check_engine(accelerator(DistributedType.DEEPSPEED, offload="cpu"))
     with pytest.raises(DistillmtError, match="set fsdp_version: 2"):
-        _check_engine(accelerator(DistributedType.FSDP))
-    _check_engine(accelerator(DistributedType.FSDP, fsdp2=True))
-    _check_engine(accelerator(DistributedType.MULTI_GPU))
+        check_engine(accelerator(DistributedType.FSDP))
+    for ok in (
+        accelerator(DistributedType.DEEPSPEED, stage=1),
+        accelerator(DistributedType.DEEPSPEED),
+        accelerator(DistributedType.FSDP, fsdp2=True),
+        accelerator(DistributedType.MULTI_GPU),
+    ):
+        check_engine(ok)

@@ -553,14 +553,13 @@ def processes_state(device: str) -> Any:
         return None
     from accelerate import PartialState
 
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu, timeout=datetime.timedelta(hours=24))
-    if state.is_main_process:
-        from accelerate.utils import parse_flag_from_env
+    from distillmt.engines import engine_name, process_group
 
-        engine = "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DDP"
+    cpu, backend = process_group(device)
+    state = PartialState(cpu=cpu, timeout=datetime.timedelta(hours=24), **({"backend": backend} if backend else {}))
+    if state.is_main_process:
         log.info("%d processes (%s): training stages run on all of them under %s, the others on this one",
-                 state.num_processes, state.distributed_type, engine)  # fmt: skip
+                 state.num_processes, state.distributed_type, engine_name())  # fmt: skip
     return state
 
 
@@ -658,8 +657,9 @@ def train_and_save(
     **train_args: Any,
 ) -> dict[str, Any]:
     """Train (resuming from ``folder``'s checkpoints), then save the model to ``folder/model`` atomically."""
+    from distillmt.engines import full_state_dict
     from distillmt.models import count_parameters, save_trained
-    from distillmt.train import full_state_dict, train
+    from distillmt.train import train
 
     summary = train(model, examples, valid, folder, pad_token_id=tokenizer.pad_token_id, **train_args)
     state = full_state_dict(model)  # under FSDP the processes gather their shards; else None

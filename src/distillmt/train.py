@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from distillmt import engines
 from distillmt.errors import DistillmtError
 from distillmt.io import atomic_write_bytes, atomic_write_text, write_json
 from distillmt.losses import fused_kd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss
@@ -196,7 +197,7 @@ def _plain_head(model: Any) -> torch.nn.Linear | None:
     process holds whole (not an FSDP shard), else None."""
     head = getattr(model, "module", model).get_output_embeddings()
     plain = type(head) is torch.nn.Linear and head.bias is None
-    return head if plain and not _sharded(head) else None
+    return head if plain and not engines.sharded(head) else None
 
 
 def target_hidden(
@@ -241,62 +242,19 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def _sharded(model: Any) -> bool:
-    """Whether the parameters are split across the processes (FSDP2's DTensors) instead of whole on each."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _reshard(model: Any) -> None:
-    """Put FSDP2's sharded parameters back in place: a forward without backward (the validation loss) leaves the root
-    module's own parameters gathered, which the optimizer and the state-dict helpers do not know."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def _whole(p: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value on this process: an FSDP2 shard is gathered (every process must take part)."""
-    from torch.distributed.tensor import DTensor
-
-    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-
-
-def full_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
-    """The whole weights of a model trained under FSDP, gathered from the processes' shards onto the main process
-    (every process must call it; the others get an empty dict), for ``save_pretrained(state_dict=...)``; None for a
-    model whose parameters are whole on each process (it saves itself)."""
-    if not _sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    _reshard(model)
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # one name per tied parameter (the output layer tied to the embeddings), as save_pretrained writes on its own
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    return {k: v for k, v in state.items() if k not in aliases}
-
-
 def _save_checkpoint(
     ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, accelerator: Any = None
 ) -> None:
     """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed). The
     previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
-    processes the main one writes it and the others wait (under DDP they hold the same weights; under FSDP they
-    first gather their shards, and the optimizer state is keyed by parameter name)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
+    processes the main one writes it and the others wait (under DDP they hold the same state; under FSDP and
+    DeepSpeed they first gather their shards, and the optimizer state is keyed by parameter name)."""
     main = accelerator is None or accelerator.is_main_process
-    sharded = _sharded(model)
-    if sharded or main:  # under FSDP every process takes part in gathering
-        trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        opt_state = get_optimizer_state_dict(model, optimizer, options=options) if sharded else optimizer.state_dict()
+    gathered = engines.gathered(model)
+    if gathered or main:  # under FSDP and DeepSpeed every process takes part in gathering
+        trainable, opt_state = engines.trained_state(model, optimizer)
     if main:
-        _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), {**state, "sharded": sharded})
+        _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), {**state, "sharded": gathered})
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
 
@@ -339,26 +297,13 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> 
         raise DistillmtError(
             f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
         )
-    was, now = bool(state.get("sharded", False)), _sharded(model)
+    was, now = bool(state.get("sharded", False)), engines.gathered(model)
     if was != now:
-        how = {True: "under FSDP", False: "without FSDP"}
+        how = {True: "under FSDP or DeepSpeed", False: "without FSDP or DeepSpeed"}
         raise DistillmtError(
             f"checkpoint {path} was written {how[was]}; this run is {how[now]}: launch as before to resume"
         )
-    if now:  # every process holds the whole values: each keeps its shard
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
-    else:
-        with torch.no_grad():
-            for n, t in trainable.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
-        optimizer.load_state_dict(opt_state)
+    engines.load_trained_state(model, optimizer, trainable, opt_state)
     scheduler.load_state_dict(sched_state)
     return state
 
@@ -500,8 +445,8 @@ def evaluate_loss(
         total += float(_ce_sum(rows, _targets(batch["labels"])))
         count += rows.shape[0]
     model.train(was_training)
-    if _sharded(model):  # a forward without backward leaves FSDP2's root parameters gathered
-        _reshard(model)
+    if engines.sharded(model):  # a forward without backward leaves FSDP2's root parameters gathered
+        engines.reshard(model)
     return total / max(count, 1)
 
 
@@ -683,7 +628,8 @@ def _forward_backward(
     batches = [{k: v.to(dev) for k, v in pad_batch(mb, pad).items()} for mb in window]
     # Normalise by the target tokens of the whole window (over every process), so gradient accumulation and data
     # parallelism give the same update as one big batch (a mean of per-micro-batch means would overweight short
-    # batches). DDP averages the processes' gradients: each process scales its sum by their number to undo that.
+    # batches). DDP and DeepSpeed average the processes' gradients: each process scales its sum by their number to undo
+    # that.
     n_local = [_target_tokens(b["labels"]) * int(w) for b, w in zip(batches, weights, strict=True)]
     n_window = max(_sum_over_processes(accelerator, [sum(n_local)])[0] if n_proc > 1 else sum(n_local), 1)
     stats: dict[str, float] = {}
@@ -694,7 +640,7 @@ def _forward_backward(
             loss_sum, parts = loss_step(model, batch, window[i], kd, on_policy, prefix)
             if n_proc > 1:
                 loss_sum = loss_sum * weights[i] * n_proc
-            accelerator.backward(loss_sum / n_window)
+            engines.backward(accelerator, loss_sum / n_window, last=sync)
         for k, v in parts.items():
             stats[k] = stats.get(k, 0.0) + v * n_local[i] / n_window
         stats["loss"] = stats.get("loss", 0.0) + float(loss_sum.detach()) / n_window / n_proc
@@ -719,69 +665,11 @@ def _check_finite(loss: float, step: int, ckpt_dir: Path) -> None:
         )
 
 
-def _accelerator(device: str, mixed_precision: str) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision:
-        # accelerate keeps one precision per process and refuses another; the stages of one run may differ (a bf16
-        # teacher, fp32 students). Only the precision part is reset: the process group (PartialState) stays.
-        AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    _fsdp_on_cpu(accelerator)
-    return accelerator
-
-
-def _fsdp_on_cpu(accelerator: Any) -> None:
-    """accelerate takes an FSDP launch (``ACCELERATE_USE_FSDP``, set by ``accelerate launch`` from an FSDP config) only
-    on GPU-like devices and falls back to plain data parallel on CPU processes; FSDP2 runs on CPUs with gloo, so the
-    launch is honoured there too, with the plugin accelerate would have built from the same environment."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
-
-    state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        plugin = FullyShardedDataParallelPlugin()
-        if state.mixed_precision != "no":
-            plugin.set_mixed_precision(state.mixed_precision)
-        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
-
-
-def _check_engine(accelerator: Any) -> None:
-    """Refuse the accelerate engines whose sharding the checkpoints do not handle."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        raise DistillmtError(
-            "accelerate's DeepSpeed is not supported yet: launch with FSDP (configs/accelerate/fsdp.yaml) or DDP "
-            "(configs/accelerate/multi-gpu.yaml, or torchrun)"
-        )
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise DistillmtError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
-
-
-def _same_start(model: Any, accelerator: Any) -> None:
-    """Under FSDP every process keeps its own slice of its own copy of the weights, where DDP broadcasts the main
-    process's when it wraps the model: the trained parameters (an adapter initialised without a seed, say) are made
-    the main process's first. Frozen ones come from the same files."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    torch.distributed.broadcast(p.data, src=0)
-
-
 def _prefix_shareable(model: Any, examples: list[dict], share_prefix: bool, desc: str) -> bool:
     """``share_prefix``, unless FSDP shards the model: FSDP2 frees a layer's gathered weights after the layer's first
     backward in a step, and the backward of the prefix's own forward, a second one through every layer, would find
     them gone."""
-    if share_prefix and _sharded(model) and shared_prefix(examples):
+    if share_prefix and engines.sharded(model) and shared_prefix(examples):
         log.info("%s: under FSDP the prompt prefix runs in every row, not once per micro-batch", desc)
         return False
     return share_prefix
@@ -793,7 +681,9 @@ def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimi
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    # no empty group (a LoRA adapter has no norms or biases): DeepSpeed drops it, and the scheduler's groups would
+    # no longer match
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
 def train(
@@ -834,13 +724,14 @@ def train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     # --- setup
-    accelerator = _accelerator(device, mixed_precision)
-    _check_engine(accelerator)
+    accelerator = engines.make_accelerator(device, mixed_precision)
+    engines.check_engine(accelerator)
+    engines.configure_deepspeed(accelerator, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm)
     window_at = _Window(train_examples, batch_size, grad_accum, seed)
     total_steps = max_steps or max(1, math.ceil(epochs * window_at.micro_per_epoch / grad_accum))
     optimizer = _optimizer(model, lr, weight_decay)
     scheduler = _make_scheduler(optimizer, schedule, int(warmup_ratio * total_steps), total_steps)
-    _same_start(model, accelerator)
+    engines.same_start(model, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped, dev = accelerator.unwrap_model(model), accelerator.device
     share_prefix = _prefix_shareable(model, train_examples, share_prefix, desc)
