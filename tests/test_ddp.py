@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, {tests!r})
     from conftest import build_tiny_qwen
+    from distillmt.engines import full_state_dict, leave_process_group
     from distillmt.models import save_trained
-    from distillmt.engines import full_state_dict
     from distillmt.train import train
 
     out = Path(sys.argv[1])
@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent(
             flat_saved = torch.cat([p.detach().flatten() for p in saved.parameters()]).tolist()
         result = {{"params": flat, "saved": flat_saved, "summary": summary}}
         (out / "result.json").write_text(json.dumps(result, default=str))
+    leave_process_group()
     """
 )
 
@@ -89,7 +90,11 @@ def _run(tmp_path, name: str, processes: int, env: dict | None = None, check: bo
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if not check:
         return {"returncode": proc.returncode, "stderr": proc.stderr}
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Gloo's worker threads now and then abort a process at its exit (about 1 run in 10 of 3 processes on 2 cores, and
+    # still after an explicit destroy_process_group; see pytorch/pytorch#179291). The main process writes the result
+    # after the last collective, so where it exists every process has done its work.
+    teardown = "terminate called without an active exception" in proc.stderr and (out / "result.json").exists()
+    assert proc.returncode == 0 or teardown, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     result["metrics"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return result
@@ -118,42 +123,6 @@ FSDP_ENV = {
 }
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp_on_two_processes_matches_one_saves_whole_weights_and_resumes(tmp_path, lora):
-    """FSDP2 through accelerate on 2 CPU processes (each holds half of every parameter): the losses and the final
-    weights match one process with the same global batch, for a full model and for LoRA adapters on a frozen base
-    (initialised differently on each process: the main process's are taken, as DDP does);
-    the saved model holds the whole weights (the saved adapter equals one process's). A run that lost its last
-    checkpoint resumes from the one before (gathered, written once, re-sharded on load), here on 3 processes, and
-    ends at the same weights; a run launched without FSDP refuses that checkpoint instead of misreading it."""
-    import shutil
-
-    extra = {"LORA": "1"} if lora else {}
-    one, fsdp = _run(tmp_path, "one", 1, extra), _run(tmp_path, "fsdp", 2, {**FSDP_ENV, **extra})
-    assert torch.allclose(torch.tensor(fsdp["params"]), torch.tensor(one["params"]), atol=1e-5)
-    losses = [(m["step"], m["loss"]) for m in one["metrics"] if "loss" in m]
-    assert [(s, pytest.approx(v, rel=1e-5)) for s, v in losses] == [
-        (m["step"], m["loss"]) for m in fsdp["metrics"] if "loss" in m
-    ]
-    if lora:
-        assert torch.allclose(torch.tensor(fsdp["saved"]), torch.tensor(one["saved"]), atol=1e-6)
-        return
-    assert fsdp["saved"] == fsdp["params"]
-    ckpt = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "state.json").read_text())
-    assert ckpt["sharded"] is True
-
-    for name in ("resumed", "plain"):
-        shutil.copytree(tmp_path / "fsdp", tmp_path / name)
-        shutil.rmtree(tmp_path / name / "checkpoints" / "step-0000004")
-        (tmp_path / name / "result.json").unlink()
-    resumed = _run(tmp_path, "resumed", 3, FSDP_ENV)  # on another number of processes
-    assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
-    assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(fsdp["params"]), atol=1e-6)
-    plain = _run(tmp_path, "plain", 1, check=False)
-    assert plain["returncode"] != 0 and "was written under FSDP" in plain["stderr"]
-
-
 # What `accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml` puts in each process's environment.
 DEEPSPEED_ENV = {
     "ACCELERATE_USE_DEEPSPEED": "true",
@@ -164,41 +133,55 @@ DEEPSPEED_ENV = {
 }
 
 
+ENGINES = {"fsdp": FSDP_ENV, "deepspeed": DEEPSPEED_ENV}
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_deepspeed_zero2_on_two_processes_matches_one_and_resumes(tmp_path, lora):
-    """DeepSpeed ZeRO-2 through accelerate on 2 CPU processes (each holds half of the optimizer state and of the
-    gradients; its engine steps inside backward): the losses and the final weights match one process with the same
-    global batch, for a full model and for LoRA adapters initialised differently on each process. A run that lost
-    its last checkpoint resumes from the one before (the partitions gathered by name, written once, split again on
-    load) on 3 processes and ends at the same weights; the same checkpoint resumes under FSDP too."""
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_sharded_engines_on_two_processes_match_one_and_resume(tmp_path, engine, lora):
+    """FSDP2 (each process holds half of every parameter) and DeepSpeed ZeRO-2 (half of the optimizer state and of
+    the gradients; its engine steps inside backward) through accelerate on 2 CPU processes: the losses and the final
+    weights match one process with the same global batch, for a full model and for LoRA adapters on a frozen base
+    (initialised differently on each process: the main process's are taken, as DDP does); the saved model holds the
+    whole weights (the saved adapter equals one process's). A run that lost its last checkpoint resumes from the one
+    before (gathered by parameter name, written once, split again on load) on 3 processes and ends at the same
+    weights, and so does one under the other engine; a run launched without either refuses that checkpoint instead of
+    misreading it."""
     import shutil
 
-    pytest.importorskip("deepspeed")
+    has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    if engine == "deepspeed" and not has_deepspeed:
+        pytest.skip("DeepSpeed is not installed")
     extra = {"LORA": "1"} if lora else {}
-    one, ds = _run(tmp_path, "one", 1, extra), _run(tmp_path, "ds", 2, {**DEEPSPEED_ENV, **extra})
-    assert torch.allclose(torch.tensor(ds["params"]), torch.tensor(one["params"]), atol=1e-5)
+    one, run = _run(tmp_path, "one", 1, extra), _run(tmp_path, engine, 2, {**ENGINES[engine], **extra})
+    assert torch.allclose(torch.tensor(run["params"]), torch.tensor(one["params"]), atol=1e-5)
     losses = [(m["step"], m["loss"]) for m in one["metrics"] if "loss" in m]
     assert [(s, pytest.approx(v, rel=1e-5)) for s, v in losses] == [
-        (m["step"], m["loss"]) for m in ds["metrics"] if "loss" in m
+        (m["step"], m["loss"]) for m in run["metrics"] if "loss" in m
     ]
     if lora:
-        assert torch.allclose(torch.tensor(ds["saved"]), torch.tensor(one["saved"]), atol=1e-6)
+        assert torch.allclose(torch.tensor(run["saved"]), torch.tensor(one["saved"]), atol=1e-6)
         return
-    assert ds["saved"] == ds["params"]
-    ckpt = json.loads((tmp_path / "ds" / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert run["saved"] == run["params"]
+    ckpt = json.loads((tmp_path / engine / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert ckpt["sharded"] is True
 
-    for name in ("resumed", "fsdp"):
-        shutil.copytree(tmp_path / "ds", tmp_path / name)
+    def resume(name: str, processes: int, env: dict | None, check: bool = True) -> dict:
+        shutil.copytree(tmp_path / engine, tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "step-0000004")
         (tmp_path / name / "result.json").unlink()
-    resumed = _run(tmp_path, "resumed", 3, DEEPSPEED_ENV)  # on another number of processes
-    assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
-    assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(ds["params"]), atol=1e-6)
-    fsdp = _run(tmp_path, "fsdp", 2, FSDP_ENV)
-    assert str(fsdp["summary"]["resumed_from"]).endswith("step-0000002")
-    assert torch.allclose(torch.tensor(fsdp["params"]), torch.tensor(ds["params"]), atol=1e-6)
+        return _run(tmp_path, name, processes, env, check)
+
+    other = {"fsdp": "deepspeed", "deepspeed": "fsdp"}[engine]
+    for name, processes in (("resumed", 3), (other, 2)):  # on another number of processes; under the other engine
+        if name == "deepspeed" and not has_deepspeed:
+            continue
+        resumed = resume(name, processes, ENGINES[engine if name == "resumed" else other])
+        assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
+        assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(run["params"]), atol=1e-6)
+    plain = resume("plain", 1, None, check=False)
+    assert plain["returncode"] != 0 and "was written under FSDP or DeepSpeed" in plain["stderr"]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -266,6 +249,7 @@ GENERATION_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import build_tiny_qwen
     from distillmt.data import Pair
+    from distillmt.engines import leave_process_group
     from distillmt.logit_cache import build_teacher_cache
     from distillmt.models import train_bpe_tokenizer
     from distillmt.pipeline import processes_state, translate_split
@@ -296,6 +280,7 @@ GENERATION_SCRIPT = textwrap.dedent(
         cached = {{"logprobs": lp.tolist(), "indices": idx.tolist(), "entries": len(cache)}}
         (out / "result.json").write_text(json.dumps({{"labels": labels, "result": result, "test": test,
                                                      "cache": cached}}))
+    leave_process_group()
     """
 )
 

@@ -707,7 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     # `kill` gets the same clean stop as Ctrl-C: the training loop saves a checkpoint on its way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        from distillmt.engines import leave_process_group
+
+        leave_process_group()
+        return code
     except KeyboardInterrupt:
         print("\ndistillmt: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130

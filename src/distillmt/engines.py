@@ -54,7 +54,8 @@ def engine_name() -> str:
 
 def make_accelerator(device: str, mixed_precision: str) -> Any:
     """The ``Accelerator`` of one training stage: on the CPU where ``device`` says so or no GPU answers, bf16 by
-    default where the GPU has it; FSDP and DeepSpeed launches are honoured on CPU processes too."""
+    default where the GPU has it; FSDP and DeepSpeed launches are honoured on CPU processes too, and engine settings the
+    checkpoints cannot handle are refused (:func:`check_engine`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
@@ -70,7 +71,17 @@ def make_accelerator(device: str, mixed_precision: str) -> Any:
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=handlers)
     _fsdp_on_cpu(accelerator)
+    check_engine(accelerator)
     return accelerator
+
+
+def leave_process_group() -> None:
+    """End a multi-process run cleanly: wait for every process, then close the process group. Left to the
+    interpreter's exit, gloo's threads were torn down while a peer still wrote its files, and one process in a few
+    aborted ("terminate called without an active exception"), failing the launch after the work was done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _fsdp_on_cpu(accelerator: Any) -> None:

@@ -725,7 +725,6 @@ def train(
 
     # --- setup
     accelerator = engines.make_accelerator(device, mixed_precision)
-    engines.check_engine(accelerator)
     engines.configure_deepspeed(accelerator, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm)
     window_at = _Window(train_examples, batch_size, grad_accum, seed)
     total_steps = max_steps or max(1, math.ceil(epochs * window_at.micro_per_epoch / grad_accum))
