@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent(
     summary = train(
         model, examples, examples[:3], out, pad_token_id=0, max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
         warmup_ratio=0.0, schedule="constant", save_every=2, log_every=1, progress=False, device="cpu",
+        mixed_precision=os.environ.get("MIXED_PRECISION", "auto"),
     )
     state = full_state_dict(model)  # under FSDP every process takes part in gathering the shards
     if int(os.environ.get("RANK", "0")) == 0:
@@ -182,6 +183,29 @@ def test_sharded_engines_on_two_processes_match_one_and_resume(tmp_path, engine,
         assert torch.allclose(torch.tensor(resumed["params"]), torch.tensor(run["params"]), atol=1e-6)
     plain = resume("plain", 1, None, check=False)
     assert plain["returncode"] != 0 and "was written under FSDP or DeepSpeed" in plain["stderr"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_deepspeed_bf16_checkpoints_hold_the_fp32_masters_and_resume_exactly(tmp_path):
+    """Under DeepSpeed with bf16 the model computes with bf16 weights and the optimizer keeps fp32 masters: the
+    checkpoint holds the masters (a bf16 copy would lose the small updates), and a run that lost its last checkpoint
+    ends at exactly the weights and losses of the uninterrupted one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("deepspeed")
+    env = {**DEEPSPEED_ENV, "MIXED_PRECISION": "bf16"}
+    run = _run(tmp_path, "bf16", 2, env)
+    trainable = load_file(str(tmp_path / "bf16" / "checkpoints" / "step-0000004" / "trainable.safetensors"))
+    assert {t.dtype for t in trainable.values()} == {torch.float32}
+    shutil.copytree(tmp_path / "bf16", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000004")
+    (tmp_path / "resumed" / "result.json").unlink()
+    resumed = _run(tmp_path, "resumed", 2, env)
+    assert str(resumed["summary"]["resumed_from"]).endswith("step-0000002")
+    assert resumed["params"] == run["params"]
+    assert [m.get("loss") for m in resumed["metrics"]] == [m.get("loss") for m in run["metrics"]]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
