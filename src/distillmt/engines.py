@@ -47,8 +47,9 @@ def engine_name() -> str:
 
     from accelerate.utils import parse_flag_from_env
 
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return f"DeepSpeed ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # the stage, unless a DeepSpeed config file holds it
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        return f"DeepSpeed ZeRO-{stage}" if stage else "DeepSpeed"
     return "FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else "DDP"
 
 
