@@ -249,11 +249,16 @@ def load_trained_state(model: Any, optimizer: Any, trainable: dict[str, torch.Te
         set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
     else:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in trainable.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        _copy_weights(model, trainable)
         optimizer.load_state_dict(opt_state)
+
+
+@torch.no_grad()
+def _copy_weights(model: Any, trainable: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's values into the model's parameters, in their device and dtype."""
+    params = dict(model.named_parameters())
+    for n, t in trainable.items():
+        params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
 def _zero_parts(optimizer: Any) -> tuple[Any, Any]:
@@ -296,25 +301,24 @@ def _load_zero_state(model: Any, optimizer: Any, trainable: dict[str, torch.Tens
 
     zero, base = _zero_parts(optimizer)
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in trainable.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))  # the copy the forward uses
-            safe_set_full_fp32_param(params[n], t.to(params[n].device))  # this process's part of the master
+    _copy_weights(model, trainable)  # the copy the forward uses
+    for n, t in trainable.items():
+        safe_set_full_fp32_param(params[n], t.to(params[n].device))  # this process's part of the master
     for group, saved in zip(base.param_groups, opt_state["param_groups"], strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})  # the learning rate where it stopped
-        if not opt_state["state"]:
-            continue
-        # The torch optimizer creates its state at its first step; create it now, of the partitions' shape, and let
-        # DeepSpeed link each parameter's fragment to it before filling that in.
+    if not opt_state["state"]:  # written before the first step
+        return
+    # The torch optimizer creates its state at its first step; create it now, of the partitions' shape, and let
+    # DeepSpeed link each parameter's fragment to it before filling that in.
+    for group, saved in zip(base.param_groups, opt_state["param_groups"], strict=True):
         first = opt_state["state"][saved["params"][0]]
         for part in group["params"]:
             base.state[part] = {k: v.clone() if v.dim() == 0 else torch.zeros_like(part) for k, v in first.items()}
-    if opt_state["state"]:
-        _link_zero_state(zero)
-        for n, values in opt_state["state"].items():
-            for k, v in values.items():
-                if v.dim() > 0:
-                    safe_set_full_optimizer_state(params[n], v.to(params[n].device), k)
+    _link_zero_state(zero)
+    for n, values in opt_state["state"].items():
+        for k, v in values.items():
+            if v.dim() > 0:
+                safe_set_full_optimizer_state(params[n], v.to(params[n].device), k)
 
 
 def _link_zero_state(zero: Any) -> None:
