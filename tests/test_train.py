@@ -442,3 +442,34 @@ def test_training_with_the_shared_prefix_run_once_equals_the_whole_forward(tmp_p
         runs[share] = (params(model), summary["valid_ce"])
     assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
+
+
+def test_training_on_a_cpu_runs_eager_attention_then_restores_sdpa(tmp_path, monkeypatch):
+    """On a CPU the training forwards run eager attention (faster there than SDPA's backward); the model keeps SDPA
+    afterwards, and the weights equal an SDPA run's up to rounding."""
+    ex, valid = examples(8), examples(3, seed=1)
+    model, seen = tiny_model(), []
+    assert model.config._attn_implementation == "sdpa"
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
+    train(model, ex, valid, tmp_path / "eager", max_steps=3, batch_size=4, **COMMON)
+    assert seen[:3] == ["eager"] * 3 and seen[-1] == "sdpa"  # 3 training steps, then the validation loss
+    assert model.config._attn_implementation == "sdpa"
+
+    class KeepSDPA:
+        def __init__(self, model, device):
+            pass
+
+        def restore(self):
+            pass
+
+    monkeypatch.setattr(train_mod, "_TrainingAttention", KeepSDPA)
+    sdpa = tiny_model()
+    train(sdpa, ex, valid, tmp_path / "sdpa", max_steps=3, batch_size=4, **COMMON)
+    assert torch.allclose(params(model), params(sdpa), atol=1e-5)
+    assert not torch.equal(params(model), params(tiny_model()))  # trained
+
+
+def test_the_optimizer_is_fused_adamw_without_empty_groups():
+    opt = train_mod._optimizer(tiny_model(), lr=1e-3, weight_decay=0.01)
+    assert opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
