@@ -353,3 +353,26 @@ def test_bench_flops_counts_a_lora_step_against_the_matmul_peak(run_dir):
     assert peak and step, text
     assert int(peak.group(1)) in (128, 256) and float(step.group(2)) > 0  # FLOPs were counted
     assert "bfloat16" not in text.split("\n\n")[1]  # float32 only: the peak is measured in the step's own dtype
+    variants = re.findall(
+        r"^\| (SDPA in fp32|sdpa|eager)[^|]* \| (fused|loop[^|]*) \| ([\d.e+-]+) \| ([\d.]+)× \|$", text, re.M
+    )
+    assert [(a, f[:4]) for a, f, _, _ in variants] == [
+        ("SDPA in fp32", "fuse"),
+        ("sdpa", "fuse"),
+        ("eager", "fuse"),
+        ("sdpa", "loop"),
+    ]
+    assert all(float(t) > 0 for _, _, t, _ in variants) and variants[-1][3] == "1.00"
+
+
+def test_bench_flops_times_a_full_step_under_bf16_autocast(run_dir):
+    """lora_r=0 trains every weight (the default teacher's setting), mixed_precision="bf16" runs it under autocast:
+    the peak is then measured in bf16, the weights stay fp32."""
+    from distillmt.bench import bench_flops
+
+    model = str(run_dir / "train_teacher" / "model")
+    text = bench_flops(model=model, batch=2, steps=1, threads=1, dtype="float32", lora_r=0, mixed_precision="bf16",
+                       peak_sizes=(128,))  # fmt: skip
+    assert "all weights trained, float32 weights under bf16 autocast" in text
+    assert "| matmul peak, bfloat16 (128×128 @ 128×128)" in text and "of bfloat16 |" in text
+    assert "| training step (2 examples" in text

@@ -444,15 +444,15 @@ def test_training_with_the_shared_prefix_run_once_equals_the_whole_forward(tmp_p
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
 
 
-def test_training_on_a_cpu_runs_eager_attention_then_restores_sdpa(tmp_path, monkeypatch):
-    """On a CPU the training forwards run eager attention (faster there than SDPA's backward); the model keeps SDPA
-    afterwards, and the weights equal an SDPA run's up to rounding."""
+def test_training_on_a_cpu_runs_sdpa_in_fp32_then_restores_sdpa(tmp_path, monkeypatch):
+    """On a CPU the training forwards run SDPA in fp32 (train.sdpa_in_fp32); the model keeps SDPA afterwards, and an
+    fp32 model's weights equal a plain SDPA run's."""
     ex, valid = examples(8), examples(3, seed=1)
     model, seen = tiny_model(), []
     assert model.config._attn_implementation == "sdpa"
     model.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
-    train(model, ex, valid, tmp_path / "eager", max_steps=3, batch_size=4, **COMMON)
-    assert seen[:3] == ["eager"] * 3 and seen[-1] == "sdpa"  # 3 training steps, then the validation loss
+    train(model, ex, valid, tmp_path / "fp32", max_steps=3, batch_size=4, **COMMON)
+    assert seen[:3] == [train_mod.FP32_SDPA] * 3 and seen[-1] == "sdpa"  # 3 training steps, then validation
     assert model.config._attn_implementation == "sdpa"
 
     class KeepSDPA:
@@ -465,8 +465,28 @@ def test_training_on_a_cpu_runs_eager_attention_then_restores_sdpa(tmp_path, mon
     monkeypatch.setattr(train_mod, "_TrainingAttention", KeepSDPA)
     sdpa = tiny_model()
     train(sdpa, ex, valid, tmp_path / "sdpa", max_steps=3, batch_size=4, **COMMON)
-    assert torch.allclose(params(model), params(sdpa), atol=1e-5)
+    assert torch.allclose(params(model), params(sdpa), atol=1e-6)
     assert not torch.equal(params(model), params(tiny_model()))  # trained
+
+
+def test_sdpa_in_fp32_masks_padding_and_is_closer_to_fp32_under_bf16_autocast():
+    """The padding mask reaches the fp32 attention (a registered attention without its mask type gets none), and under
+    bf16 autocast its logits are at least as close to the fp32 model's as bf16 SDPA's."""
+    model = tiny_model(hidden=32)
+    batch = _batch(examples(4))
+    assert int(batch["attention_mask"].eq(0).sum()) > 0  # padded rows
+
+    def logits(attention, autocast):
+        model.set_attn_implementation(attention)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    train_mod._TrainingAttention(model, torch.device("cpu")).restore()  # registers the attention, then back to SDPA
+    exact = logits("sdpa", False)
+    assert torch.allclose(logits(train_mod.FP32_SDPA, False), exact, atol=1e-6)
+    err_fp32 = (logits(train_mod.FP32_SDPA, True) - exact).norm()
+    err_bf16 = (logits("sdpa", True) - exact).norm()
+    assert err_fp32 <= err_bf16 * 1.05, (err_fp32, err_bf16)
 
 
 def test_the_optimizer_is_fused_adamw_without_empty_groups():

@@ -472,12 +472,16 @@ def _matmul_peak(dtype: Any, sizes: tuple[int, ...] = (1024, 2048, 4096), repeat
 
 def bench_flops(
     *, model: str = "store:qwen2.5-coder-0.5b-instruct", batch: int = 8, steps: int = 3, threads: int = 0,
-    dtype: str = "bfloat16", lora_r: int = 16, peak_sizes: tuple[int, ...] = (1024, 2048, 4096),
+    dtype: str = "bfloat16", lora_r: int = 16, mixed_precision: str = "no",
+    peak_sizes: tuple[int, ...] = (1024, 2048, 4096),
 ) -> str:  # fmt: skip
-    """Achieved FLOP/s of a LoRA training step (forward, backward, AdamW) of ``model`` against this machine's
-    measured matmul peak. The step is distillmt's (``train.loss_step``: CE, output layer at the target rows) on one
-    batch of real Tatoeba examples, repeated; its FLOPs are counted by ``torch.utils.flop_counter`` during an untimed
-    warm-up step, and the timed steps run without the counter. Returns the markdown report."""
+    """Achieved FLOP/s of a training step (forward, backward, AdamW) of ``model`` against this machine's measured
+    matmul peak, and the step's time with each attention and AdamW implementation. The step is distillmt's
+    (``train.loss_step``: CE, output layer at the target rows) on one batch of real Tatoeba examples, repeated, with
+    LoRA (rank ``lora_r``) or, at ``lora_r=0``, every weight trained; ``mixed_precision="bf16"``: under bf16 autocast
+    (the default teacher's setting: fp32 weights). FLOPs are counted by ``torch.utils.flop_counter`` during an
+    untimed warm-up step; the timed steps run without the counter, the variants taking turns. Returns the markdown
+    report."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -486,41 +490,52 @@ def bench_flops(
     from distillmt.models import apply_lora, count_parameters, load_model, load_tokenizer
     from distillmt.pipeline import available_cores
     from distillmt.prompts import encode_example, pad_batch
-    from distillmt.train import _optimizer, _target_tokens, loss_step
+    from distillmt.train import FP32_SDPA, _optimizer, _target_tokens, _TrainingAttention, loss_step
 
     threads = threads or available_cores()
     torch.set_num_threads(threads)
-    torch_dtype = getattr(torch, dtype)
-    peaks = {name: _matmul_peak(getattr(torch, name), peak_sizes) for name in dict.fromkeys([dtype, "float32"])}
+    step_dtype = "bfloat16" if mixed_precision == "bf16" else dtype
+    peaks = {name: _matmul_peak(getattr(torch, name), peak_sizes) for name in dict.fromkeys([step_dtype, "float32"])}
     tok = load_tokenizer(model)
     pairs = split_pairs(load_pairs("tatoeba")[0], train_size=batch, valid_size=0, test_size=0, seed=0)["train"]
     examples = [encode_example(tok, p.src, p.tgt, max_source_tokens=160, max_target_tokens=64) for p in pairs]
     inputs = pad_batch(examples, tok.pad_token_id)
-    net = load_model(model, dtype=torch_dtype, device=torch.device("cpu"))
+    net = load_model(model, dtype=getattr(torch, dtype), device=torch.device("cpu"))
     modules = list(QWEN_LORA_TARGETS)  # the configs' default LoRA targets
-    net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=modules).train()
-    optimizer = _optimizer(net, lr=2e-4, weight_decay=0.01)
+    if lora_r:
+        net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=modules)
+    net.train()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    _TrainingAttention(net, torch.device("cpu")).restore()  # registers FP32_SDPA; (attention, fused AdamW) below
+    variants = [(FP32_SDPA, True), ("sdpa", True), ("eager", True), ("sdpa", False)]
+    optimizers = {True: _optimizer(net, lr=2e-4, weight_decay=0.01), False: torch.optim.AdamW(trainable, foreach=False)}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
-    def step() -> None:
-        loss_sum, _ = loss_step(net, inputs, examples, None)
+    def step(attention: str, fused: bool) -> None:
+        net.set_attn_implementation(attention)
+        with autocast:
+            loss_sum, _ = loss_step(net, inputs, examples, None)
         (loss_sum / _target_tokens(inputs["labels"])).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizers[fused].step()
+        optimizers[fused].zero_grad(set_to_none=True)
 
     with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    times = []
+        step(*variants[0])
+    flops, times = counter.get_total_flops(), {v: [] for v in variants}
+    for v in variants:  # each variant's own warm-up (its optimizer state, its kernels)
+        step(*v)
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    achieved = flops / seconds
-    n_params = count_parameters(net)
-    tokens = int(inputs["attention_mask"].sum())
+        for v in variants:
+            start = time.perf_counter()
+            step(*v)
+            times[v].append(time.perf_counter() - start)
+    seconds = {v: statistics.median(t) for v, t in times.items()}
+    achieved, n_params = flops / seconds[variants[0]], count_parameters(net)
+    what = f"LoRA r={lora_r} on {len(modules)} projections" if lora_r else "all weights trained"
+    precision = f"{dtype} weights under bf16 autocast" if mixed_precision == "bf16" else dtype
+    kind = "LoRA training step" if lora_r else "training step"
     lines = [
-        f"# Achieved FLOP/s of a LoRA training step: {model}, LoRA r={lora_r} on {len(modules)} projections, {dtype}",
+        f"# Achieved FLOP/s of a training step: {model}, {what}, {precision}",
         "",
         "| what | GFLOP | seconds | GFLOP/s | fraction of the matmul peak |",
         "|---|---|---|---|---|",
@@ -529,16 +544,26 @@ def bench_flops(
         lines.append(f"| matmul peak, {name} ({n}×{n} @ {n}×{n}) | {2 * n**3 / 1e9:.3g} | {2 * n**3 / peak:.3g} | "
                      f"{peak / 1e9:.3g} | 1.00 |")  # fmt: skip
     lines.append(
-        f"| LoRA training step ({batch} examples, {tokens} tokens, {inputs['input_ids'].shape[1]} wide) | "
-        f"{flops / 1e9:.3g} | {seconds:.3g} | {achieved / 1e9:.3g} | {achieved / peaks[dtype][0]:.2f} of {dtype} |"
+        f"| {kind} ({batch} examples, {int(inputs['attention_mask'].sum())} tokens, {inputs['input_ids'].shape[1]} "
+        f"wide) | "
+        f"{flops / 1e9:.3g} | {seconds[variants[0]]:.3g} | {achieved / 1e9:.3g} | "
+        f"{achieved / peaks[step_dtype][0]:.2f} of {step_dtype} |"
     )
+    base = seconds[variants[-1]]
+    lines += ["", "| attention | AdamW | seconds per step | vs SDPA with AdamW's loop |", "|---|---|---|---|"]
+    for attention, fused in variants:
+        label = "fused" if fused else "loop over parameters (CPU default)"
+        name = "SDPA in fp32 (what `train` runs on a CPU)" if attention == FP32_SDPA else attention
+        lines.append(f"| {name} | {label} | {seconds[(attention, fused)]:.3g} | "
+                     f"{seconds[(attention, fused)] / base:.2f}× |")  # fmt: skip
     lines += [
         "",
         f"The step: forward, backward and AdamW of distillmt's training step (`train.loss_step`: CE, output layer at "
-        f"the target rows only) on one batch of {batch} Tatoeba examples in the chat prompt (padded to the longest), "
-        f"repeated; {n_params['trainable']:,} of {n_params['total']:,} parameters trainable. GFLOP: counted by "
-        f"`torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward) in an untimed "
-        f"warm-up step; seconds: the median of {steps} timed steps. The peak is the best of the "
+        f"the target rows only) on one batch of {batch} Tatoeba examples in the model's prompt (padded to the "
+        f"longest), repeated; {n_params['trainable']:,} of {n_params['total']:,} parameters trainable. GFLOP: "
+        f"counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward) in an "
+        f"untimed warm-up step; seconds: the median of {steps} timed steps of each variant, the four taking turns. "
+        f"The first table's step is the first variant. The peak is the best of the "
         f"{', '.join(map(str, peak_sizes))}-wide square matmuls, median of 3 calls each.",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}.",

@@ -174,7 +174,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         model = args.model or "store:qwen2.5-coder-0.5b-instruct"
         load_tokenizer(model)  # a missing model is said here, at once
-        text = bench_flops(model=model, batch=args.batch, steps=args.steps, threads=args.threads)
+        text = bench_flops(
+            model=model, batch=args.batch, steps=args.steps, threads=args.threads, dtype=args.dtype,
+            lora_r=args.lora_r, mixed_precision=args.mixed_precision,
+        )  # fmt: skip
     else:
         text = bench_loss(
             vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype, chunk_sizes=args.chunk_sizes,
@@ -545,8 +548,9 @@ def _add_bench_parser(sub: Any) -> None:
         "fused_linear_kd_loss, each in its own process: seconds per call and peak extra memory, as ratios to the "
         "naive one. train: KD training throughput of TRL's GKD trainer and distillmt's loop (live teacher, fused, "
         "cached teacher) on the same models and token ids. generate: sentences/s one at a time, batched, with a "
-        "token budget and with CTranslate2. flops: achieved FLOP/s of a LoRA training step of a real model "
-        "(default the 0.5B student) against the machine's measured matmul peak.",
+        "token budget and with CTranslate2. flops: achieved FLOP/s of a training step of a real model (default "
+        "the 0.5B student with LoRA) against the machine's measured matmul peak, and its time with eager and SDPA "
+        "attention, fused and looped AdamW.",
     )
     b.add_argument("what", choices=["loss", "train", "generate", "flops"], help="what to measure")
     b.add_argument(
@@ -576,8 +580,12 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument("--seq", type=_int_at_least(2), default=256)
     b.add_argument(
         "--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="loss: the logits' dtype; "
-        "train with --student/--teacher: the models' dtype"
+        "train with --student/--teacher and flops: the models' dtype"
     )  # fmt: skip
+    b.add_argument("--lora-r", type=_int_at_least(0), default=16, help="flops: LoRA rank (0 = train every weight)")
+    b.add_argument(
+        "--mixed-precision", default="no", choices=["no", "bf16"], help="flops: bf16 autocast over the --dtype weights"
+    )
     b.add_argument("--chunk-sizes", type=_int_at_least(1), nargs="+", default=[1024, 256])
     b.add_argument("--repeats", type=_int_at_least(1), default=3)
     b.add_argument("--threads", type=_int_at_least(0), default=0, help="torch threads (0 = the cores available)")
