@@ -692,8 +692,8 @@ FP32_SDPA = "distillmt_sdpa_fp32"
 
 
 def sdpa_in_fp32(
-    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs
-):
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
+) -> tuple[torch.Tensor, Any]:
     """transformers' SDPA attention with its inputs cast to fp32 and autocast off; the output in the values' dtype.
     Registered with transformers as :data:`FP32_SDPA` (with SDPA's mask) by :class:`_TrainingAttention`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -710,11 +710,11 @@ class _TrainingAttention:
     """On a CPU, a transformers model's SDPA attention runs in fp32 while it trains (:func:`sdpa_in_fp32`); its own
     implementation again afterwards.
 
-    SDPA's CPU backward in bf16 is slow at these sizes; in fp32 the same kernel is fast, and closer to the exact
-    gradient. Measured side by side on the default teacher under bf16 autocast: forward + backward 0.77x the time of
-    bf16 SDPA, gradients 0.0078 from fp32's (relative norm) against 0.0099. Eager attention is as fast but computes
-    its scores in bf16 (0.0136), and trained the teacher to a higher validation loss in 2 of 3 seeds. An fp32 model
-    gets plain SDPA. Generation keeps SDPA; GPUs keep their own fast kernels."""
+    Under bf16 (autocast or bf16 weights) SDPA's CPU backward is slow at these sizes, and in fp32 the same kernel is
+    fast: the default teacher's step took 0.75x the time (fused AdamW included; docs/benchmarks/
+    train-step-teacher-cpu.md), with gradients closer to fp32's than bf16 SDPA's. Eager attention is faster still
+    (0.66x) but computes its scores in bf16, further from the exact gradient than either. An fp32 model gets plain
+    SDPA. Generation keeps SDPA, as fast there; GPUs keep their own kernels."""
 
     def __init__(self, model: Any, device: torch.device):
         self.model, self.before = model, getattr(getattr(model, "config", None), "_attn_implementation", None)
