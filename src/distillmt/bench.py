@@ -545,8 +545,7 @@ def bench_flops(
                      f"{peak / 1e9:.3g} | 1.00 |")  # fmt: skip
     lines.append(
         f"| {kind} ({batch} examples, {int(inputs['attention_mask'].sum())} tokens, {inputs['input_ids'].shape[1]} "
-        f"wide) | "
-        f"{flops / 1e9:.3g} | {seconds[variants[0]]:.3g} | {achieved / 1e9:.3g} | "
+        f"wide) | {flops / 1e9:.3g} | {seconds[variants[0]]:.3g} | {achieved / 1e9:.3g} | "
         f"{achieved / peaks[step_dtype][0]:.2f} of {step_dtype} |"
     )
     base = seconds[variants[-1]]
