@@ -481,7 +481,7 @@ def test_sdpa_in_fp32_masks_padding_and_is_closer_to_fp32_under_bf16_autocast():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
-    train_mod._TrainingAttention(model, torch.device("cpu")).restore()  # registers the attention, then back to SDPA
+    train_mod.register_fp32_sdpa()
     exact = logits("sdpa", False)
     assert torch.allclose(logits(train_mod.FP32_SDPA, False), exact, atol=1e-6)
     err_fp32 = (logits(train_mod.FP32_SDPA, True) - exact).norm()

@@ -490,7 +490,7 @@ def bench_flops(
     from distillmt.models import apply_lora, count_parameters, load_model, load_tokenizer
     from distillmt.pipeline import available_cores
     from distillmt.prompts import encode_example, pad_batch
-    from distillmt.train import FP32_SDPA, _optimizer, _target_tokens, _TrainingAttention, loss_step
+    from distillmt.train import FP32_SDPA, _optimizer, _target_tokens, loss_step, register_fp32_sdpa
 
     threads = threads or available_cores()
     torch.set_num_threads(threads)
@@ -506,7 +506,7 @@ def bench_flops(
         net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=modules)
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
-    _TrainingAttention(net, torch.device("cpu")).restore()  # registers FP32_SDPA; (attention, fused AdamW) below
+    register_fp32_sdpa()  # variants: (attention, fused AdamW)
     variants = [(FP32_SDPA, True), ("sdpa", True), ("eager", True), ("sdpa", False)]
     optimizers = {True: _optimizer(net, lr=2e-4, weight_decay=0.01), False: torch.optim.AdamW(trainable, foreach=False)}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")

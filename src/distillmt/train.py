@@ -695,7 +695,7 @@ def sdpa_in_fp32(
     module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
 ) -> tuple[torch.Tensor, Any]:
     """transformers' SDPA attention with its inputs cast to fp32 and autocast off; the output in the values' dtype.
-    Registered with transformers as :data:`FP32_SDPA` (with SDPA's mask) by :class:`_TrainingAttention`."""
+    Registered with transformers as :data:`FP32_SDPA` by :func:`register_fp32_sdpa`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     mask = attention_mask
@@ -704,6 +704,16 @@ def sdpa_in_fp32(
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
     return out.to(value.dtype), weights
+
+
+def register_fp32_sdpa() -> None:
+    """Make :data:`FP32_SDPA` an attention implementation transformers models can switch to, with SDPA's mask (a
+    registered attention without its mask type gets no padding mask)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(FP32_SDPA, sdpa_in_fp32)
+    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
 
 
 class _TrainingAttention:
@@ -721,11 +731,7 @@ class _TrainingAttention:
         if device.type != "cpu" or self.before != "sdpa" or not hasattr(model, "set_attn_implementation"):
             self.before = None  # not a transformers model, or nothing to switch
             return
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-
-        AttentionInterface.register(FP32_SDPA, sdpa_in_fp32)
-        AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+        register_fp32_sdpa()
         model.set_attn_implementation(FP32_SDPA)
 
     def restore(self) -> None:
