@@ -89,6 +89,16 @@ def test_override_on_top_of_a_yaml_file(tmp_path):
     assert cfg.train_student.batch_size == 16
 
 
+def test_the_word_no_is_a_choice_not_a_yaml_boolean(tmp_path):
+    # YAML 1.1 reads `no` as false; the documented choice `mixed_precision: no` must still mean "no"
+    cfg = load_config(None, ["train_teacher.mixed_precision=no"])
+    assert cfg.train_teacher.mixed_precision == "no"
+    cfg = load_config(_write(tmp_path / "c.yaml", "train_student:\n  mixed_precision: no\n"), [])
+    assert cfg.train_student.mixed_precision == "no"
+    with pytest.raises(DistillmtError, match="mixed_precision.*auto, no, bf16, fp16"):
+        load_config(None, ["train_teacher.mixed_precision=yes"])
+
+
 def test_override_without_equals_sign_is_an_error():
     with pytest.raises(DistillmtError, match=r"not key=value"):
         load_config(None, ["train_student.lr"])

@@ -370,8 +370,16 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 value = _merge(dataclasses.asdict(fields[name].default_factory()), value)
             kwargs[name] = from_dict(tp, value, prefix=f"{key}.")
         else:
-            kwargs[name] = _coerce(value, hints[name], key)
+            kwargs[name] = _coerce(_yaml_word(value, fields[name].metadata.get("choices")), hints[name], key)
     return cls(**kwargs)
+
+
+def _yaml_word(value: Any, choices: list[str] | None) -> Any:
+    """The choice a YAML boolean was written as: YAML 1.1 reads ``no`` (``mixed_precision=no``) as false."""
+    if not isinstance(value, bool) or not choices:
+        return value
+    words = ("yes", "on", "true") if value else ("no", "off", "false")
+    return next((c for c in choices if c.lower() in words), value)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
