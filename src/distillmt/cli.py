@@ -549,8 +549,8 @@ def _add_bench_parser(sub: Any) -> None:
         "naive one. train: KD training throughput of TRL's GKD trainer and distillmt's loop (live teacher, fused, "
         "cached teacher) on the same models and token ids. generate: sentences/s one at a time, batched, with a "
         "token budget and with CTranslate2. flops: achieved FLOP/s of a training step of a real model (default "
-        "the 0.5B student with LoRA) against the machine's measured matmul peak, and its time with eager and SDPA "
-        "attention, fused and looped AdamW.",
+        "the 0.5B student with LoRA) against the machine's measured matmul peak, and its time with SDPA in fp32, "
+        "SDPA and eager attention, fused and looped AdamW.",
     )
     b.add_argument("what", choices=["loss", "train", "generate", "flops"], help="what to measure")
     b.add_argument(
