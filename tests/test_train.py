@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import build_tiny_qwen
 
+import distillmt.forward as forward_mod
 import distillmt.train as train_mod
-from distillmt.train import KDSettings, loss_step, make_batches, train
+from distillmt.sections import GKDConfig, SoftKDConfig, TrainConfig
+from distillmt.train import Objective, loss_step, make_batches, train
 
 VOCAB = 40
 
@@ -30,16 +32,14 @@ def params(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-COMMON = dict(
-    pad_token_id=0,
-    lr=1e-2,
-    warmup_ratio=0.0,
-    schedule="constant",
-    save_every=0,
-    progress=False,
-    device="cpu",
-    weight_decay=0.0,
-)
+BUDGET = dict(lr=1e-2, warmup_ratio=0.0, schedule="constant", save_every=0, weight_decay=0.0)
+
+
+def fit(model, ex, valid, out, objective=None, share_prefix=True, **budget):
+    """``train`` with this file's budget (``budget`` overrides its TrainConfig keys) on the CPU."""
+    cfg = TrainConfig(**{**BUDGET, **budget})
+    return train(model, ex, valid, out, cfg, objective, pad_token_id=0, progress=False, device="cpu",
+                 share_prefix=share_prefix)  # fmt: skip
 
 
 def test_make_batches_deterministic_and_complete():
@@ -54,15 +54,15 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     # Sequences of different lengths: a mean of per-micro-batch means would differ from the token-weighted mean.
     ex = examples(8)
     big, acc = tiny_model(), tiny_model()
-    train(big, ex, [], tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1, max_grad_norm=0, **COMMON)
-    train(acc, ex, [], tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4, max_grad_norm=0, **COMMON)
+    fit(big, ex, [], tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1, max_grad_norm=0)
+    fit(acc, ex, [], tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4, max_grad_norm=0)
     assert torch.allclose(params(big), params(acc), atol=1e-6)
 
 
 def die_after_save(monkeypatch, n: int):
     """The n-th checkpoint save raises KeyboardInterrupt right after writing (a kill just after a checkpoint);
     returns the real save function to put back."""
-    real_save = train_mod._save_checkpoint
+    real_save = train_mod.save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kwargs):
@@ -71,23 +71,23 @@ def die_after_save(monkeypatch, n: int):
         if calls["n"] == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     return real_save
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     ex = examples(12)
     straight = tiny_model()
-    train(straight, ex, ex[:2], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
+    fit(straight, ex, ex[:2], tmp_path / "straight", max_steps=6, batch_size=4)
 
     real_save = die_after_save(monkeypatch, 1)
     first = tiny_model()
     with pytest.raises(KeyboardInterrupt):
-        train(first, ex, ex[:2], tmp_path / "resumed", max_steps=6, batch_size=4, **{**COMMON, "save_every": 3})
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+        fit(first, ex, ex[:2], tmp_path / "resumed", max_steps=6, batch_size=4, save_every=3)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert (tmp_path / "resumed" / "checkpoints" / "step-0000003" / "state.json").exists()
     second = tiny_model(seed=123)  # a fresh process would start from other weights: the checkpoint must win
-    summary = train(second, ex, ex[:2], tmp_path / "resumed", max_steps=6, batch_size=4, **{**COMMON, "save_every": 3})
+    summary = fit(second, ex, ex[:2], tmp_path / "resumed", max_steps=6, batch_size=4, save_every=3)
     assert summary["resumed_from"] == "step-0000003"
     assert torch.allclose(params(straight), params(second), atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -98,21 +98,9 @@ def test_logit_kd_moves_student_towards_teacher(tmp_path):
     ex = examples(8)
     teacher = tiny_model(seed=5, hidden=32)
     student = tiny_model(seed=1)
-    kd = KDSettings(
-        alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=7, vocab_size=VOCAB, teacher=teacher
-    )
-    train(
-        student,
-        ex,
-        [],
-        tmp_path / "kd",
-        max_steps=30,
-        batch_size=8,
-        log_every=1,
-        kd=kd,
-        **{k: v for k, v in COMMON.items() if k != "lr"},
-        lr=3e-2,
-    )
+    kd = SoftKDConfig(alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=7)
+    fit(student, ex, [], tmp_path / "kd", Objective(kd, VOCAB, teacher=teacher), max_steps=30, batch_size=8,
+        log_every=1, lr=3e-2)  # fmt: skip
     logs = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     fkl = [r["forward_kl"] for r in logs if "forward_kl" in r]
     assert fkl[-1] < 0.5 * fkl[0]
@@ -120,19 +108,10 @@ def test_logit_kd_moves_student_towards_teacher(tmp_path):
 
 def test_on_policy_kd_runs_and_logs(tmp_path):
     ex = examples(4)
-    kd = KDSettings(
-        alpha=0.5,
-        temperature=2.0,
-        divergence="jsd",
-        beta=0.5,
-        chunk_size=64,
-        vocab_size=VOCAB,
-        teacher=tiny_model(seed=5),
-        on_policy_prob=1.0,
-        on_policy_max_new_tokens=4,
-        end_token_id=1,
-    )
-    summary = train(tiny_model(), ex, [], tmp_path / "gkd", max_steps=2, batch_size=4, log_every=1, kd=kd, **COMMON)
+    kd = SoftKDConfig(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, chunk_size=64)
+    gkd = GKDConfig(lmbda=1.0, max_new_tokens=4)
+    objective = Objective(kd, VOCAB, teacher=tiny_model(seed=5), gkd=gkd, end_token_id=1)
+    summary = fit(tiny_model(), ex, [], tmp_path / "gkd", objective, max_steps=2, batch_size=4, log_every=1)
     logs = [json.loads(line) for line in (tmp_path / "gkd" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and all(r["on_policy"] for r in logs if "on_policy" in r)
 
@@ -146,9 +125,9 @@ def _batch(ex):
     return pad_batch(ex, 0)
 
 
-def _kd(**kw) -> KDSettings:
-    base = dict(alpha=0.3, temperature=2.0, divergence="forward_kl", beta=0.5, chunk_size=5, vocab_size=VOCAB)
-    return KDSettings(**{**base, **kw})
+def _kd(fused: bool = False, **kw) -> Objective:
+    kd = SoftKDConfig(alpha=0.3, temperature=2.0, divergence="forward_kl", beta=0.5, chunk_size=5, fused=fused)
+    return Objective(kd, VOCAB, **kw)
 
 
 def test_loss_step_mixes_ce_and_divergence_once():
@@ -206,12 +185,12 @@ def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_stude
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, monkeypatch, damaged):
     ex = examples(12)
     straight = tiny_model()
-    train(straight, ex, [], tmp_path / "straight", max_steps=6, batch_size=4, **COMMON)
-    args = dict(max_steps=6, batch_size=4, **{**COMMON, "save_every": 2})
+    fit(straight, ex, [], tmp_path / "straight", max_steps=6, batch_size=4)
+    args = dict(max_steps=6, batch_size=4, save_every=2)
     real_save = die_after_save(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), ex, [], tmp_path / "run", **args)
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+        fit(tiny_model(), ex, [], tmp_path / "run", **args)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-0000002", "step-0000004"]
     broken = ckpts[-1] / damaged
@@ -219,7 +198,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog
     with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # a line cut short by kill -9
     resumed = tiny_model(seed=9)
-    summary = train(resumed, ex, [], tmp_path / "run", **args)
+    summary = fit(resumed, ex, [], tmp_path / "run", **args)
     assert summary["resumed_from"] == "step-0000002"
     assert "step-0000004 is damaged" in caplog.text
     assert torch.allclose(params(straight), params(resumed), atol=1e-6)
@@ -230,12 +209,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog
 def test_no_usable_checkpoint_restarts_the_stage_and_says_so(tmp_path, caplog):
     ex = examples(8)
     straight = tiny_model()
-    train(straight, ex, [], tmp_path / "straight", max_steps=3, batch_size=4, **COMMON)
+    fit(straight, ex, [], tmp_path / "straight", max_steps=3, batch_size=4)
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text("{not json")
     restarted = tiny_model()
-    summary = train(restarted, ex, [], tmp_path / "run", max_steps=3, batch_size=4, **COMMON)
+    summary = fit(restarted, ex, [], tmp_path / "run", max_steps=3, batch_size=4)
     assert summary["resumed_from"] is None and "starts again from step 0" in caplog.text
     assert torch.allclose(params(straight), params(restarted), atol=1e-6)
 
@@ -247,7 +226,7 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(DistillmtError, match=r"training loss is nan at step 1.*last good checkpoint: none"):
-        train(model, examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4, **COMMON)
+        fit(model, examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4)
 
 
 @pytest.mark.parametrize("on_policy", [False, True])
@@ -298,7 +277,7 @@ def test_target_logits_are_the_full_logits_at_target_rows():
     a LoRA-wrapped one, and the hook is gone afterwards (a later forward returns every position)."""
     from peft import LoraConfig, get_peft_model
 
-    from distillmt.train import target_logits, target_positions
+    from distillmt.forward import target_logits, target_positions
 
     ex = examples(5)
     batch = _batch(ex)
@@ -315,7 +294,7 @@ def test_target_logits_are_the_full_logits_at_target_rows():
 
 
 def test_target_hidden_skips_the_output_layer_and_matches_its_input():
-    from distillmt.train import target_hidden, target_positions
+    from distillmt.forward import target_hidden, target_positions
 
     ex = examples(5)
     batch = _batch(ex)
@@ -334,13 +313,13 @@ def test_stages_of_one_process_may_train_at_different_precisions(tmp_path):
     refused the second); the fp32 stage after the bf16 one gives what it gives alone."""
     ex = examples(8)
     alone = tiny_model()
-    train(alone, ex, [], tmp_path / "alone", max_steps=2, batch_size=4, mixed_precision="no", **COMMON)
+    fit(alone, ex, [], tmp_path / "alone", max_steps=2, batch_size=4, mixed_precision="no")
     bf16, fp32 = tiny_model(seed=1), tiny_model()
-    train(bf16, ex, [], tmp_path / "bf16", max_steps=2, batch_size=4, mixed_precision="bf16", **COMMON)
+    fit(bf16, ex, [], tmp_path / "bf16", max_steps=2, batch_size=4, mixed_precision="bf16")
     from accelerate.state import AcceleratorState
 
     assert AcceleratorState().mixed_precision == "bf16"
-    train(fp32, ex, [], tmp_path / "fp32", max_steps=2, batch_size=4, mixed_precision="no", **COMMON)
+    fit(fp32, ex, [], tmp_path / "fp32", max_steps=2, batch_size=4, mixed_precision="no")
     assert AcceleratorState().mixed_precision == "no"
     assert torch.equal(params(fp32), params(alone))
 
@@ -352,7 +331,7 @@ def _prefixed(n: int = 5, prefix_len: int = 10) -> list[dict]:
 
 
 def test_shared_prefix_stops_before_the_first_target_row():
-    from distillmt.train import MIN_SHARED_PREFIX, shared_prefix
+    from distillmt.forward import MIN_SHARED_PREFIX, shared_prefix
 
     ex = _prefixed(prefix_len=10)
     assert shared_prefix(ex) == ex[0]["input_ids"][: len(shared_prefix(ex))]
@@ -368,7 +347,7 @@ def test_shared_prefix_stops_before_the_first_target_row():
 def test_teacher_prefix_cache_gives_the_same_loss_and_gradient(fused):
     """The live teacher run after its cached shared prefix gives the same loss and student gradient as the whole
     forward, the prefix's keys and values are computed once, and a batch that does not start with it falls back."""
-    from distillmt.train import PrefixCache, shared_prefix
+    from distillmt.forward import PrefixCache, shared_prefix
 
     ex = _prefixed(5)
     batch = _batch(ex)
@@ -405,7 +384,7 @@ def test_student_prefix_run_once_gives_the_same_loss_and_gradient(method):
     """The student's shared prefix run once for the micro-batch (with gradients, its weights being trained) gives
     the loss and gradient of the whole forward, for plain and LoRA students, CE and KD; it is recomputed at every
     call, so an update of the weights shows."""
-    from distillmt.train import PrefixCache, shared_prefix
+    from distillmt.forward import PrefixCache, shared_prefix
 
     ex = _prefixed(5)
     batch = _batch(ex)
@@ -437,22 +416,22 @@ def test_training_with_the_shared_prefix_run_once_equals_the_whole_forward(tmp_p
     runs = {}
     for share in (False, True):
         model = tiny_model()
-        summary = train(model, ex, valid, tmp_path / str(share), max_steps=3, batch_size=4, share_prefix=share,
-                        **COMMON)  # fmt: skip
+        summary = fit(model, ex, valid, tmp_path / str(share), max_steps=3, batch_size=4, share_prefix=share,
+                        )  # fmt: skip
         runs[share] = (params(model), summary["valid_ce"])
     assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
 
 
 def test_training_on_a_cpu_runs_sdpa_in_fp32_then_restores_sdpa(tmp_path, monkeypatch):
-    """On a CPU the training forwards run SDPA in fp32 (train.sdpa_in_fp32); the model keeps SDPA afterwards, and an
+    """On a CPU the training forwards run SDPA in fp32 (forward.sdpa_in_fp32); the model keeps SDPA afterwards, and an
     fp32 model's weights equal a plain SDPA run's."""
     ex, valid = examples(8), examples(3, seed=1)
     model, seen = tiny_model(), []
     assert model.config._attn_implementation == "sdpa"
     model.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
-    train(model, ex, valid, tmp_path / "fp32", max_steps=3, batch_size=4, **COMMON)
-    assert seen[:3] == [train_mod.FP32_SDPA] * 3 and seen[-1] == "sdpa"  # 3 training steps, then validation
+    fit(model, ex, valid, tmp_path / "fp32", max_steps=3, batch_size=4)
+    assert seen[:3] == [forward_mod.FP32_SDPA] * 3 and seen[-1] == "sdpa"  # 3 training steps, then validation
     assert model.config._attn_implementation == "sdpa"
 
     class KeepSDPA:
@@ -462,9 +441,9 @@ def test_training_on_a_cpu_runs_sdpa_in_fp32_then_restores_sdpa(tmp_path, monkey
         def restore(self):
             pass
 
-    monkeypatch.setattr(train_mod, "_TrainingAttention", KeepSDPA)
+    monkeypatch.setattr(train_mod, "TrainingAttention", KeepSDPA)
     sdpa = tiny_model()
-    train(sdpa, ex, valid, tmp_path / "sdpa", max_steps=3, batch_size=4, **COMMON)
+    fit(sdpa, ex, valid, tmp_path / "sdpa", max_steps=3, batch_size=4)
     assert torch.allclose(params(model), params(sdpa), atol=1e-6)
     assert not torch.equal(params(model), params(tiny_model()))  # trained
 
@@ -481,15 +460,15 @@ def test_sdpa_in_fp32_masks_padding_and_is_closer_to_fp32_under_bf16_autocast():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
-    train_mod.register_fp32_sdpa()
+    forward_mod.register_fp32_sdpa()
     exact = logits("sdpa", False)
-    assert torch.allclose(logits(train_mod.FP32_SDPA, False), exact, atol=1e-6)
-    err_fp32 = (logits(train_mod.FP32_SDPA, True) - exact).norm()
+    assert torch.allclose(logits(forward_mod.FP32_SDPA, False), exact, atol=1e-6)
+    err_fp32 = (logits(forward_mod.FP32_SDPA, True) - exact).norm()
     err_bf16 = (logits("sdpa", True) - exact).norm()
     assert err_fp32 <= err_bf16 * 1.05, (err_fp32, err_bf16)
 
 
 def test_the_optimizer_is_fused_adamw_without_empty_groups():
-    opt = train_mod._optimizer(tiny_model(), lr=1e-3, weight_decay=0.01)
+    opt = train_mod.make_optimizer(tiny_model(), lr=1e-3, weight_decay=0.01)
     assert opt.defaults["fused"] is True
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]

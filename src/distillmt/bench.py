@@ -138,8 +138,8 @@ def bench_loss(
     repeats: int = 3, threads: int = 0,
 ) -> str:  # fmt: skip
     """Run every implementation (ours at each chunk size) in a child process; returns the markdown report."""
+    from distillmt.engines import available_cores
     from distillmt.losses import rows_per_chunk
-    from distillmt.pipeline import available_cores
 
     threads = threads or available_cores()
     runs: list[tuple[str, int]] = [("naive", 0), ("trl", 0)] + [
@@ -208,24 +208,27 @@ def bench_generate(
 
     import torch
 
+    from distillmt.engines import available_cores
     from distillmt.generate import convert_to_ct2, translate, translate_ct2
     from distillmt.models import load_model, load_tokenizer, pick_dtype
-    from distillmt.pipeline import available_cores
+    from distillmt.sections import GenerateConfig
 
     threads = threads or available_cores()
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model)
     device = torch.device("cpu")
     hf = load_model(model, dtype=pick_dtype(dtype, device, scratch=False), device=device)
-    common = {"max_new_tokens": max_new_tokens, "progress": False}
+    one = GenerateConfig(batch_size=1, max_new_tokens=max_new_tokens)
+    batched = GenerateConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    budget = GenerateConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, max_batch_tokens=4096)
     runs = {
-        "hf, one sentence at a time": lambda: translate(hf, tokenizer, sources, batch_size=1, **common),
-        f"hf, batches of {batch_size}": lambda: translate(hf, tokenizer, sources, batch_size=batch_size, **common),
+        "hf, one sentence at a time": lambda: translate(hf, tokenizer, sources, one, progress=False),
+        f"hf, batches of {batch_size}": lambda: translate(hf, tokenizer, sources, batched, progress=False),
         f"hf, batches of {batch_size}, shared prompt prefix run in every row": lambda: translate(
-            hf, tokenizer, sources, batch_size=batch_size, share_prefix=False, **common
+            hf, tokenizer, sources, batched, share_prefix=False, progress=False
         ),
         f"hf, batches of {batch_size} within 4,096 tokens": lambda: translate(
-            hf, tokenizer, sources, batch_size=batch_size, max_batch_tokens=4096, **common
+            hf, tokenizer, sources, budget, progress=False
         ),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +236,7 @@ def bench_generate(
             for q in ("float32", "int8"):
                 folder = convert_to_ct2(hf, tokenizer, f"{tmp}/{q}", q)
                 runs[f"ct2 {q}, batches of {batch_size}"] = lambda f=folder: translate_ct2(
-                    str(f), tokenizer, sources, batch_size=batch_size, **common
+                    str(f), tokenizer, sources, batched, progress=False
                 )
         except Exception as e:  # CTranslate2 missing or unable to convert this model: said in the table
             runs[f"ct2: not measured ({type(e).__name__}: {str(e).splitlines()[0][:80]})"] = None
@@ -281,7 +284,7 @@ def _bench_models(spec: dict[str, Any], tok: Any) -> tuple[Any, Any]:
 
     if spec.get("student"):
         dtype, cpu = getattr(torch, spec["dtype"]), torch.device("cpu")
-        from distillmt.config import QWEN_LORA_TARGETS
+        from distillmt.sections import QWEN_LORA_TARGETS
 
         teacher = load_model(spec["teacher"], dtype=dtype, device=cpu).eval()
         student = load_model(spec["student"], dtype=dtype, device=cpu)
@@ -332,9 +335,11 @@ def _train_child(spec: dict[str, Any]) -> None:
     import torch
 
     from distillmt.data import load_pairs, split_pairs
+    from distillmt.forward import PrefixCache, shared_prefix
     from distillmt.models import load_tokenizer
     from distillmt.prompts import encode_example
-    from distillmt.train import KDSettings, PrefixCache, shared_prefix, train
+    from distillmt.sections import SoftKDConfig, TrainConfig
+    from distillmt.train import Objective, train
 
     impl = spec["impl"]
     torch.set_num_threads(spec["threads"])
@@ -348,15 +353,16 @@ def _train_child(spec: dict[str, Any]) -> None:
             p.sum()
     n_targets = sum(sum(1 for y in e["labels"] if y != -100) for e in examples)
     with tempfile.TemporaryDirectory() as tmp:
-        kd = KDSettings(alpha=0.5 if impl == "live_alpha" else 0.0, temperature=1.0, divergence="forward_kl",
-                        beta=0.0, chunk_size=1024, vocab_size=len(tok), teacher=teacher, fused=impl == "fused",
-                        teacher_prefix=PrefixCache(shared_prefix(examples)))  # fmt: skip
+        kd = SoftKDConfig(alpha=0.5 if impl == "live_alpha" else 0.0, temperature=1.0, divergence="forward_kl",
+                          beta=0.0, chunk_size=1024, fused=impl == "fused")  # fmt: skip
+        objective = Objective(kd, len(tok), teacher=teacher, teacher_prefix=PrefixCache(shared_prefix(examples)))
         if impl == "cache":
             from distillmt.logit_cache import build_teacher_cache
 
-            kd.cache = build_teacher_cache(teacher, examples, f"{tmp}/cache", teacher_id="t", k=64, temperature=1.0,
-                                           vocab_size=len(tok), pad_token_id=tok.pad_token_id, progress=False)  # fmt: skip
-            kd.teacher = None
+            objective.cache = build_teacher_cache(teacher, examples, f"{tmp}/cache", teacher_id="t", k=64,
+                                                  temperature=1.0, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                                  progress=False)  # fmt: skip
+            objective.teacher = None
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS")
@@ -364,8 +370,9 @@ def _train_child(spec: dict[str, Any]) -> None:
             seconds = _train_trl(student, teacher, tok, pairs, examples, tmp, spec)
         else:
             start = time.perf_counter()
-            train(student, examples, [], f"{tmp}/ours", pad_token_id=tok.pad_token_id, max_steps=spec["steps"],
-                  batch_size=spec["batch"], lr=spec["lr"], schedule="constant", warmup_ratio=0.0, save_every=0, kd=kd,
+            budget = TrainConfig(max_steps=spec["steps"], batch_size=spec["batch"], lr=spec["lr"], schedule="constant",
+                                 warmup_ratio=0.0, save_every=0)  # fmt: skip
+            train(student, examples, [], f"{tmp}/ours", budget, objective, pad_token_id=tok.pad_token_id,
                   device="cpu", progress=False, share_prefix=impl != "live_unshared")  # fmt: skip
             seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM") - base
@@ -382,7 +389,7 @@ def bench_train(
     its own child process; returns the markdown report. Without ``student``/``teacher`` the models are the default
     experiment's shapes at ``tokenizer``'s vocabulary; with them, those real models (in ``dtype``, the student with
     LoRA r=16 on every projection) and the student's tokenizer."""
-    from distillmt.pipeline import available_cores
+    from distillmt.engines import available_cores
 
     if bool(student) != bool(teacher):
         raise DistillmtError("bench train takes --student and --teacher together (real models), or neither")
@@ -485,12 +492,13 @@ def bench_flops(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distillmt.config import QWEN_LORA_TARGETS
     from distillmt.data import load_pairs, split_pairs
+    from distillmt.engines import available_cores
+    from distillmt.forward import FP32_SDPA, register_fp32_sdpa, target_tokens
     from distillmt.models import apply_lora, count_parameters, load_model, load_tokenizer
-    from distillmt.pipeline import available_cores
     from distillmt.prompts import encode_example, pad_batch
-    from distillmt.train import FP32_SDPA, _optimizer, _target_tokens, loss_step, register_fp32_sdpa
+    from distillmt.sections import QWEN_LORA_TARGETS
+    from distillmt.train import loss_step, make_optimizer
 
     threads = threads or available_cores()
     torch.set_num_threads(threads)
@@ -508,14 +516,14 @@ def bench_flops(
     trainable = [p for p in net.parameters() if p.requires_grad]
     register_fp32_sdpa()  # variants: (attention, fused AdamW)
     variants = [(FP32_SDPA, True), ("sdpa", True), ("eager", True), ("sdpa", False)]
-    optimizers = {True: _optimizer(net, lr=2e-4, weight_decay=0.01), False: torch.optim.AdamW(trainable, foreach=False)}
+    optimizers = {True: make_optimizer(net, lr=2e-4, weight_decay=0.01), False: torch.optim.AdamW(trainable, foreach=False)}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
     def step(attention: str, fused: bool) -> None:
         net.set_attn_implementation(attention)
         with autocast:
             loss_sum, _ = loss_step(net, inputs, examples, None)
-        (loss_sum / _target_tokens(inputs["labels"])).backward()
+        (loss_sum / target_tokens(inputs["labels"])).backward()
         optimizers[fused].step()
         optimizers[fused].zero_grad(set_to_none=True)
 

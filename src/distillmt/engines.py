@@ -28,6 +28,16 @@ from distillmt.errors import DistillmtError
 log = logging.getLogger("distillmt.engines")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's or a `taskset`'s share)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def process_group(device: str) -> tuple[bool, str | None]:
     """``(cpu, backend)`` for accelerate's process state: on the CPU where ``device`` says so or no GPU answers.
     accelerate leaves a DeepSpeed launch aside when told cpu=True, and without a GPU it finds no process-group backend

@@ -18,8 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from distillmt.errors import DistillmtError
+from distillmt.forward import PrefixCache, common_prefix, prefix_cache
 from distillmt.io import file_lock
 from distillmt.prompts import build_prompt, end_token_id, pad_left, strip_output
+from distillmt.sections import GenerateConfig
 
 
 @dataclass
@@ -102,27 +104,21 @@ def translate(
     model: Any,
     tokenizer: Any,
     sources: list[str],
+    cfg: GenerateConfig | None = None,
     *,
-    batch_size: int = 32,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     num_return_sequences: int = 1,
     selection: str = "score",
     seed: int = 0,
     progress: bool = True,
     desc: str = "translate",
-    max_batch_tokens: int = 0,
     shard: tuple[int, int] = (0, 1),
     share_prefix: bool = True,
 ) -> TranslationResult:
-    """Translate ``sources``; outputs come back in input order whatever the batching did. Batches hold up to
-    ``batch_size`` sources of similar length; with ``max_batch_tokens`` also at most that many tokens (each row counted
-    at the batch's longest prompt plus ``max_new_tokens``, times the beams), so short sentences go in larger batches.
+    """Translate ``sources`` with the decoding settings of ``cfg`` (its defaults when None); outputs come back in
+    input order whatever the batching did. Batches hold up to ``cfg.batch_size`` sources of similar length; with
+    ``cfg.max_batch_tokens`` also at most that many tokens (each row counted at the batch's longest prompt plus
+    ``max_new_tokens``, times the beams), so short sentences go in larger batches. ``num_return_sequences``
+    candidates per source, one kept by ``selection`` (``score`` or ``mbr``).
 
     ``shard=(rank, world)``: translate only every ``world``-th batch from ``rank`` on (one of several processes; see
     :func:`merge_shards`). The batches and, when sampling, each batch's seed (``seed`` + its index) are the same
@@ -131,11 +127,10 @@ def translate(
     ``share_prefix``: the keys and values of the prompt prefix all sources share (Qwen's chat template: 38 tokens of
     a Tatoeba prompt's 52) are computed once and handed to every batch, which then runs its prompts' prefill on the
     rest alone (:func:`distillmt.prompts.pad_left`); the same outputs up to rounding. Prefixes under
-    :data:`distillmt.train.MIN_SHARED_PREFIX` tokens are not shared."""
+    :data:`distillmt.forward.MIN_SHARED_PREFIX` tokens are not shared."""
     from transformers import GenerationConfig
 
-    from distillmt.train import PrefixCache, prefix_cache
-
+    g = cfg or GenerateConfig()
     model.eval()
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -143,19 +138,19 @@ def translate(
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in ids]
     prefix = PrefixCache(prompt_prefix(ids) if share_prefix else [])
-    rows_per_source = max(num_beams, num_return_sequences)  # generate's own expansion (beams, candidates)
+    rows_per_source = max(g.num_beams, num_return_sequences)  # generate's own expansion (beams, candidates)
     order = sorted(
         range(len(prompts)), key=lambda i: -lengths[i]
     )  # longest first: OOM shows up at once, not at the end
     stop_ids = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
     gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=(top_k or None) if do_sample else None,
-        top_p=top_p if do_sample else None,
+        max_new_tokens=g.max_new_tokens,
+        num_beams=g.num_beams,
+        length_penalty=g.length_penalty,
+        do_sample=g.do_sample,
+        temperature=g.temperature if g.do_sample else None,
+        top_k=(g.top_k or None) if g.do_sample else None,
+        top_p=g.top_p if g.do_sample else None,
         num_return_sequences=num_return_sequences,
         eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
@@ -164,7 +159,7 @@ def translate(
         output_scores=num_return_sequences > 1 and selection == "score",
     )
     rank, world = _check_shard(shard)
-    batches = token_budget_batches(order, lengths, batch_size, max_batch_tokens, (max_new_tokens, num_beams))
+    batches = token_budget_batches(order, lengths, g.batch_size, g.max_batch_tokens, (g.max_new_tokens, g.num_beams))
     mine = list(range(rank, len(batches), world))
     candidates: list[list[str]] = [[] for _ in sources]
     scores: list[list[float]] = [[] for _ in sources]
@@ -185,7 +180,7 @@ def translate(
             not_pad &= torch.cumsum(new.eq(sid), dim=1).le(1) | ~new.eq(sid)
         generated += int(not_pad.sum())
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        seq_scores = _sequence_scores(model, out, num_beams) if gen_config.output_scores else None
+        seq_scores = _sequence_scores(model, out, g.num_beams) if gen_config.output_scores else None
         for k, text in enumerate(texts):
             src_i = idx[k // num_return_sequences]
             candidates[src_i].append(strip_output(text))
@@ -199,10 +194,8 @@ def translate(
 
 
 def prompt_prefix(ids: list[list[int]]) -> list[int]:
-    """The start all prompts share (:func:`distillmt.train.common_prefix`), short of each one's last token, whose
+    """The start all prompts share (:func:`distillmt.forward.common_prefix`), short of each one's last token, whose
     logits give the first new token."""
-    from distillmt.train import common_prefix
-
     return common_prefix(ids, min(map(len, ids), default=0) - 1)
 
 
@@ -248,20 +241,12 @@ def translate_ct2(
     model_dir: str,
     tokenizer: Any,
     sources: list[str],
+    cfg: GenerateConfig | None = None,
     *,
-    batch_size: int = 32,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
     desc: str = "translate (ct2)",
-    max_batch_tokens: int = 0,
     shard: tuple[int, int] = (0, 1),
     share_prefix: bool = True,
 ) -> TranslationResult:
@@ -276,6 +261,8 @@ def translate_ct2(
     except ImportError:
         raise DistillmtError(f"{model_dir} is a CTranslate2 model: pip install 'distillmt[ct2]'") from None
 
+    g = cfg or GenerateConfig()
+    batch_size, max_new_tokens, max_batch_tokens = g.batch_size, g.max_new_tokens, g.max_batch_tokens
     rank, world = _check_shard(shard)
     # as many threads as torch may use (the `threads` setting), not CTranslate2's own default
     threads = {"intra_threads": torch.get_num_threads()} if device == "cpu" else {}
@@ -285,11 +272,11 @@ def translate_ct2(
     ids = [tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"] for s in sources]
     p = len(prompt_prefix(ids)) if share_prefix else 0
     prompts = [tokenizer.convert_ids_to_tokens(x[p:]) for x in ids]
-    options = {"max_length": max_new_tokens, "beam_size": num_beams, "length_penalty": length_penalty}
+    options = {"max_length": max_new_tokens, "beam_size": g.num_beams, "length_penalty": g.length_penalty}
     if p:
         options["static_prompt"] = tokenizer.convert_ids_to_tokens(ids[0][:p])
-    if do_sample:
-        options.update(sampling_temperature=temperature, sampling_topk=top_k or 0, sampling_topp=top_p)
+    if g.do_sample:
+        options.update(sampling_temperature=g.temperature, sampling_topk=g.top_k or 0, sampling_topp=g.top_p)
     hyps: list[str | None] = [None] * len(sources)
     generated = 0
     start = time.perf_counter()
@@ -352,31 +339,31 @@ def translate_with_engine(
     model: Any,
     tokenizer: Any,
     sources: list[str],
+    cfg: GenerateConfig,
     *,
-    engine: str,
-    quantization: str,
     work_dir: str | Path,
     saved: SavedModel | None = None,
-    **decoding,
+    **run: Any,
 ) -> tuple[TranslationResult, str]:
-    """Translate with transformers (``hf``, the reference), CTranslate2 (``ct2``: ``model`` is converted once into
+    """Translate with ``cfg.engine``: transformers (``hf``, the reference), CTranslate2 (``ct2``: ``model`` is converted once into
     ``work_dir/ct2-model`` and reused on later calls, e.g. the next label shard) or vLLM (``vllm``, GPU only: with
     ``saved``, vLLM loads the weights from there, a LoRA adapter through its own LoRA support, and ``model`` may be
     None; without, the model, LoRA merged, is saved once into ``work_dir/vllm-model``). Returns the result and the
     engine with its precision (``hf float32``, ``ct2 int8``, ``vllm bfloat16``, ``vllm bfloat16 + LoRA``).
     CTranslate2 and vLLM give one candidate per source. Several processes (``shard``) convert once: the first holds a
-    lock on the folder, the others wait and reuse it."""
+    lock on the folder, the others wait and reuse it. ``run``: the other keyword arguments of :func:`translate`."""
+    engine, quantization = cfg.engine, cfg.quantization
     if engine != "hf":  # one candidate per source
         for key in ("num_return_sequences", "selection"):
-            decoding.pop(key, None)
+            run.pop(key, None)
     if engine == "vllm" and saved is not None:
-        res = translate_vllm(saved.folder, tokenizer, sources, adapter=saved.adapter, dtype=saved.dtype, **decoding)
+        res = translate_vllm(saved.folder, tokenizer, sources, cfg, adapter=saved.adapter, dtype=saved.dtype, **run)
         return res, f"vllm {saved.dtype}" + (" + LoRA" if saved.adapter else "")
     if model is None:
         raise ValueError(f"engine {engine} translates a loaded model: model is None")
     dtype = str(next(model.parameters()).dtype)[6:]
     if engine == "hf":
-        return translate(model, tokenizer, sources, **decoding), f"hf {dtype}"
+        return translate(model, tokenizer, sources, cfg, **run), f"hf {dtype}"
     if engine == "vllm":
         vllm_dir = Path(work_dir) / "vllm-model"
         with file_lock(Path(work_dir) / ".vllm-model.lock"):
@@ -386,34 +373,26 @@ def translate_with_engine(
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
                 tmp.rename(vllm_dir)
-        return translate_vllm(str(vllm_dir), tokenizer, sources, dtype=dtype, **decoding), f"vllm {dtype}"
+        return translate_vllm(str(vllm_dir), tokenizer, sources, cfg, dtype=dtype, **run), f"vllm {dtype}"
     ct2_dir = Path(work_dir) / "ct2-model"
     with file_lock(Path(work_dir) / ".ct2-model.lock"):
         if not (ct2_dir / "model.bin").is_file():
             convert_to_ct2(model, tokenizer, ct2_dir, quantization)
     device = next(model.parameters()).device.type
-    return translate_ct2(str(ct2_dir), tokenizer, sources, device=device, **decoding), f"ct2 {quantization}"
+    return translate_ct2(str(ct2_dir), tokenizer, sources, cfg, device=device, **run), f"ct2 {quantization}"
 
 
 def translate_vllm(
     model_dir: str,
     tokenizer: Any,
     sources: list[str],
+    cfg: GenerateConfig | None = None,
     *,
     adapter: str | None = None,
     dtype: str = "bfloat16",
-    batch_size: int = 32,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
     desc: str = "translate (vllm)",
-    max_batch_tokens: int = 0,
     shard: tuple[int, int] = (0, 1),
 ) -> TranslationResult:
     """:func:`translate` with vLLM on a GPU (the engine TRL uses for on-policy generation): the same prompts, stop
@@ -421,7 +400,8 @@ def translate_vllm(
     used). Greedy or sampling; beam search is refused (vLLM's sampler has none). ``adapter``: a peft LoRA adapter
     folder that vLLM applies itself (its LoRA support, the rank rounded up to one vLLM accepts), so no merged copy of
     the model is written. ``shard=(rank, world)``: every ``world``-th source from ``rank`` on."""
-    if num_beams > 1:
+    g = cfg or GenerateConfig()
+    if g.num_beams > 1:
         raise DistillmtError("engine vllm does not do beam search: use num_beams=1, or engine hf or ct2")
     try:
         from vllm import LLM, SamplingParams
@@ -429,10 +409,10 @@ def translate_vllm(
         raise DistillmtError("engine vllm needs vLLM and a GPU: pip install vllm (on a CUDA machine)") from None
     stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
     params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature if do_sample else 0.0,
-        top_k=(top_k or -1) if do_sample else -1,
-        top_p=top_p if do_sample else 1.0,
+        max_tokens=g.max_new_tokens,
+        temperature=g.temperature if g.do_sample else 0.0,
+        top_k=(g.top_k or -1) if g.do_sample else -1,
+        top_p=g.top_p if g.do_sample else 1.0,
         seed=seed,
         stop_token_ids=stop,
     )

@@ -39,9 +39,9 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from distillmt.errors import DistillmtError
+from distillmt.forward import PrefixCache, shared_prefix, target_logits
 from distillmt.generate import process_shard
 from distillmt.io import atomic_write_bytes, read_json, write_json
-from distillmt.train import PrefixCache, shared_prefix, target_logits
 
 FORMAT = "distillmt-teacher-cache"
 FORMAT_VERSION = 1
@@ -348,8 +348,6 @@ def build_teacher_cache(
     temperature = float(temperature)
     if vocab_size < 1 or not 1 <= k <= vocab_size:
         raise DistillmtError(f"k must be in [1, vocab_size={vocab_size}], got {k}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise DistillmtError(f"temperature must be a finite number > 0, got {temperature}")
     if batch_size < 1 or shard_size < 1:
         raise DistillmtError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     _validate_examples(examples)

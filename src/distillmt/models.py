@@ -173,9 +173,9 @@ def load_model(
 
         model = PeftModel.from_pretrained(model, str(adapter))
         if merge:
-            # The model object that went through peft decodes several times slower on CPU (peft 0.21, transformers
-            # 5.24; same weights, same forward speed, slow inside generate), while a freshly loaded copy holding the
-            # merged weights does not: so only the merged weights are kept.
+            # The model object that went through peft decodes much slower on CPU (same weights, same forward speed,
+            # slow inside generate), while a freshly loaded copy holding the merged weights does not: so only the
+            # merged weights are kept.
             merged = model.merge_and_unload().state_dict()
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=False, use_safetensors=True

@@ -28,13 +28,20 @@ import torch
 
 from distillmt import data as data_mod
 from distillmt import systems
-from distillmt.config import ExperimentConfig, GKDConfig, ModelConfig, TrainConfig, keyed_settings, to_dict
+from distillmt.config import (
+    ExperimentConfig,
+    GenerateConfig,
+    GKDConfig,
+    ModelConfig,
+    SoftKDConfig,
+    TrainConfig,
+    to_dict,
+)
 from distillmt.errors import DistillmtError
 from distillmt.io import read_jsonl, write_json, write_jsonl
 from distillmt.stages import RunFolder, stage_key
 
 log = logging.getLogger("distillmt.pipeline")
-SCORES_FORMAT = 3  # bumped when scores.json (or sentences.jsonl) changes shape, so old evaluate stages are recomputed
 
 
 class Models:
@@ -42,9 +49,6 @@ class Models:
     models, and the teacher side of logit KD. Reads trained models from the run folder; runs no stage."""
 
     def __init__(self, cfg: ExperimentConfig, root: Path, device: torch.device, keys: dict[str, str]):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-file load/save bars would drown the stage progress bars
         self.cfg, self.root, self.device, self.keys = cfg, root, device, keys
         self.scratch = cfg.teacher.model == "scratch"
 
@@ -158,45 +162,32 @@ class Models:
             return load_model(m.model, dtype=self.dtype(m), device=self.device)
         return load_trained(m.model, self.root / stage / "model", dtype=self.dtype(m), device=self.device, merge=True)
 
-    def kd_settings(
-        self, tokenizer: Any, examples: list[dict], on_policy: GKDConfig | None = None, use_cache: bool = True
+    def objective(
+        self, tokenizer: Any, examples: list[dict], gkd: GKDConfig | None = None, use_cache: bool = True
     ) -> Any:
-        """Everything logit KD needs besides the student: the teacher (live, or its top-k cache when
-        ``soft_kd.cache`` and ``use_cache``; never for on-policy targets), the objective's settings and, for GKD,
-        the on-policy settings."""
+        """The objective of logit KD with the settings of ``soft_kd`` (and ``gkd`` for on-policy targets): the
+        teacher live, or its top-k cache when ``soft_kd.cache`` and ``use_cache`` (never for on-policy targets)."""
+        from distillmt.forward import PrefixCache, shared_prefix
         from distillmt.logit_cache import TeacherCache
         from distillmt.models import check_same_tokenizer, load_tokenizer
         from distillmt.prompts import end_token_id
-        from distillmt.train import KDSettings, PrefixCache, shared_prefix
+        from distillmt.train import Objective
 
         s = self.cfg.soft_kd
         if not self.scratch:  # logit KD compares token by token: refuse mismatched vocabularies before training
             check_same_tokenizer(load_tokenizer(self.cfg.teacher.model), tokenizer)
-        cache = None
-        if s.cache and use_cache and on_policy is None:
+        if s.cache and use_cache and gkd is None:
             cache = TeacherCache(self.root / "teacher_cache")
-            cache.check(
-                teacher_id=self.teacher_id(),
-                k=s.cache_k,
-                temperature=s.temperature,
-                vocab_size=len(tokenizer),
-                examples=examples,
-            )
-        return KDSettings(
-            alpha=s.alpha,
-            temperature=s.temperature,
-            divergence=s.divergence,
-            beta=s.beta,
-            chunk_size=s.chunk_size,
-            vocab_size=len(tokenizer),
-            teacher=None if cache is not None else self.load_teacher(s.teacher),
-            cache=cache,
-            on_policy_prob=on_policy.lmbda if on_policy else 0.0,
-            on_policy_temperature=on_policy.temperature if on_policy else 1.0,
-            on_policy_max_new_tokens=on_policy.max_new_tokens if on_policy else 48,
+            cache.check(teacher_id=self.teacher_id(), k=s.cache_k, temperature=s.temperature,
+                        vocab_size=len(tokenizer), examples=examples)  # fmt: skip
+            return Objective(s, len(tokenizer), cache=cache)
+        return Objective(
+            s,
+            len(tokenizer),
+            teacher=self.load_teacher(s.teacher),
+            gkd=gkd,
             end_token_id=end_token_id(tokenizer),
-            fused=s.fused,
-            teacher_prefix=PrefixCache(shared_prefix(examples)) if cache is None else None,
+            teacher_prefix=PrefixCache(shared_prefix(examples)),
         )
 
 
@@ -207,7 +198,6 @@ class Experiment:
         """``store``: a shared stage store (sweeps); stages whose key another run already computed are reused."""
         from distillmt.models import pick_device
 
-        torch.set_num_threads(cfg.threads or available_cores())
         self.cfg, self.progress = cfg, progress
         self.processes = processes_state(cfg.device)  # None for one process
         self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store, processes=self.processes)
@@ -236,17 +226,17 @@ class Experiment:
         train_cfg: TrainConfig | None = None,
     ) -> dict[str, Any]:
         """A training stage of model section ``m`` (default: the student, with the student budget): ``data(tokenizer)``
-        gives its encoded examples and its KD settings (None: plain CE)."""
+        gives its encoded examples and its KD objective (None: plain CE)."""
         m, train_cfg = m or self.cfg.student, train_cfg or self.cfg.train_student
 
         def run(folder: Path) -> dict[str, Any]:
             tokenizer = self.models.tokenizer()
-            model, (examples, kd) = self.models.new_trainable(m, tokenizer), data(tokenizer)
+            model, (examples, objective) = self.models.new_trainable(m, tokenizer), data(tokenizer)
             self.models.seed()
             valid = self.models.encode(tokenizer, self.split("valid"))
-            args = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
-            args["processes"] = self.processes
-            return train_and_save(model, tokenizer, examples, valid, folder, kd=kd, **args, **asdict(train_cfg))
+            run = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
+            return train_and_save(model, tokenizer, (examples, valid), folder, train_cfg, objective,
+                                  processes=self.processes, **run)  # fmt: skip
 
         d = self.cfg.data
         settings = {"data": self.keys["data"], "model": self.models.model_settings(m), "train": asdict(train_cfg)}
@@ -286,10 +276,10 @@ class Experiment:
         """Training data of plain fine-tuning: the references, no KD."""
         return self.models.encode(tokenizer, self.split("train")), None
 
-    def kd_data(self, tokenizer: Any, on_policy: GKDConfig | None = None) -> tuple[list[dict], Any]:
-        """Training data of logit KD: the references, and the teacher side (see ``Models.kd_settings``)."""
+    def kd_data(self, tokenizer: Any, gkd: GKDConfig | None = None) -> tuple[list[dict], Any]:
+        """Training data of logit KD: the references, and the objective (see ``Models.objective``)."""
         examples = self.models.encode(tokenizer, self.split("train"))
-        return examples, self.models.kd_settings(tokenizer, examples, on_policy)
+        return examples, self.models.objective(tokenizer, examples, gkd)
 
     def stage_train_teacher(self) -> dict[str, Any]:
         """The fine-tuned teacher (TEACHER_PEFT; TEACHER itself when built from scratch), on the references."""
@@ -304,18 +294,17 @@ class Experiment:
         from distillmt.teacher_labels import build_teacher_labels
 
         h = self.cfg.hard_kd
-        labels = {"decoding": keyed_settings(h.decoding), "num_candidates": h.num_candidates}
-        labels["selection"] = h.selection
-        labels.update(seed=self.cfg.seed, shard_size=h.shard_size)
+        labels = {"num_candidates": h.num_candidates, "selection": h.selection, "seed": self.cfg.seed}
+        labels["shard_size"] = h.shard_size
         identity = self.models.teacher_identity(h.teacher)
 
         def fn(folder: Path) -> dict[str, Any]:
             load, saved = self.models.label_teacher(h.teacher, h.decoding.engine)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
             run = {"identity": identity, "progress": self.progress, "processes": self.processes, "saved": saved}
-            return build_teacher_labels(load, sources, folder, **run, **labels)
+            return build_teacher_labels(load, sources, folder, h.decoding, **run, **labels)
 
-        settings = {"data": self.keys["data"], "teacher": identity, **labels}
+        settings = {"data": self.keys["data"], "teacher": identity, "decoding": h.decoding.output_settings(), **labels}
         if h.extra_sources or h.extra_sources_file:  # (absent otherwise: the key of a run without them is unchanged)
             settings["extra_sources"] = {"n": h.extra_sources, "file": _sha256(h.extra_sources_file)}
         inputs = ("data", *teacher_stage(h.teacher))
@@ -341,10 +330,10 @@ class Experiment:
 
         def data(tokenizer: Any) -> tuple[list[dict], Any]:
             examples, _ = self.label_data(tokenizer)
-            return examples, self.models.kd_settings(tokenizer, examples, use_cache=False)
+            return examples, self.models.objective(tokenizer, examples, use_cache=False)
 
         extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
-        extra.update(kd=keyed_settings(s), teacher=self.models.teacher_identity(s.teacher))
+        extra.update(kd=objective_settings(s), teacher=self.models.teacher_identity(s.teacher))
         return self._train_stage("train_hlkd_slkd", extra, data, ("teacher_labels", *teacher_stage(s.teacher)))
 
     def stage_teacher_cache(self) -> dict[str, Any]:
@@ -365,8 +354,7 @@ class Experiment:
         d = self.cfg.data
         settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(s.teacher), "k": s.cache_k}
         settings.update(temperature=s.temperature, max_tokens=[d.max_source_tokens, d.max_target_tokens])
-        if "cache_shard_size" in keyed_settings(s):  # (absent at its default, like every setting added later)
-            settings["shard_size"] = s.cache_shard_size
+        settings["shard_size"] = s.cache_shard_size
         if self.scratch:
             settings["tokenizer"] = self.keys["tokenizer"]
         inputs = ("data", "tokenizer", *teacher_stage(s.teacher))
@@ -375,7 +363,7 @@ class Experiment:
     def stage_train_slkd(self) -> dict[str, Any]:
         """SLKD: a fresh student trained on the references with alpha·CE + (1 − alpha)·T²·D against the teacher."""
         s = self.cfg.soft_kd
-        extra = {"kd": keyed_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
+        extra = {"kd": objective_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
         if s.cache:
             extra["cache"] = self.keys["teacher_cache"]
         inputs = ("teacher_cache",) if s.cache else teacher_stage(s.teacher)
@@ -383,8 +371,8 @@ class Experiment:
 
     def stage_train_gkd(self) -> dict[str, Any]:
         """GKD: like SLKD, but with probability lambda a step's targets are sampled by the student itself."""
-        s, data = self.cfg.soft_kd, partial(self.kd_data, on_policy=self.cfg.gkd)
-        extra = {"kd": keyed_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
+        s, data = self.cfg.soft_kd, partial(self.kd_data, gkd=self.cfg.gkd)
+        extra = {"kd": objective_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
         extra["gkd"] = asdict(self.cfg.gkd)
         return self._train_stage("train_gkd", extra, data, teacher_stage(s.teacher))
 
@@ -397,16 +385,16 @@ class Experiment:
             tokenizer, test = self.models.tokenizer(), self.split("test")
             model, saved = self.models.system_for(system, g.engine)
             self.models.seed()
-            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}", **asdict(g)}
+            run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}"}
             return {
-                **translate_split(model, tokenizer, test, folder, self.processes, saved=saved, **run),
+                **translate_split(model, tokenizer, test, folder, g, self.processes, saved=saved, **run),
                 "device": str(self.device),
             }
 
         stage = system.trained_stage(self.scratch)
         m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
-        settings = {"system": name, "model": source, "generate": keyed_settings(g), "data": self.keys["data"]}
+        settings = {"system": name, "model": source, "generate": g.output_settings(), "data": self.keys["data"]}
         settings["seed"] = self.cfg.seed
         inputs = ("data", "tokenizer", *([stage] if stage else []))
         return self._stage(f"translate_{name}", settings, fn, inputs=inputs, collective=True)
@@ -433,7 +421,6 @@ class Experiment:
 
         metric_settings = {k: v for k, v in asdict(e).items() if k not in ("baseline", "bootstrap_samples")}
         settings = {"translations": self.keys[f"translate_{name}"], "eval": metric_settings}
-        settings["scores_format"] = SCORES_FORMAT
         return self._stage(f"evaluate_{name}", settings, fn, inputs=(f"translate_{name}",))
 
     def stage_significance(self) -> dict[str, Any]:
@@ -564,8 +551,8 @@ def processes_state(device: str) -> Any:
 
 
 def translate_split(
-    model: Any, tokenizer: Any, pairs: list[data_mod.Pair], folder: Path, processes: Any, saved: Any = None,
-    **generate: Any,
+    model: Any, tokenizer: Any, pairs: list[data_mod.Pair], folder: Path, cfg: GenerateConfig, processes: Any,
+    saved: Any = None, **run: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """``pairs`` translated into ``folder/translations.jsonl`` (src, ref, hyp per line, in order); returns the row's
     figures. With several processes each translates its share of the batches, and the main process writes the
@@ -577,7 +564,7 @@ def translate_split(
 
     shard = process_shard(processes)
     res, engine = translate_with_engine(
-        model, tokenizer, [p.src for p in pairs], work_dir=folder, shard=shard, saved=saved, **generate
+        model, tokenizer, [p.src for p in pairs], cfg, work_dir=folder, shard=shard, saved=saved, **run
     )
     release_vllm()
     if processes is not None:
@@ -587,16 +574,6 @@ def translate_split(
         write_jsonl(folder / "translations.jsonl", rows)
     n_params = count_parameters(model)["total"] if model is not None else saved_parameter_count(saved.folder)
     return {"parameters": n_params, **res.summary(), "engine": engine, "processes": shard[1]}
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. a container's or a `taskset`'s share)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _sha256(path: str | None) -> str | None:
@@ -625,6 +602,12 @@ def extra_label_sources(cfg: ExperimentConfig) -> list[str]:
     return unused[: h.extra_sources]
 
 
+def objective_settings(s: SoftKDConfig) -> dict[str, Any]:
+    """What a logit-KD stage's output depends on from ``soft_kd`` (the cache's own settings key its stage)."""
+    keys = ("alpha", "temperature", "divergence", "beta", "chunk_size", "fused")
+    return {k: getattr(s, k) for k in keys}
+
+
 def teacher_stage(which: str) -> tuple[str, ...]:
     """The stage a KD stage reads its teacher from: the fine-tuning stage, or none for the base model."""
     return ("train_teacher",) if which == "finetuned" else ()
@@ -650,18 +633,20 @@ def compare_run_rows(
 def train_and_save(
     model: Any,
     tokenizer: Any,
-    examples: list[dict],
-    valid: list[dict],
+    data: tuple[list[dict], list[dict]],
     folder: Path,
+    cfg: TrainConfig,
+    objective: Any = None,
     processes: Any = None,
-    **train_args: Any,
+    **run: Any,
 ) -> dict[str, Any]:
-    """Train (resuming from ``folder``'s checkpoints), then save the model to ``folder/model`` atomically."""
+    """Train on ``data`` (training and validation examples; resuming from ``folder``'s checkpoints), then save the
+    model to ``folder/model`` atomically. ``run``: the other keyword arguments of :func:`distillmt.train.train`."""
     from distillmt.engines import full_state_dict
     from distillmt.models import count_parameters, save_trained
     from distillmt.train import train
 
-    summary = train(model, examples, valid, folder, pad_token_id=tokenizer.pad_token_id, **train_args)
+    summary = train(model, *data, folder, cfg, objective, pad_token_id=tokenizer.pad_token_id, **run)
     state = full_state_dict(model)  # under FSDP the processes gather their shards; else None
     if processes is None or processes.is_main_process:  # under DDP the processes all hold the same weights
         shutil.rmtree(folder / "model.tmp", ignore_errors=True)
@@ -697,3 +682,15 @@ def run_experiment(
         return Experiment(cfg, progress=progress, store=store).run_all(command)
     except FileNotFoundError as e:
         raise DistillmtError(f"missing file: {e.filename}") from None
+
+
+def train_role(cfg: ExperimentConfig, role: str, *, progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Fine-tune one model of the experiment alone (``role``: teacher or student) with the stages it needs (data,
+    tokenizer); returns the training stage's result and the folder of the trained model."""
+    preflight(cfg)
+    exp = Experiment(cfg, progress=progress)
+    exp.stage_data()
+    if exp.scratch:
+        exp.stage_tokenizer()
+    result = exp.stage_train_teacher() if role == "teacher" else exp.stage_train_student()
+    return result, exp.run.root / f"train_{role}" / "model"

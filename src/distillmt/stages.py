@@ -35,6 +35,9 @@ from distillmt.io import file_lock, read_json, write_json
 
 log = logging.getLogger("distillmt.stages")
 
+# What a stage's key hashes: the settings the stage declares it reads. Version 2 (distillmt 0.2) replaced whole config
+# sections by the keys each stage reads; a stage made under another version is recomputed once.
+KEY_FORMAT = 2
 STAGE_FILE = "stage.json"
 PENDING_FILE = "pending.json"
 NOT_OUTPUTS = {STAGE_FILE, PENDING_FILE, "metrics.jsonl", "tensorboard", "checkpoints"}
@@ -189,6 +192,12 @@ class RunFolder:
                 return {"skip": (info["result"], timing, _digest(info.get("outputs", {})))}
             reason = problem or "a stage it reads from was rebuilt with other output"
             log.warning("stage %-22s %s: running it again (the old output stays until then)", name, reason)
+        elif info is not None and info.get("key_format") != KEY_FORMAT:
+            log.warning(
+                "stage %-22s was made by an older distillmt, whose stage keys differ: it is recomputed once (its old "
+                "output stays until the new one is complete; nothing to do)",
+                name,
+            )
         elif info is not None:
             log.info("stage %-22s settings changed (key %s -> %s): running it again", name, info.get("key"), key)
         finished = (folder / STAGE_FILE).exists()  # complete but stale, damaged, or unreadable: replace, not delete
@@ -209,7 +218,8 @@ class RunFolder:
         """Record a stage that ran: its outputs in ``stage.json`` (written last), then swap it in and link it."""
         work, seconds = Path(plan["work"]), time.time() - plan["start"]
         outputs = list_outputs(work)
-        record = {"stage": name, "key": key, "settings": settings, "result": result, "outputs": outputs}
+        record = {"stage": name, "key": key, "key_format": KEY_FORMAT, "settings": settings, "result": result}
+        record["outputs"] = outputs
         record.update(inputs=plan["upstream"], seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json(work / STAGE_FILE, record)
         (work / PENDING_FILE).unlink(missing_ok=True)

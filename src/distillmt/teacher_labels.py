@@ -11,6 +11,7 @@ reuses exactly the shards those settings still describe and generates the rest; 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 from distillmt.data import Pair
 from distillmt.generate import SavedModel, process_shard, reference_select, release_vllm, translate_with_engine
 from distillmt.io import read_jsonl, write_jsonl
+from distillmt.sections import GenerateConfig
 
 log = logging.getLogger("distillmt.teacher_labels")
 
@@ -34,9 +36,9 @@ def build_teacher_labels(
     load_teacher: Callable[[], tuple[Any, Any]],
     pairs: list[Pair],
     out_dir: str | Path,
+    decoding: GenerateConfig,
     *,
     identity: dict[str, Any],
-    decoding: dict[str, Any],
     num_candidates: int = 1,
     selection: str = "score",
     shard_size: int = 256,
@@ -49,8 +51,7 @@ def build_teacher_labels(
 
     ``load_teacher()`` returns ``(model, tokenizer)``; it is called only when a shard is missing, so a rerun whose
     shards all exist loads nothing. ``identity`` names the teacher (it goes into the shard hashes with the decoding
-    settings). ``decoding`` holds :func:`distillmt.generate.translate`'s decoding arguments (a ``GenerateConfig`` as
-    a dict); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
+    settings). ``decoding``: how the teacher translates (engine and decoding); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
     with ``do_sample``) and one is kept by ``selection``: ``score`` (the teacher's), ``mbr`` (chrF against the
     other candidates) or ``reference`` (chrF against the source's reference; by score where it has none). Shard
     ``i`` is decoded with seed ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens",
@@ -66,14 +67,13 @@ def build_teacher_labels(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "teacher": identity,
-        "decoding": decoding,
+        "decoding": decoding.output_settings(),
         "num_candidates": num_candidates,
         "selection": selection,
         "seed": seed,
     }
-    decode = {"engine": "hf", "quantization": "int8", **decoding}
-    if not decode["do_sample"]:  # n-best from beam search: at least as many beams as candidates
-        decode["num_beams"] = max(decode["num_beams"], num_candidates)
+    if not decoding.do_sample:  # n-best from beam search: at least as many beams as candidates
+        decoding = dataclasses.replace(decoding, num_beams=max(decoding.num_beams, num_candidates))
     engines = set()
     model = tokenizer = None
     loaded = False
@@ -92,7 +92,7 @@ def build_teacher_labels(
             model,
             tokenizer,
             [p.src for p in chunk],
-            **decode,
+            decoding,
             num_return_sequences=num_candidates,
             selection="score" if selection == "reference" else selection,
             seed=seed + i,

@@ -1,0 +1,144 @@
+"""Training checkpoints: written whole or not at all, the last two kept, and resumed from the newest usable one.
+
+A checkpoint folder ``step-NNNNNNN/`` holds the trainable weights (safetensors), the optimizer and scheduler state
+(``torch.load(weights_only=True)``) and ``state.json`` (step, tokens seen, seconds trained). Under FSDP and
+DeepSpeed the processes gather their shards first and the optimizer state is keyed by parameter name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillmt import engines
+from distillmt.errors import DistillmtError
+from distillmt.io import atomic_write_bytes, write_json
+
+log = logging.getLogger("distillmt.train")
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (a folder gets its final name only once complete)."""
+    return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def save_checkpoint(
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, accelerator: Any = None
+) -> None:
+    """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed). The
+    previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
+    processes the main one writes it and the others wait (under DDP they hold the same state; under FSDP and
+    DeepSpeed they first gather their shards, and the optimizer state is keyed by parameter name)."""
+    main = accelerator is None or accelerator.is_main_process
+    gathered = engines.gathered(model)
+    if gathered or main:  # under FSDP and DeepSpeed every process takes part in gathering
+        trainable, opt_state = engines.trained_state(model, optimizer)
+    if main:
+        _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), {**state, "sharded": gathered})
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(ckpt_dir: Path, trainable: dict, opt_state: dict, sched_state: dict, state: dict) -> None:
+    import io
+
+    from safetensors.torch import save_file
+
+    final = ckpt_dir / f"step-{state['step']:07d}"
+    tmp = ckpt_dir / f"step-{state['step']:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    for name, obj in (("optimizer.pt", opt_state), ("scheduler.pt", sched_state)):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        atomic_write_bytes(tmp / name, buf.getvalue())
+    write_json(tmp / "state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(ckpt_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """Read every file of a checkpoint first, then apply it: a damaged file raises before the model is touched."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(k), (int, float)) for k in ("step", "tokens_seen", "train_seconds")
+    ):
+        raise ValueError("state.json lacks step, tokens_seen or train_seconds")
+    trainable = load_file(str(path / "trainable.safetensors"))
+    opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    sched_state = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(params):
+        raise DistillmtError(
+            f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
+        )
+    was, now = bool(state.get("sharded", False)), engines.gathered(model)
+    if was != now:
+        how = {True: "under FSDP or DeepSpeed", False: "without FSDP or DeepSpeed"}
+        raise DistillmtError(
+            f"checkpoint {path} was written {how[was]}; this run is {how[now]}: launch as before to resume"
+        )
+    engines.load_trained_state(model, optimizer, trainable, opt_state)
+    scheduler.load_state_dict(sched_state)
+    return state
+
+
+@dataclass
+class Progress:
+    """What a checkpoint's state.json records besides the weights."""
+
+    step: int
+    total_steps: int
+    tokens_seen: int
+    train_seconds: float
+
+    def advance(self, tokens: int, seconds: float) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / max(self.train_seconds, 1e-9)
+
+    def summary(self, valid_ce: float | None, resumed_from: Path | None) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "valid_ce": valid_ce,
+            "resumed_from": resumed_from.name if resumed_from is not None else None,
+        }
+
+
+def resume(
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, total_steps: int
+) -> tuple[Progress, Path | None]:
+    """Load the newest usable checkpoint; a damaged one falls back to the one before, none usable restarts at 0."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except DistillmtError:
+            raise
+        except Exception as e:  # truncated or unreadable file: any of safetensors', torch's or json's errors
+            log.warning("checkpoint %s is damaged (%s: %s): trying the one before", path, type(e).__name__, e)
+            continue
+        if state.get("total_steps") != total_steps:
+            raise DistillmtError(f"checkpoint {path} was made for {state.get('total_steps')} steps, not {total_steps}")
+        log.info("resuming %s from %s", ckpt_dir.parent.name, path.name)
+        return Progress(state["step"], total_steps, state["tokens_seen"], state["train_seconds"]), path
+    if list_checkpoints(ckpt_dir):
+        log.warning("no usable checkpoint in %s: this training stage starts again from step 0", ckpt_dir)
+    return Progress(0, total_steps, 0, 0.0), None
