@@ -43,3 +43,154 @@ def build_tiny_qwen(
 def tiny_qwen():
     """The :func:`build_tiny_qwen` factory, for tests that build several models."""
     return build_tiny_qwen
+
+
+# The micro experiment: every stage of the pipeline on a few dozen pairs with tiny scratch models (a few seconds per
+# stage on a CPU). Used as command-line overrides by the pipeline, export, sweep, kill and DDP tests.
+MICRO = [
+    "systems=[TEACHER,STUDENT,HLKD,SLKD,GKD]",
+    "tokenizer_vocab_size=300",
+    "data.train_size=40",
+    "data.valid_size=6",
+    "data.test_size=6",
+    "teacher.scratch={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
+    "student.scratch={hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 32}",
+    "train_teacher={max_steps: 4, batch_size: 8, save_every: 2, log_every: 2}",
+    "train_student={max_steps: 3, batch_size: 8, save_every: 2, log_every: 1}",
+    "generate={max_new_tokens: 6, batch_size: 4}",
+    "hard_kd={shard_size: 16, decoding: {max_new_tokens: 6}}",
+    "gkd.max_new_tokens=6",
+    "eval.bertscore=false",
+]
+
+
+def micro_cfg(tmp_path, *extra: str):
+    """The :data:`MICRO` config writing under ``tmp_path/micro`` (``name=...`` in ``extra`` renames the folder)."""
+    from distillmt.config import load_config
+
+    return load_config(None, [*MICRO, f"output_dir={tmp_path}", "name=micro", *extra])
+
+
+# Hand-built run reports (no training) for the report and plot tests.
+SHA = "ab" * 32
+BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0"
+CHRF_SIG = "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"
+BS_SIG = "store:multilingual-e5-small_L9_no-idf_version=0.3.13(hug_trans=5.24.0)_fast-tokenizer"
+REASON = "could not load model 'bert-base-chinese': the hub did not answer"
+
+
+def make_scores(p=None, r=None, f=None, chrf=0.0, bleu=0.0, *, n=300, sha=SHA):
+    """One row's metric entries as ``evaluate`` writes them; BERTScore unavailable (``REASON``) when ``f`` is None."""
+    if f is None:
+        bertscore = {
+            "name": "BERTScore",
+            "score": None,
+            "signature": None,
+            "columns": {"BERTScore P": None, "BERTScore R": None, "BERTScore F1": None},
+            "decimals": 4,
+            "unavailable": REASON,
+        }
+    else:
+        bertscore = {
+            "name": "BERTScore",
+            "score": f,
+            "signature": BS_SIG,
+            "columns": {"BERTScore P": p, "BERTScore R": r, "BERTScore F1": f},
+            "decimals": 4,
+            "note": f"mean over {n} sentences, no baseline rescaling",
+        }
+    return {
+        "n": n,
+        "refs_sha256": sha,
+        "bertscore": bertscore,
+        "chrf": {"name": "chrF", "score": chrf, "signature": CHRF_SIG, "columns": {"chrF": chrf}, "decimals": 2},
+        "bleu": {"name": "BLEU", "score": bleu, "signature": BLEU_SIG, "columns": {"BLEU": bleu}, "decimals": 2},
+    }
+
+
+def make_report(**rows):
+    """A run report (results.json) with one row per ``NAME=(scores, translation)``."""
+    return {
+        "name": "default",
+        "command": "distillmt run",
+        "systems": {
+            name: {"scores": scores, "translation": translation, "settings": f"{name} settings"}
+            for name, (scores, translation) in rows.items()
+        },
+        "stages": {"data": {"seconds": 0.84, "skipped": False}, "evaluate_TEACHER": {"seconds": 3.0, "skipped": True}},
+        "wall_seconds": 720.04,
+        "machine": {"device": "cpu", "cpus": 2, "torch": "2.13.0", "platform": "Linux"},
+    }
+
+
+def two_rows():
+    """TEACHER with every metric, STUDENT without BERTScore; no significance test."""
+    return make_report(
+        TEACHER=(
+            make_scores(0.77031, 0.71344, 0.73951, 9.8012, 8.4149),
+            {"parameters": 3_200_123, "tokens_per_s": 3785.4},
+        ),
+        STUDENT=(make_scores(chrf=5.2849, bleu=2.7213), {"parameters": 305_321, "tokens_per_s": 8692.2}),
+    )
+
+
+def significance_entry(score, low, high, p):
+    """One paired-bootstrap record of a row's metric (``p`` None for the baseline)."""
+    significant = None if p is None else p < 0.05
+    return {
+        "score": score,
+        "mean": (low + high) / 2,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "significant": significant,
+    }
+
+
+def with_significance():
+    """Three rows, STUDENT the baseline; TEACHER differs on every metric, HLKD on BERTScore F1 only."""
+    report = make_report(
+        TEACHER=(
+            make_scores(0.77031, 0.71344, 0.73951, 9.8012, 8.4149),
+            {"parameters": 3_200_123, "tokens_per_s": 3785.4},
+        ),
+        STUDENT=(
+            make_scores(0.69891, 0.61782, 0.65384, 5.2849, 2.7213),
+            {"parameters": 305_321, "tokens_per_s": 8692.2},
+        ),
+        HLKD=(make_scores(0.74231, 0.67191, 0.70372, 5.4012, 2.9911), {"parameters": 305_321, "tokens_per_s": 9463.0}),
+    )
+    rows = {
+        "TEACHER": [
+            (0.73951, 0.73012, 0.74903, 0.000999),
+            (9.8012, 9.1012, 10.5211, 0.000999),
+            (8.4149, 7.6, 9.3, 0.001),
+        ],
+        "STUDENT": [(0.65384, 0.64401, 0.66302, None), (5.2849, 4.8012, 5.7533, None), (2.7213, 2.3022, 3.2011, None)],
+        "HLKD": [
+            (0.70372, 0.6941, 0.713, 0.000999),
+            (5.4012, 4.9012, 5.9022, 0.3127),
+            (2.9911, 2.5023, 3.4988, 0.2448),
+        ],
+    }
+    systems = {}
+    for name, records in rows.items():
+        systems[name] = {}
+        for key, (score, low, high, p) in zip(("bertscore", "chrf", "bleu"), records, strict=True):
+            systems[name][key] = significance_entry(score, low, high, p)
+    report["significance"] = {
+        "baseline": "STUDENT",
+        "test": "paired bootstrap resampling",
+        "n_samples": 1000,
+        "seed": 12345,
+        "confidence": 0.95,
+        "alpha": 0.05,
+        "signatures": {
+            "bertscore": "mean of sentence scores|bs:1000|seed:12345",
+            "chrf": "nrefs:1|bs:1000|seed:12345|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
+            "bleu": "nrefs:1|bs:1000|seed:12345|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0",
+        },
+        "systems": systems,
+        "identical_to_baseline": [],
+    }
+    return report

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(
     from conftest import build_tiny_qwen
     from distillmt.engines import full_state_dict, leave_process_group
     from distillmt.models import save_trained
+    from distillmt.sections import TrainConfig
     from distillmt.train import train
 
     out = Path(sys.argv[1])
@@ -40,11 +41,9 @@ SCRIPT = textwrap.dedent(
         for n, p in model.named_parameters():
             if "lora_" in n:  # lora_B away from zero: the adapters change the outputs from the first step on
                 torch.nn.init.normal_(p, std=0.1)
-    summary = train(
-        model, examples, examples[:3], out, pad_token_id=0, max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
-        warmup_ratio=0.0, schedule="constant", save_every=2, log_every=1, progress=False, device="cpu",
-        mixed_precision=os.environ.get("MIXED_PRECISION", "auto"),
-    )
+    budget = TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, warmup_ratio=0.0, schedule="constant",
+                         save_every=2, log_every=1, mixed_precision=os.environ.get("MIXED_PRECISION", "auto"))
+    summary = train(model, examples, examples[:3], out, budget, pad_token_id=0, progress=False, device="cpu")
     state = full_state_dict(model)  # under FSDP every process takes part in gathering the shards
     if int(os.environ.get("RANK", "0")) == 0:
         state = state or {{n: p.detach() for n, p in model.named_parameters()}}
@@ -216,7 +215,7 @@ def test_distillmt_run_on_two_processes(tmp_path):
     The same with the shipped FSDP config (`--config_file configs/accelerate/fsdp.yaml`): each process holds half of
     every parameter, and the saved models hold the whole weights (the same translations), GKD's on-policy sampling
     included; and with the DeepSpeed ZeRO-2 one, where DeepSpeed is installed."""
-    from test_pipeline import MICRO
+    from conftest import MICRO
 
     from distillmt.io import read_json
 
@@ -277,6 +276,7 @@ GENERATION_SCRIPT = textwrap.dedent(
     from distillmt.logit_cache import build_teacher_cache
     from distillmt.models import train_bpe_tokenizer
     from distillmt.pipeline import processes_state, translate_split
+    from distillmt.sections import GenerateConfig
     from distillmt.teacher_labels import build_teacher_labels, read_label_pairs
 
     out = Path(sys.argv[1])
@@ -285,12 +285,10 @@ GENERATION_SCRIPT = textwrap.dedent(
     pairs = [Pair(" ".join(words[i % 5 : i % 5 + 2 + i % 7]), "") for i in range(23)]
     tok = train_bpe_tokenizer([p.src for p in pairs] * 5 + ["你好世界"] * 20, 300, out / "tok")
     model = build_tiny_qwen(len(tok), hidden_size=32, seed=2, pad_token_id=tok.pad_token_id).eval()
-    decoding = {{"batch_size": 3, "max_new_tokens": 4, "num_beams": 1, "length_penalty": 1.0, "do_sample": True,
-                "temperature": 1.5, "top_k": 0, "top_p": 1.0}}
-    result = build_teacher_labels(lambda: (model, tok), pairs, out / "labels", identity={{"t": 1}}, decoding=decoding,
+    decoding = GenerateConfig(batch_size=3, max_new_tokens=4, do_sample=True, temperature=1.5)
+    result = build_teacher_labels(lambda: (model, tok), pairs, out / "labels", decoding, identity={{"t": 1}},
                                   shard_size=4, progress=False, processes=processes)
-    test = translate_split(model, tok, pairs, out, processes, **decoding, engine="hf", quantization="int8",
-                           seed=5, progress=False)
+    test = translate_split(model, tok, pairs, out, decoding, processes, seed=5, progress=False)
     examples = []
     for p in pairs:
         ids = tok(p.src)["input_ids"] + [5, 6, 7]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_pipeline import micro_cfg
+from conftest import micro_cfg
 
 from distillmt.cli import main
 from distillmt.errors import DistillmtError
 from distillmt.export import export_system, exported_format
 from distillmt.io import read_jsonl
 from distillmt.pipeline import run_experiment
+from distillmt.sections import GenerateConfig
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +100,13 @@ def test_ct2_engine_in_the_pipeline_translates_and_labels(tmp_path):
         assert len(a) == len(b) and sum(x == y for x, y in zip(a, b, strict=True)) >= len(a) - 2, name
 
 
-def test_engine_settings_key_a_stage_only_off_the_default():
-    from dataclasses import replace
+def test_the_quantization_keys_a_decoding_stage_only_under_ct2():
+    from distillmt.sections import GenerateConfig
 
-    from distillmt.config import GenerateConfig, keyed_settings
-
-    assert "engine" not in keyed_settings(GenerateConfig())  # stage keys of earlier runs stay valid
-    ct2 = keyed_settings(replace(GenerateConfig(), engine="ct2"))
-    assert ct2["engine"] == "ct2" and "quantization" not in ct2  # at its default, as every added key
-    assert keyed_settings(replace(GenerateConfig(), engine="ct2", quantization="float32"))["quantization"] == "float32"
+    hf = GenerateConfig().output_settings()
+    assert hf["engine"] == "hf" and "quantization" not in hf  # hf does not read it
+    ct2 = GenerateConfig(engine="ct2", quantization="float32").output_settings()
+    assert ct2["engine"] == "ct2" and ct2["quantization"] == "float32"
     with pytest.raises(DistillmtError, match="engine=ct2 gives one label per source"):
         micro_cfg(__import__("pathlib").Path("/tmp"), "hard_kd.decoding.engine=ct2", "hard_kd.num_candidates=2")
 
@@ -149,8 +148,8 @@ def test_vllm_engine_with_a_stand_in(tmp_path, monkeypatch):
 
     model = build_tiny_qwen(len(tok), pad_token_id=tok.pad_token_id).to(torch.bfloat16)
     res, engine = translate_with_engine(
-        model, tok, ["Hello.", "World!"], engine="vllm", quantization="int8", work_dir=tmp_path / "stage",
-        max_new_tokens=7, num_beams=1, do_sample=False, num_return_sequences=1, selection="score", seed=3,
+        model, tok, ["Hello.", "World!"], GenerateConfig(engine="vllm", max_new_tokens=7), work_dir=tmp_path / "stage",
+        num_return_sequences=1, selection="score", seed=3,
     )  # fmt: skip
     assert engine == "vllm bfloat16"
     assert (tmp_path / "stage" / "vllm-model" / "config.json").exists()  # the model vLLM loads, saved once
@@ -201,10 +200,10 @@ def test_vllm_loads_the_lora_adapter_itself_and_keeps_one_engine(tmp_path, fake_
     assert saved_parameter_count(tmp_path / "nowhere") is None
     apply_lora(base, r=12, alpha=24, dropout=0.0, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "ad")
     saved = SavedModel(str(tmp_path / "base"), str(tmp_path / "ad"), "bfloat16")
-    args = {"engine": "vllm", "quantization": "int8", "work_dir": tmp_path / "stage", "saved": saved}
-    args.update(max_new_tokens=5, num_beams=1, do_sample=False, num_return_sequences=1, selection="score")
-    res, engine = translate_with_engine(None, tok, ["Hello.", "World!"], **args)
-    translate_with_engine(None, tok, ["Again."], **args)  # the next shard: the same engine
+    vllm = GenerateConfig(engine="vllm", max_new_tokens=5)
+    args = {"work_dir": tmp_path / "stage", "saved": saved, "num_return_sequences": 1, "selection": "score"}
+    res, engine = translate_with_engine(None, tok, ["Hello.", "World!"], vllm, **args)
+    translate_with_engine(None, tok, ["Again."], vllm, **args)  # the next shard: the same engine
     assert engine == "vllm bfloat16 + LoRA" and res.hypotheses[0].startswith("T:")
     inits = [c[1] for c in fake_vllm.calls if c[0] == "LLM"]
     assert len(inits) == 1 and inits[0]["model"] == str(tmp_path / "base")
@@ -214,10 +213,10 @@ def test_vllm_loads_the_lora_adapter_itself_and_keeps_one_engine(tmp_path, fake_
     assert not (tmp_path / "stage" / "vllm-model").exists()  # nothing merged, nothing saved
     release_vllm()
     plain = SavedModel(str(tmp_path / "base"), None, "float32")
-    assert translate_with_engine(None, tok, ["x"], **{**args, "saved": plain})[1] == "vllm float32"
+    assert translate_with_engine(None, tok, ["x"], vllm, **{**args, "saved": plain})[1] == "vllm float32"
     assert len([c for c in fake_vllm.calls if c[0] == "LLM"]) == 2 and "enable_lora" not in fake_vllm.calls[-2][1]
     with pytest.raises(ValueError, match="model is None"):
-        translate_with_engine(None, tok, ["x"], **{**args, "engine": "hf"})
+        translate_with_engine(None, tok, ["x"], GenerateConfig(), **args)
 
 
 def test_vllm_lora_rank_is_one_vllm_accepts(tmp_path):
@@ -297,12 +296,13 @@ def test_shards_of_several_processes_merge_into_one_process_output(run_dir, tmp_
         model.lm_head.weight.mul_(30.0)  # a random but decisive model: varied greedy output
     words = "the cat sat on a mat and we saw it there every day".split()
     sources = [" ".join(words[: 2 + i]) for i in range(11)]
-    args = {"engine": engine, "quantization": "float32", "work_dir": tmp_path, "max_new_tokens": 5, "batch_size": 3}
     # sampling for hf (CTranslate2 samples from per-thread generators that no seed resets: its sampled output
     # depends on the process count; its greedy output does not)
-    args.update(do_sample=engine == "hf", temperature=1.5, top_k=0, top_p=1.0, seed=4)
-    one, _ = translate_with_engine(model, tok, sources, **args)
-    parts = [translate_with_engine(model, tok, sources, shard=(r, 3), **args)[0] for r in range(3)]
+    cfg = GenerateConfig(engine=engine, quantization="float32", max_new_tokens=5, batch_size=3,
+                         do_sample=engine == "hf", temperature=1.5)  # fmt: skip
+    args = {"work_dir": tmp_path, "seed": 4}
+    one, _ = translate_with_engine(model, tok, sources, cfg, **args)
+    parts = [translate_with_engine(model, tok, sources, cfg, shard=(r, 3), **args)[0] for r in range(3)]
     assert all(sum(h is not None for h in p.hypotheses) < len(sources) for p in parts)  # each did a share
     merged = merge_shards(parts)
     if engine != "ct2":  # (greedy, this random model says the same thing to every source)

@@ -6,6 +6,7 @@ from conftest import build_tiny_qwen
 
 from distillmt.generate import translate
 from distillmt.prompts import pad_left
+from distillmt.sections import GenerateConfig
 
 CHAT = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -35,6 +36,14 @@ def chat_model(tmp_path_factory):
     return model.eval(), tok
 
 
+def split(args: dict) -> tuple[GenerateConfig, dict]:
+    """Keyword arguments as the decoding section and the rest (seed, progress, candidates, ...)."""
+    names = GenerateConfig.__dataclass_fields__
+    return GenerateConfig(**{k: v for k, v in args.items() if k in names}), {
+        k: v for k, v in args.items() if k not in names
+    }
+
+
 def test_prefix_inputs_put_the_shared_prefix_first_and_pad_the_rest_on_the_left():
     enc = pad_left([[5, 6, 7, 8], [5, 6, 9]], 0, shared=2)
     assert enc["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 0, 9]]
@@ -61,10 +70,11 @@ def test_translation_with_the_shared_prompt_prefix_run_once_is_the_same(chat_mod
 
     monkeypatch.setattr(model, "generate", spy)
     args = {"batch_size": 4, "max_new_tokens": 6, "seed": 1, "progress": False, **decoding}
-    shared = translate(model, tok, SOURCES, **args)
+    cfg, run = split(args)
+    shared = translate(model, tok, SOURCES, cfg, **run)
     assert len(caches) == 2 and all(c is not None for c in caches)
     caches.clear()
-    whole = translate(model, tok, SOURCES, share_prefix=False, **args)
+    whole = translate(model, tok, SOURCES, cfg, share_prefix=False, **run)
     assert caches == [None, None]
     assert shared.candidates == whole.candidates and shared.hypotheses == whole.hypotheses
     assert shared.generated_tokens == whole.generated_tokens > 0
@@ -78,7 +88,7 @@ def test_prompts_without_a_long_shared_prefix_are_not_cached(chat_model, monkeyp
     caches = []
     real_generate = model.generate
     monkeypatch.setattr(model, "generate", lambda *a, **k: caches.append(k.get("cache")) or real_generate(*a, **k))
-    out = translate(model, tok, SOURCES, batch_size=4, max_new_tokens=4, progress=False)
+    out = translate(model, tok, SOURCES, GenerateConfig(batch_size=4, max_new_tokens=4), progress=False)
     assert caches == [None, None] and len(out.hypotheses) == len(SOURCES)
 
 
@@ -92,11 +102,12 @@ def test_ct2_static_prompt_gives_the_same_translations(chat_model, tmp_path, dec
     model, tok = chat_model
     folder = convert_to_ct2(model, tok, tmp_path / "ct2", "float32")
     args = {"batch_size": 4, "max_new_tokens": 6, "progress": False, **decoding}
-    shared = translate_ct2(str(folder), tok, SOURCES, **args)
-    whole = translate_ct2(str(folder), tok, SOURCES, share_prefix=False, **args)
+    cfg, run = split(args)
+    shared = translate_ct2(str(folder), tok, SOURCES, cfg, **run)
+    whole = translate_ct2(str(folder), tok, SOURCES, cfg, share_prefix=False, **run)
     assert shared.hypotheses == whole.hypotheses and shared.generated_tokens == whole.generated_tokens > 0
     if not decoding:
-        assert shared.hypotheses == translate(model, tok, SOURCES, **args).hypotheses
+        assert shared.hypotheses == translate(model, tok, SOURCES, cfg, **run).hypotheses
 
 
 def test_reference_selection_keeps_the_candidate_closest_to_the_reference():
@@ -117,13 +128,12 @@ def test_labels_by_reference_pick_the_candidate_nearest_the_reference_and_fall_b
     from distillmt.teacher_labels import build_teacher_labels
 
     model, tok = chat_model
-    decoding = {"batch_size": 4, "max_new_tokens": 6, "num_beams": 1, "length_penalty": 1.0, "do_sample": False,
-                "temperature": 1.0, "top_k": 0, "top_p": 1.0}  # fmt: skip
+    decoding = GenerateConfig(batch_size=4, max_new_tokens=6)
 
     def labels(selection: str, refs: list[str]) -> list[dict]:
         pairs = [Pair(s, r) for s, r in zip(SOURCES, refs, strict=True)]
         out = tmp_path / selection
-        result = build_teacher_labels(lambda: (model, tok), pairs, out, identity={"t": 1}, decoding=decoding,
+        result = build_teacher_labels(lambda: (model, tok), pairs, out, decoding, identity={"t": 1},
                                       num_candidates=4, selection=selection, shard_size=4, progress=False)  # fmt: skip
         return [r for name in result["shards"] for r in read_jsonl(out / name)]
 

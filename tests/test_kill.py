@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import MICRO
+from conftest import MICRO
 
 from distillmt.io import read_json
 

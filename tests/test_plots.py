@@ -8,30 +8,24 @@ import json
 import math
 
 import pytest
-from test_report import two_rows, with_significance
+from conftest import two_rows, with_significance
 
-import distillmt.report
+import distillmt.plots
 from distillmt.cli import main
-from distillmt.report import (
-    line_labels,
-    log_scale,
-    rewrite_run_report,
-    save_plot,
-    score_plot,
-    training_plot,
-    write_report,
-)
-from distillmt.sweep import (
-    Point,
-    Sweep,
-    _csv,
+from distillmt.metrics import METRICS, Metric
+from distillmt.plots import (
     bars_plot,
     grid_lines_plot,
     heatmap_plot,
     key_lines_plot,
-    rewrite_sweep_report,
-    write_sweep_report,
+    line_labels,
+    log_scale,
+    save_plot,
+    score_plot,
+    training_plot,
 )
+from distillmt.report import rewrite_run_report, write_report
+from distillmt.sweep import Point, Sweep, _csv, load_sweep, rewrite_sweep_report, write_sweep_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +164,7 @@ def test_a_failing_plot_costs_only_that_plot_and_stale_plots_go(tmp_path, monkey
     def broken(report, key):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(distillmt.report, "score_plot", broken)
+    monkeypatch.setattr(distillmt.plots, "score_plot", broken)
     write_report(root, report)
     text = (root / "results.md").read_text(encoding="utf-8")
     assert "| TEACHER |" in text and "Plot scores_chrf not drawn: RuntimeError: no fonts." in text
@@ -179,6 +173,52 @@ def test_a_failing_plot_costs_only_that_plot_and_stale_plots_go(tmp_path, monkey
         "training_train_slkd.png",
         "training_train_teacher.png",
     ]
+
+
+def _add_comet(report):
+    """A metric the code has never heard of, as a new metric function in distillmt.metrics would write it."""
+    for value, row in zip((0.81234, 0.70111, 0.75022), report["systems"].values(), strict=True):
+        entry = {"name": "COMET", "score": value, "signature": "wmt22-comet-da", "columns": {"COMET": value}}
+        row["scores"]["comet"] = {**entry, "decimals": 3}
+    return report
+
+
+def test_a_new_metric_entry_gets_its_column_signature_and_plot_without_code_changes(tmp_path):
+    root, report = run_folder(tmp_path)
+    write_report(root, _add_comet(report))
+    text = (root / "results.md").read_text(encoding="utf-8")
+    assert text.splitlines()[4].startswith(
+        "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | COMET |"
+    )
+    assert "| TEACHER | 0.7703 |" in text and " | 0.812 | " in text
+    assert "- COMET: `wmt22-comet-da`\n" in text
+    assert (
+        "![scores_comet](plots/scores_comet.png)\n\n*COMET of each system, no error bars: no CIs were computed" in text
+    )
+    assert _png(root / "plots" / "scores_comet.png")
+    ax = score_plot(report, "comet").figure.axes[0]
+    assert ax.get_ylabel() == "COMET"  # its score column: no range is declared for it
+    assert [t.get_text() for t in ax.texts] == ["0.812", "0.701", "0.750"]
+
+
+def test_a_metric_declared_in_metrics_reaches_the_sweep_report_and_its_axis(tmp_path, monkeypatch):
+    monkeypatch.setitem(METRICS, "comet", Metric("comet", "COMET", "COMET", decimals=3, scale="0–1"))
+    assert score_plot(_add_comet(with_significance()), "comet").figure.axes[0].get_ylabel() == "COMET (0–1)"
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: s\ngrid: {soft_kd.temperature: [1.0, 2.0]}\nplot_metric: comet\n", encoding="utf-8")
+    assert load_sweep(path).plot_metric == "comet"
+    sweep = size_sweep(seeds=(0,))
+    sweep.plot_metric = "comet"
+    rows = _rows(sweep, size_score)
+    for row in rows:
+        row["comet"] = row["chrf"] / 100
+    write_sweep_report(sweep, tmp_path / "s", rows, command=None, runs=(3, 3))
+    text = (tmp_path / "s" / "report.md").read_text(encoding="utf-8")
+    assert "| point | data.train_size | system | chrf | bleu | comet | seeds |" in text
+    assert "| p00_train_size=2000 | 2000 | STUDENT | 7.30† (6.90–7.80) | 3.65 | 0.073 | 1 |" in text
+    assert "![comet_lines](comet_lines.png)\n\n*COMET against data.train_size (log-scale axis)" in text
+    plot = key_lines_plot(sweep, rows)
+    assert plot.figure.axes[0].get_ylabel() == "COMET (0–1)" and plot.name == "comet_lines.png"
 
 
 def test_log_scale_past_a_factor_of_ten():

@@ -6,76 +6,14 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import BLEU_SIG, BS_SIG, CHRF_SIG, REASON, two_rows, with_significance
+from conftest import make_report as _report
+from conftest import make_scores as _scores
 
 from distillmt.config import load_config
 from distillmt.errors import DistillmtError
-from distillmt.report import (
-    check_comparable,
-    describe_system,
-    markdown_report,
-    results_table,
-    significance_record,
-    write_report,
-)
-
-SHA = "ab" * 32
-BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0"
-CHRF_SIG = "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"
-BS_SIG = "store:multilingual-e5-small_L9_no-idf_version=0.3.13(hug_trans=5.24.0)_fast-tokenizer"
-REASON = "could not load model 'bert-base-chinese': the hub did not answer"
-
-
-def _scores(p=None, r=None, f=None, chrf=0.0, bleu=0.0, *, n=300, sha=SHA):
-    if f is None:
-        bertscore = {
-            "name": "BERTScore",
-            "score": None,
-            "signature": None,
-            "columns": {"BERTScore P": None, "BERTScore R": None, "BERTScore F1": None},
-            "decimals": 4,
-            "unavailable": REASON,
-        }
-    else:
-        bertscore = {
-            "name": "BERTScore",
-            "score": f,
-            "signature": BS_SIG,
-            "columns": {"BERTScore P": p, "BERTScore R": r, "BERTScore F1": f},
-            "decimals": 4,
-            "note": f"mean over {n} sentences, no baseline rescaling",
-        }
-    return {
-        "n": n,
-        "refs_sha256": sha,
-        "bertscore": bertscore,
-        "chrf": {"name": "chrF", "score": chrf, "signature": CHRF_SIG, "columns": {"chrF": chrf}, "decimals": 2},
-        "bleu": {"name": "BLEU", "score": bleu, "signature": BLEU_SIG, "columns": {"BLEU": bleu}, "decimals": 2},
-    }
-
-
-def _report(**rows):
-    return {
-        "name": "default",
-        "command": "distillmt run",
-        "systems": {
-            name: {"scores": scores, "translation": translation, "settings": f"{name} settings"}
-            for name, (scores, translation) in rows.items()
-        },
-        "stages": {"data": {"seconds": 0.84, "skipped": False}, "evaluate_TEACHER": {"seconds": 3.0, "skipped": True}},
-        "wall_seconds": 720.04,
-        "machine": {"device": "cpu", "cpus": 2, "torch": "2.13.0", "platform": "Linux"},
-    }
-
-
-def two_rows():
-    return _report(
-        TEACHER=(
-            _scores(0.77031, 0.71344, 0.73951, 9.8012, 8.4149),
-            {"parameters": 3_200_123, "tokens_per_s": 3785.4},
-        ),
-        STUDENT=(_scores(chrf=5.2849, bleu=2.7213), {"parameters": 305_321, "tokens_per_s": 8692.2}),
-    )
-
+from distillmt.plots import significance_record
+from distillmt.report import check_comparable, describe_system, markdown_report, results_table, write_report
 
 TABLE = (
     "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | translation tokens/s |\n"
@@ -215,64 +153,6 @@ def test_markdown_report_embeds_plots_with_captions():
         TABLE + "\n## Plots\n\n![scores_chrf](plots/scores_chrf.png)\n\n*chrF of each system.*\n\n"
         "Plot training_x not drawn: OSError: full.\n\n## Metric signatures\n"
     ) in text
-
-
-def _record(score, low, high, p):
-    significant = None if p is None else p < 0.05
-    return {
-        "score": score,
-        "mean": (low + high) / 2,
-        "ci_low": low,
-        "ci_high": high,
-        "p_value": p,
-        "significant": significant,
-    }
-
-
-def with_significance():
-    """Three rows, STUDENT the baseline; TEACHER differs on every metric, HLKD on BERTScore F1 only."""
-    report = _report(
-        TEACHER=(
-            _scores(0.77031, 0.71344, 0.73951, 9.8012, 8.4149),
-            {"parameters": 3_200_123, "tokens_per_s": 3785.4},
-        ),
-        STUDENT=(_scores(0.69891, 0.61782, 0.65384, 5.2849, 2.7213), {"parameters": 305_321, "tokens_per_s": 8692.2}),
-        HLKD=(_scores(0.74231, 0.67191, 0.70372, 5.4012, 2.9911), {"parameters": 305_321, "tokens_per_s": 9463.0}),
-    )
-    rows = {
-        "TEACHER": [
-            (0.73951, 0.73012, 0.74903, 0.000999),
-            (9.8012, 9.1012, 10.5211, 0.000999),
-            (8.4149, 7.6, 9.3, 0.001),
-        ],
-        "STUDENT": [(0.65384, 0.64401, 0.66302, None), (5.2849, 4.8012, 5.7533, None), (2.7213, 2.3022, 3.2011, None)],
-        "HLKD": [
-            (0.70372, 0.6941, 0.713, 0.000999),
-            (5.4012, 4.9012, 5.9022, 0.3127),
-            (2.9911, 2.5023, 3.4988, 0.2448),
-        ],
-    }
-    systems = {}
-    for name, records in rows.items():
-        systems[name] = {}
-        for key, (score, low, high, p) in zip(("bertscore", "chrf", "bleu"), records, strict=True):
-            systems[name][key] = _record(score, low, high, p)
-    report["significance"] = {
-        "baseline": "STUDENT",
-        "test": "paired bootstrap resampling",
-        "n_samples": 1000,
-        "seed": 12345,
-        "confidence": 0.95,
-        "alpha": 0.05,
-        "signatures": {
-            "bertscore": "mean of sentence scores|bs:1000|seed:12345",
-            "chrf": "nrefs:1|bs:1000|seed:12345|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
-            "bleu": "nrefs:1|bs:1000|seed:12345|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0",
-        },
-        "systems": systems,
-        "identical_to_baseline": [],
-    }
-    return report
 
 
 LEGEND = (

@@ -261,6 +261,58 @@ def test_identical_translations_are_not_tested():
     assert out["systems"]["TEACHER"]["chrf"]["significant"] is True
 
 
+def sacrebleu_p_values(hyps: dict[str, list[str]], refs: list[str], baseline: str) -> dict[str, dict[str, float]]:
+    """sacrebleu's own paired-bootstrap p-values, row -> metric key -> p (the baseline row left out)."""
+    from sacrebleu.metrics import BLEU
+
+    named = [(baseline, hyps[baseline]), *((n, h) for n, h in hyps.items() if n != baseline)]
+    metrics = {"chrf": CHRF(), "bleu": BLEU(tokenize="zh")}
+    _, results = PairedTest(named, metrics, [refs], test_type="bs", n_samples=1000)()
+    p = {name: {} for name in results["System"][1:]}
+    for key, score_name in (("chrf", "chrF2"), ("bleu", "BLEU")):
+        for name, result in zip(results["System"][1:], results[score_name][1:], strict=True):
+            p[name][key] = result.p_value
+    return p
+
+
+def test_rows_at_bleu_and_chrf_zero_are_a_tie_not_a_difference():
+    """The known case: two rows whose translations differ but share no character with the references (the wrong
+    language) score BLEU 0.00 and chrF 0.00 on every resample. sacrebleu's strict count gives 1/1001 and a †."""
+    refs, noisy = chinese_corpus(80, seed=4)
+    words = "the a cat dog sat ran on under mat house quickly slowly".split()
+    rng = np.random.default_rng(5)
+    english = [" ".join(rng.choice(words, size=5)) for _ in refs]
+    other = [" ".join(rng.choice(words, size=7)) for _ in refs]
+    hyps = {"STUDENT": english, "HLKD": other, "TEACHER": noisy(0.3)}
+    out = stats.compare_to_baseline(hyps, refs, "STUDENT")
+    assert out["identical_to_baseline"] == []
+    for key in ("chrf", "bleu"):
+        record = out["systems"]["HLKD"][key]
+        assert record["score"] == 0.0 == out["systems"]["STUDENT"][key]["score"]
+        assert record["p_value"] == 1.0 and record["significant"] is False, key
+        assert record["ci_low"] == record["ci_high"] == 0.0  # the CI stays as measured
+        assert out["systems"]["TEACHER"][key]["significant"] is True  # a real difference still is one
+    assert sacrebleu_p_values(hyps, refs, "STUDENT")["HLKD"] == {"chrf": 1 / 1001, "bleu": 1 / 1001}
+
+
+def test_rows_differing_only_in_spaces_tie_on_chrf_and_bleu():
+    """chrF drops whitespace and BLEU's zh tokenizer splits every Chinese character, so a row that differs from the
+    baseline only in the spaces between characters has its sentence statistics and every resampled score, non-zero
+    here, equal to the baseline's: a tie on each resample, so p = 1, not sacrebleu's 1/1001."""
+    refs, noisy = chinese_corpus(80, seed=6)
+    base = noisy(0.4)
+    spaced = [" ".join(t) if i % 2 else t for i, t in enumerate(base)]
+    hyps = {"STUDENT": base, "HLKD": spaced}
+    out = stats.compare_to_baseline(hyps, refs, "STUDENT")
+    assert out["identical_to_baseline"] == []
+    for key in ("chrf", "bleu"):
+        record, baseline = out["systems"]["HLKD"][key], out["systems"]["STUDENT"][key]
+        assert record["score"] == baseline["score"] > 10
+        assert record["p_value"] == 1.0 and record["significant"] is False, key
+        assert record["ci_low"] == baseline["ci_low"] < record["ci_high"] == baseline["ci_high"]
+    assert sacrebleu_p_values(hyps, refs, "STUDENT")["HLKD"] == {"chrf": 1 / 1001, "bleu": 1 / 1001}
+
+
 def test_rows_without_sentence_scores_get_no_such_metric():
     refs, noisy = chinese_corpus(30, seed=3)
     hyps = {"STUDENT": noisy(0.5), "TEACHER": noisy(0.2)}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from test_pipeline import MICRO
+from conftest import MICRO
 
 import distillmt.pipeline
 from distillmt.errors import DistillmtError

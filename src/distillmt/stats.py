@@ -1,8 +1,9 @@
 """Confidence intervals and significance: paired bootstrap resampling, the way sacrebleu does it.
 
 BLEU and chrF go through sacrebleu's own paired test (``sacrebleu.significance.PairedTest`` with ``test_type='bs'``),
-which resamples the sentence statistics and recomputes the corpus score. A metric that is a mean of sentence scores
-(BERTScore F1) goes through :func:`paired_bootstrap`, which copies sacrebleu's ``_paired_bs_test`` step for step:
+which resamples the sentence statistics and recomputes the corpus score, with one function of it replaced (see
+below). A metric that is a mean of sentence scores (BERTScore F1) goes through :func:`paired_bootstrap`, which copies
+sacrebleu's ``_paired_bs_test`` step for step:
 
 * resampling: ``numpy.random.default_rng(seed).choice(n, size=(n_samples, n), replace=True)``: the same index
   matrix sacrebleu draws for the same seed, shared by the system and the baseline (paired);
@@ -11,11 +12,14 @@ which resamples the sentence statistics and recomputes the corpus score. A metri
 * p-value: the observed difference ``|score(system) − score(baseline)|`` against the resampled absolute differences
   shifted to mean zero (the null hypothesis), ``p = (#{shifted > observed} + 1) / (n_samples + 1)`` in sacrebleu.
 
-One property of sacrebleu's p-value to know: a system identical to the baseline, sentence for sentence, gets
-``p = 1 / (n_samples + 1)``, not 1 (every resampled difference is 0, and none exceeds the observed 0), so it would be
-called significantly different from itself. :func:`p_value` counts ties too (``>=``), which gives p = 1 there and
-changes nothing else; and :func:`compare_to_baseline` does not run sacrebleu's test (BLEU, chrF) on a row whose
-translations equal the baseline's line for line: it records ``p = 1.0`` and ``identical_to_baseline: true``.
+One rule for ties, every metric and every test: a resample as extreme as the observed difference counts against
+significance (:func:`p_value` counts ``>=``). sacrebleu counts only strictly larger ones, so two rows whose metric ties
+on every resample (identical translations; translations that differ only where the metric does not look, such as
+spaces for chrF; both rows at BLEU 0.00) get its smallest p-value, ``1 / (n_samples + 1)``, and would be called
+significantly different. Counting ties gives p = 1 there and changes nothing else. For BLEU and chrF this means the
+p-value of sacrebleu's ``PairedTest`` is not used: :func:`_paired_bs_test` runs in its place, the same test with
+:func:`p_value`. :func:`compare_to_baseline` also does not test a row whose translations equal the baseline's line for
+line: it records ``p = 1.0`` and ``identical_to_baseline: true``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,45 @@ def paired_bootstrap(
     }
 
 
+def _paired_bs_test(
+    baseline_info: Mapping[str, tuple[Any, Any]],
+    sys_name: str,
+    hypotheses: Sequence[str],
+    references: Sequence[Sequence[str]] | None,
+    metrics: Mapping[str, Any],
+    n_samples: int = 1000,
+    n_ar_confidence: int = -1,
+    seed: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """sacrebleu's ``significance._paired_bs_test``, with its signature, for ``PairedTest`` to call in its place: the
+    same indices, float32 sentence statistics, corpus scores and CI, but the p-value from :func:`p_value`, so that a
+    resample on which the system ties with the baseline counts against significance for BLEU and chrF as for every
+    other metric. sacrebleu's p-value cannot be corrected afterwards: that needs the number of ties, and only the
+    resampled scores, which it does not return, give it."""
+    from sacrebleu.significance import Result
+    from sacrebleu.significance import estimate_ci as sacrebleu_estimate_ci
+
+    idxs = resample_indices(len(hypotheses), n_samples, seed)
+    results = {}
+    for name, metric in metrics.items():
+        bl_stats, bl_result = baseline_info[name]
+        sys_stats = metric._extract_corpus_statistics(hypotheses, references)
+        sys_score = metric._aggregate_and_compute(sys_stats).score
+        resampled_sys = _resampled_corpus_scores(metric, sys_stats, idxs)
+        resampled_bl = _resampled_corpus_scores(metric, bl_stats, idxs)
+        p = p_value(np.abs(resampled_sys - resampled_bl), abs(bl_result.score - sys_score))
+        # sacrebleu's estimate_ci, not ours: it averages in the scores' own dtype (float32 for chrF), and the CI of a
+        # row then equals the baseline's bit for bit when their statistics are equal
+        results[name] = Result(sys_score, p, *sacrebleu_estimate_ci(resampled_sys))
+    return sys_name, results
+
+
+def _resampled_corpus_scores(metric: Any, sentence_stats: Any, idxs: np.ndarray) -> np.ndarray:
+    # float32 as sacrebleu converts them: the same sums, so the same scores and CIs as its own test
+    stats_ = np.array(sentence_stats, dtype="float32")
+    return np.array([metric._compute_score_from_stats(s.sum(0)).score for s in stats_[idxs]])
+
+
 def pick_baseline(setting: str, rows: Sequence[str]) -> str | None:
     """The baseline row for ``eval.baseline``: ``auto`` = STUDENT_PEFT when it is a row, else STUDENT, else None;
     ``none`` = None; a row name = that row (None when it is not a row)."""
@@ -150,14 +193,15 @@ def compare_to_baseline(
 
     ``hypotheses``: row -> its translations (the table's row order); ``sentence_scores``: metric key -> row -> the
     sentence scores of a mean-of-sentence-scores metric (``{"bertscore": {row: sentence F1, ...}}``; a row with None
-    has no such score and gets none). BLEU and chrF go through sacrebleu's ``PairedTest`` (its CIs and p-values), the
-    sentence-score metrics through :func:`paired_bootstrap` with the same number of resamples and the same seed.
+    has no such score and gets none). BLEU and chrF go through sacrebleu's ``PairedTest`` (its scores and CIs; its
+    p-values too, except that a tie counts against significance: :func:`_paired_bs_test`), the sentence-score metrics
+    through :func:`paired_bootstrap` with the same number of resamples and the same seed. A metric that ties with the
+    baseline on every resample gives p = 1.0, not significant, whatever the translations.
 
     Returns ``{"baseline", "test", "n_samples", "seed", "confidence", "alpha", "signatures", "systems": {row: {metric
     key: {"score", "mean", "ci_low", "ci_high", "p_value", "significant"}}}, "identical_to_baseline": [row, ...]}``;
     the baseline row has ``p_value`` and ``significant`` None. A row whose translations equal the baseline's is not
-    tested: p = 1.0, not significant, and it is listed under ``identical_to_baseline`` (sacrebleu's formula would give
-    1 / (n_samples + 1) there).
+    tested: p = 1.0, not significant, the baseline's CI, and it is listed under ``identical_to_baseline``.
     """
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
@@ -174,6 +218,7 @@ def compare_to_baseline(
     named = [(baseline, list(hypotheses[baseline])), *((name, list(hypotheses[name])) for name in tested)]
     metrics = {"chrf": CHRF(), "bleu": BLEU(tokenize=bleu_tokenize)}
     test = PairedTest(named, metrics, [refs], test_type="bs", n_samples=n_samples)
+    test._fn = _paired_bs_test  # sacrebleu's test but for ties, which count against significance (module docstring)
     seed = test._seed if test._seed else None  # what PairedTest passes on to each comparison
     signatures, results = test()
     rows: dict[str, dict[str, Any]] = {name: {} for name in hypotheses}
@@ -204,7 +249,7 @@ def compare_to_baseline(
             p = None if name == baseline else r["p_value"]
             rows[name][key] = {**r["system"], "p_value": p, "significant": None if p is None else p < ALPHA}
         out["signatures"][key] = f"mean of sentence scores|bs:{test.n_samples}|seed:{str(seed).lower()}"
-    for name in identical:  # equal translations: nothing to test (sacrebleu's formula would call it significant)
+    for name in identical:  # equal translations: nothing to test, and the table can say so
         rows[name].update({key: dict(rows[baseline][key]) for key in metrics})
         for record in rows[name].values():
             record.update(p_value=1.0, significant=False)

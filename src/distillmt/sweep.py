@@ -12,7 +12,7 @@ A sweep file (YAML, in ``configs/sweeps/``)::
     points:                          # ... and/or these points, each a mapping of dotted keys to values
       - {soft_kd.divergence: jsd, soft_kd.beta: 0.5}
     seeds: [0, 1]                    # each point runs once per seed (the seed also draws the data split)
-    plot_metric: chrf                # the metric the plots show: chrf | bleu | bertscore
+    plot_metric: chrf                # the metric the plots show: a key of distillmt.metrics.METRICS
 
 Each point × seed is a run folder ``<output_dir>/<name>/<point>-seed<k>/`` whose stage folders are links into one
 stage store, ``<output_dir>/stages/<stage>-<key>/``, shared by every sweep under that output folder: a stage whose
@@ -42,20 +42,19 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from distillmt import systems
 from distillmt.config import ExperimentConfig, load_config, read_yaml
 from distillmt.errors import DistillmtError
-from distillmt.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from distillmt.report import Plot
+from distillmt.io import atomic_write_text, read_jsonl
+from distillmt.metrics import CHRF_METRIC, METRICS, metric_entries
+from distillmt.plots import draw_plots, embed_plots, is_number, significance_record, sweep_plot_files, sweep_plots
 
 log = logging.getLogger("distillmt.sweep")
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "plot_metric")
-PLOT_METRICS = ("chrf", "bleu", "bertscore")
+PLOT_METRIC = CHRF_METRIC.key  # when a sweep file names none
 
 
 @dataclass
@@ -71,7 +70,7 @@ class Sweep:
     overrides: list[str]
     points: list[Point]
     seeds: list[int]
-    plot_metric: str = "chrf"
+    plot_metric: str = PLOT_METRIC
     varied: list[str] = field(default_factory=list)  # the keys that differ between points, in first-seen order
 
     def config(self, point: Point, seed: int, output_dir: str | Path) -> ExperimentConfig:
@@ -122,9 +121,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, output_dir:
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
         raise DistillmtError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
-    plot_metric = data.get("plot_metric", "chrf")
-    if plot_metric not in PLOT_METRICS:
-        raise DistillmtError(f"{path}: 'plot_metric' must be one of {', '.join(PLOT_METRICS)}, got {plot_metric!r}")
+    plot_metric = data.get("plot_metric", PLOT_METRIC)
+    if plot_metric not in METRICS:
+        raise DistillmtError(f"{path}: 'plot_metric' must be one of {', '.join(METRICS)}, got {plot_metric!r}")
     settings = _expand(path, data)
     varied = [
         k for k in dict.fromkeys(k for s in settings for k in s) if len({json.dumps(s.get(k)) for s in settings}) > 1
@@ -164,8 +163,6 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, command: str | None = None
 def result_rows(sweep: Sweep, point: Point, seed: int, report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per system of one run: the varied settings, every metric's score (and its CI and p-value against
     the baseline row where the run measured them), translation speed and the run's compute time."""
-    from distillmt.report import significance_record
-
     stages = report["stages"]
     compute = sum(t.get("seconds") or 0.0 for t in stages.values())
     out = []
@@ -173,9 +170,7 @@ def result_rows(sweep: Sweep, point: Point, seed: int, report: dict[str, Any]) -
         row: dict[str, Any] = {"point": point.name, "seed": seed}
         row.update({k: point.settings.get(k) for k in sweep.varied})
         row["system"] = system
-        for key, entry in r["scores"].items():
-            if not isinstance(entry, dict) or "columns" not in entry:
-                continue
+        for key, entry in metric_entries(r["scores"]).items():
             row[key] = entry.get("score")
             tested = significance_record(report, system, key) or {}
             for extra in ("ci_low", "ci_high", "p_value"):
@@ -201,11 +196,15 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _mean_std(values: list[float], metric: str = "chrf") -> str:
+def _decimals(metric: str) -> int:
+    return METRICS[metric].decimals if metric in METRICS else 2
+
+
+def _mean_std(values: list[float], metric: str = PLOT_METRIC) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "n/a"
-    decimals = 4 if metric == "bertscore" else 2
+    decimals = _decimals(metric)
     if len(values) == 1:
         return f"{values[0]:.{decimals}f}"
     return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
@@ -215,15 +214,15 @@ def _metric_cell(group: list[dict[str, Any]], metric: str) -> str:
     """mean ± sd over the seeds (one seed: the score and its 95% CI), then † when the row differed from its run's
     baseline at p < 0.05 in every seed tested, †k/n when in k of n."""
     text = _mean_std([g.get(metric) for g in group], metric)
-    tested = [g[f"{metric}_p_value"] for g in group if _number(g.get(f"{metric}_p_value"))]
+    tested = [g[f"{metric}_p_value"] for g in group if is_number(g.get(f"{metric}_p_value"))]
     significant = sum(1 for p in tested if p < 0.05)
     if tested and significant == len(tested):
         text += "†"
     elif significant:
         text += f"†{significant}/{len(tested)}"
     lo, hi = group[0].get(f"{metric}_ci_low"), group[0].get(f"{metric}_ci_high")
-    if len(group) == 1 and _number(lo) and _number(hi):
-        decimals = 4 if metric == "bertscore" else 2
+    if len(group) == 1 and is_number(lo) and is_number(hi):
+        decimals = _decimals(metric)
         text += f" ({lo:.{decimals}f}–{hi:.{decimals}f})"
     return text
 
@@ -231,7 +230,7 @@ def _metric_cell(group: list[dict[str, Any]], metric: str) -> str:
 def summary_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per point and system, each metric as mean ± standard deviation over the seeds (one seed:
     the score with its 95% CI), marked where it differs significantly from the run's baseline row."""
-    metrics = [m for m in ("bertscore", "chrf", "bleu") if any(m in r for r in rows)]
+    metrics = [m for m in METRICS if any(m in r for r in rows)]
     header = ["point", *sweep.varied, "system", *metrics, "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -249,333 +248,6 @@ def summary_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
         "seeds.\n"
     )
     return "\n".join(lines) + "\n" + legend
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Plots (drawn with the helpers of distillmt.report: matplotlib's Agg canvas, PNGs written atomically)
-
-KEY_AXIS = {
-    "data.train_size": "data.train_size (training pairs)",
-    "soft_kd.temperature": "soft_kd.temperature (softmax T)",
-    "soft_kd.alpha": "soft_kd.alpha (weight of CE)",
-    "gkd.lmbda": "gkd.lmbda (on-policy fraction)",
-    "train_teacher.epochs": "train_teacher.epochs (epochs)",
-    "train_student.epochs": "train_student.epochs (epochs)",
-    "student.lora.r": "student.lora.r (LoRA rank)",
-}
-
-
-def key_axis(key: str) -> str:
-    """An axis label for a swept key, with its unit where it has one: ``data.train_size (training pairs)``."""
-    return KEY_AXIS.get(key, key)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 1000:
-        return f"{int(value):,}"
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
-
-
-@dataclass
-class _Cells:
-    """The plot metric's values per (point, system) over the seeds, and what the bands and error bars show: ± one
-    standard deviation over the seeds when a cell has more than one seed, else the row's 95% CI."""
-
-    metric: str
-    values: dict[tuple[str, str], list[dict[str, Any]]]
-    systems: list[str]
-    points: list[Point]
-    multi_seed: bool
-
-    @classmethod
-    def of(cls, sweep: Sweep, rows: list[dict[str, Any]]) -> _Cells | None:
-        metric = sweep.plot_metric
-        rows = [r for r in rows if _number(r.get(metric))]
-        if not rows:
-            return None
-        values: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r in rows:
-            values.setdefault((r["point"], r["system"]), []).append(r)
-        names = list(dict.fromkeys(r["system"] for r in rows))
-        points = [p for p in sweep.points if any((p.name, s) in values for s in names)]
-        return cls(metric, values, names, points, any(len(v) > 1 for v in values.values()))
-
-    def mean(self, point: Point, system: str) -> float:
-        group = self.values.get((point.name, system))
-        return statistics.mean(r[self.metric] for r in group) if group else math.nan
-
-    def band(self, point: Point, system: str) -> tuple[float, float] | None:
-        """(low, high) of the band or error bar at one cell, None where there is none."""
-        group = self.values.get((point.name, system)) or []
-        if self.multi_seed:
-            if len(group) < 2:
-                return None
-            mean, sd = self.mean(point, system), statistics.stdev(r[self.metric] for r in group)
-            return mean - sd, mean + sd
-        if len(group) == 1:
-            low, high = group[0].get(f"{self.metric}_ci_low"), group[0].get(f"{self.metric}_ci_high")
-            if _number(low) and _number(high):
-                return low, high
-        return None
-
-    def band_label(self) -> str:
-        if self.multi_seed:
-            return "± 1 s.d. over seeds"
-        return "95% CI (one seed)"
-
-    def has_bands(self) -> bool:
-        return any(self.band(p, s) is not None for p in self.points for s in self.systems)
-
-    def band_caption(self, what: str) -> str:
-        """``; bands: ...`` for the caption, naming the systems that have none."""
-        if not self.has_bands():
-            why = "fewer than two seeds per point" if self.multi_seed else "one seed and no CI in results.csv"
-            return f"; no {what}: {why}"
-        missing = [s for s in self.systems if all(self.band(p, s) is None for p in self.points)]
-        if self.multi_seed:
-            text = f"; {what}: ± one standard deviation over the seeds (mean of {self.n_seeds()} seeds)"
-        else:
-            text = f"; {what}: the 95% CI of the run's paired bootstrap test (one seed)"
-        if missing:
-            text += f"; none for {', '.join(missing)}"
-        return text
-
-    def n_seeds(self) -> str:
-        counts = sorted({len(v) for v in self.values.values()})
-        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-
-    def varies(self, system: str) -> bool:
-        return len({round(self.mean(p, system), 6) for p in self.points if (p.name, system) in self.values}) > 1
-
-
-def _metric_label(metric: str) -> str:
-    from distillmt.report import metric_axis
-
-    return metric_axis(metric)
-
-
-def _short_metric(metric: str) -> str:
-    return {"chrf": "chrF", "bleu": "BLEU", "bertscore": "BERTScore F1"}.get(metric, metric)
-
-
-def _two_key_grid(sweep: Sweep, cells: _Cells) -> tuple[str, str, list[Any], list[Any]] | None:
-    """(first key, second key, their values) when the points are a full grid over exactly two varied keys."""
-    if len(sweep.varied) != 2:
-        return None
-    kx, ky = sweep.varied
-    xs = list(dict.fromkeys(json.dumps(p.settings.get(kx)) for p in cells.points))
-    ys = list(dict.fromkeys(json.dumps(p.settings.get(ky)) for p in cells.points))
-    combos = {(json.dumps(p.settings.get(kx)), json.dumps(p.settings.get(ky))) for p in cells.points}
-    if len(xs) < 2 or len(ys) < 2 or len(combos) != len(xs) * len(ys):
-        return None
-    return kx, ky, [json.loads(x) for x in xs], [json.loads(y) for y in ys]
-
-
-def _one_numeric_key(sweep: Sweep, cells: _Cells) -> bool:
-    """One varied key, numeric, with at least two values among the points that have results."""
-    if len(sweep.varied) != 1:
-        return False
-    values = [p.settings.get(sweep.varied[0]) for p in cells.points]
-    return len(set(map(json.dumps, values))) > 1 and all(_number(v) for v in values)
-
-
-def _shown_systems(cells: _Cells) -> list[str]:
-    """The systems a per-system grid plot shows: the KD rows and any row whose score changes between points."""
-    shown = [s for s in cells.systems if (s in systems.BY_NAME and systems.get(s).teacher_from) or cells.varies(s)]
-    return shown or cells.systems[-1:]
-
-
-def _x_axis(ax: Any, key: str, values: list[Any]) -> list[float]:
-    """Place ``values`` on the x axis: numeric values at their value (log scale past a factor of 10, ticks at the
-    values), anything else at 0, 1, 2, ... with the values as tick labels. Returns the positions."""
-    from distillmt.report import log_scale
-
-    if all(_number(v) for v in values):
-        xs = [float(v) for v in values]
-        if log_scale(xs):
-            ax.set_xscale("log")
-            ax.minorticks_off()
-    else:
-        xs = [float(i) for i in range(len(values))]
-    ax.set_xticks(xs, [_fmt_value(v) for v in values])
-    ax.set_xlabel(key_axis(key) + (" (log scale)" if ax.get_xscale() == "log" else ""))
-    return xs
-
-
-def _line(ax: Any, cells: _Cells, points: list[Point], xs: list[float], system: str, **style: Any) -> None:
-    """One line (mean over seeds) with its band (fill_between) where the cells have one."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    xs, points = [xs[i] for i in order], [points[i] for i in order]
-    ys = [cells.mean(p, system) for p in points]
-    (line,) = ax.plot(xs, ys, marker="o", markersize=4, **style)
-    bands = [cells.band(p, system) for p in points]
-    if any(b is not None for b in bands):
-        low = [b[0] if b else math.nan for b in bands]
-        high = [b[1] if b else math.nan for b in bands]
-        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-def _band_handles(cells: _Cells) -> list[Any]:
-    """The legend entry of the bands: what they show (none when no cell has a band)."""
-    from matplotlib.patches import Patch
-
-    return [Patch(facecolor="0.5", alpha=0.3, label=f"band: {cells.band_label()}")] if cells.has_bands() else []
-
-
-def grid_lines_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
-    """For a full two-key grid: the plot metric against the first varied key, one line per value of the second,
-    one panel per KD system (and per other system whose score changes between points). None otherwise."""
-    from distillmt.report import Plot, new_figure
-
-    cells = _Cells.of(sweep, rows)
-    grid = cells and _two_key_grid(sweep, cells)
-    if not grid:
-        return None
-    kx, ky, x_values, y_values = grid
-    shown = _shown_systems(cells)
-    fig = new_figure(4.6 * len(shown) + 1.6, 3.8)
-    axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    for ax, system in zip(axes, shown, strict=True):
-        xs = _x_axis(ax, kx, x_values)
-        for y in y_values:
-            at = [
-                next(p for p in cells.points if p.settings.get(kx) == x and p.settings.get(ky) == y) for x in x_values
-            ]
-            have = [i for i, p in enumerate(at) if (p.name, system) in cells.values]
-            if have:
-                _line(ax, cells, [at[i] for i in have], [xs[i] for i in have], system, label=f"{ky} = {_fmt_value(y)}")
-        ax.set(ylabel=_metric_label(cells.metric), title=f"{system}")
-        ax.grid(alpha=0.3)
-        handles, _ = ax.get_legend_handles_labels()
-        ax.legend(handles=[*handles, *_band_handles(cells)], fontsize=7, title=ky, title_fontsize=7)
-    fig.suptitle(f"{sweep.name}: {_short_metric(cells.metric)} vs {kx}, one line per {ky}")
-    caption = (
-        f"{_short_metric(cells.metric)} against {kx}, one line per value of {ky}, for {', '.join(shown)}"
-        + cells.band_caption("bands")
-    )
-    return Plot(f"{cells.metric}_lines.png", fig, caption + ".")
-
-
-def heatmap_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
-    """For a full two-key grid: a heat map of the plot metric (mean over seeds) per shown system. None otherwise."""
-    from distillmt.report import Plot, new_figure
-
-    cells = _Cells.of(sweep, rows)
-    grid = cells and _two_key_grid(sweep, cells)
-    if not grid:
-        return None
-    kx, ky, xs, ys = grid
-    shown = _shown_systems(cells)
-    fig = new_figure(4.4 * len(shown), 3.8)
-    axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    label = _short_metric(cells.metric)
-    for ax, system in zip(axes, shown, strict=True):
-        table = [[math.nan] * len(xs) for _ in ys]
-        for p in cells.points:
-            if (p.name, system) in cells.values:
-                table[ys.index(p.settings.get(ky))][xs.index(p.settings.get(kx))] = cells.mean(p, system)
-        im = ax.imshow(table, cmap="viridis", origin="lower", aspect="auto")
-        for yi, line in enumerate(table):
-            for xi, v in enumerate(line):
-                text = "" if math.isnan(v) else f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
-                ax.text(xi, yi, text, ha="center", va="center", color="w", fontsize=8)
-        ax.set(xticks=range(len(xs)), yticks=range(len(ys)), xlabel=key_axis(kx), ylabel=key_axis(ky))
-        ax.set_xticklabels([_fmt_value(x) for x in xs])
-        ax.set_yticklabels([_fmt_value(y) for y in ys])
-        ax.set_title(f"{sweep.name}: {system} {label}")
-        bar = fig.colorbar(im, ax=ax)
-        bar.set_label(f"{_metric_label(cells.metric)}, mean over seeds")
-    caption = (
-        f"{label} (mean over {cells.n_seeds()} seed(s)) over the {kx} × {ky} grid for {', '.join(shown)}; "
-        "the colour bar is the legend"
-    )
-    return Plot(f"{cells.metric}_heatmap.png", fig, caption + ".")
-
-
-def key_lines_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
-    """For one varied numeric key: the plot metric against it, one line per system with a band (± one standard
-    deviation over the seeds, or the 95% CI with one seed). None otherwise."""
-    from distillmt.report import Plot, new_figure
-
-    cells = _Cells.of(sweep, rows)
-    if cells is None or not _one_numeric_key(sweep, cells):
-        return None
-    key = sweep.varied[0]
-    values = [p.settings.get(key) for p in cells.points]
-    fig = new_figure(6.4, 3.8)
-    ax = fig.subplots()
-    xs = _x_axis(ax, key, values)
-    for system in cells.systems:
-        have = [i for i, p in enumerate(cells.points) if (p.name, system) in cells.values]
-        _line(ax, cells, [cells.points[i] for i in have], [xs[i] for i in have], system, label=system)
-    ax.set(ylabel=_metric_label(cells.metric), title=f"{sweep.name}: {_short_metric(cells.metric)} vs {key}")
-    ax.grid(alpha=0.3)
-    handles, _ = ax.get_legend_handles_labels()
-    ax.legend(handles=[*handles, *_band_handles(cells)], fontsize=8)
-    scale = " (log-scale axis)" if ax.get_xscale() == "log" else ""
-    caption = f"{_short_metric(cells.metric)} against {key}{scale}, one line per system" + cells.band_caption("bands")
-    return Plot(f"{cells.metric}_lines.png", fig, caption + ".")
-
-
-def bars_plot(sweep: Sweep, rows: list[dict[str, Any]]) -> Plot | None:
-    """The plot metric per point (a group of bars, one per system) with error bars (± one standard deviation over
-    the seeds, or the 95% CI with one seed): for sweeps that are neither one numeric key nor a two-key grid."""
-    from matplotlib.lines import Line2D
-
-    from distillmt.report import Plot, new_figure
-
-    cells = _Cells.of(sweep, rows)
-    if cells is None:
-        return None
-    n, width = len(cells.systems), 0.8 / len(cells.systems)
-    fig = new_figure(max(7.0, 0.5 * n * len(cells.points) + 4.0), 4.2)
-    ax = fig.subplots()
-    for j, system in enumerate(cells.systems):
-        have = [i for i, p in enumerate(cells.points) if (p.name, system) in cells.values]
-        xs = [i - 0.4 + width * (j + 0.5) for i in have]
-        means = [cells.mean(cells.points[i], system) for i in have]
-        bands = [cells.band(cells.points[i], system) for i in have]
-        errors = [
-            [max(m - b[0], 0.0) if b else 0.0 for m, b in zip(means, bands, strict=True)],
-            [max(b[1] - m, 0.0) if b else 0.0 for m, b in zip(means, bands, strict=True)],
-        ]
-        ax.bar(xs, means, width=width, label=system, edgecolor="black", linewidth=0.6)
-        if any(b is not None for b in bands):
-            ax.errorbar(xs, means, yerr=errors, fmt="none", ecolor="black", capsize=3)
-    one_key = len(sweep.varied) == 1
-    names = [_fmt_value(p.settings.get(sweep.varied[0])) if one_key else p.name for p in cells.points]
-    ax.set_xticks(range(len(names)), names, rotation=0 if one_key else 25, ha="center" if one_key else "right")
-    ax.set(
-        xlabel=key_axis(sweep.varied[0]) if one_key else "point (settings)",
-        ylabel=_metric_label(cells.metric),
-        title=f"{sweep.name}: {_short_metric(cells.metric)} per point",
-    )
-    ax.grid(axis="y", alpha=0.3)
-    handles, _ = ax.get_legend_handles_labels()
-    if cells.has_bands():
-        label = f"error bar: {cells.band_label()}"
-        handles.append(Line2D([], [], color="black", marker="_", markersize=10, label=label))
-    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
-    caption = f"{_short_metric(cells.metric)} per point, a bar per system" + cells.band_caption("error bars")
-    return Plot(f"{cells.metric}_bars.png", fig, caption + ".")
-
-
-def sweep_plots(sweep: Sweep, rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """The sweep's plots as (what, builder) pairs for ``report.draw_plots``: a full two-key grid gets the lines
-    (first key on x, a line per second-key value) and the heat map; one varied numeric key gets the lines with
-    bands; anything else the bars per point."""
-    cells = _Cells.of(sweep, rows)
-    if cells is None:
-        return []
-    if _two_key_grid(sweep, cells):
-        return [("lines", lambda: grid_lines_plot(sweep, rows)), ("heatmap", lambda: heatmap_plot(sweep, rows))]
-    if _one_numeric_key(sweep, cells):
-        return [("lines", lambda: key_lines_plot(sweep, rows))]
-    return [("bars", lambda: bars_plot(sweep, rows))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -602,7 +274,7 @@ def sweep_from_spec(spec: dict[str, Any]) -> Sweep:
     points = [Point(p["name"], dict(p["settings"])) for p in spec["points"]]
     return Sweep(
         spec["name"], spec.get("base"), list(spec.get("overrides") or []), points, list(spec["seeds"]),
-        spec.get("plot_metric", "chrf"), list(spec.get("varied") or []),
+        spec.get("plot_metric", PLOT_METRIC), list(spec.get("varied") or []),
     )  # fmt: skip
 
 
@@ -635,7 +307,7 @@ def _infer_sweep(root: Path, rows: list[dict[str, Any]]) -> Sweep:
     for r in rows:
         points.setdefault(r["point"], Point(r["point"], {k: r[k] for k in varied}))
     seeds = list(dict.fromkeys(r["seed"] for r in rows))
-    metric = next((m for m in PLOT_METRICS if any(_number(r.get(m)) for r in rows)), "chrf")
+    metric = next((m for m in (PLOT_METRIC, *METRICS) if any(is_number(r.get(m)) for r in rows)), PLOT_METRIC)
     return Sweep(root.name, None, [], list(points.values()), seeds or [0], metric, varied)
 
 
@@ -676,17 +348,30 @@ def write_sweep_report(
     render_sweep_report(sweep, root, rows, command=command, runs=runs)
 
 
+def _sentence_scores(files: dict[str, Path]) -> dict[str, dict[str, list[float] | None]]:
+    """Metric key -> point -> its sentence scores, for the metrics whose score is the mean of their sentence scores
+    (the bootstrap resamples those; ``stats`` tests the others itself); None for a point that lacks them."""
+    if not all(f.is_file() for f in files.values()):
+        return {}
+    records = {point: read_jsonl(f) for point, f in files.items()}
+    out: dict[str, dict[str, list[float] | None]] = {}
+    for metric in METRICS.values():
+        if metric.sentence_mean:
+            by_point = {point: [x.get(metric.score_column) for x in rs] for point, rs in records.items()}
+            out[metric.key] = {point: (None if None in v else v) for point, v in by_point.items()}
+    return out
+
+
 def winners(sweep: Sweep, root: Path, rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: for each system whose plot metric changes between points, the best point (by its mean over
     seeds) against the runner-up, by paired bootstrap on the same test sentences, seed by seed (each seed draws its
     own split). Points whose run folders are gone are left out."""
-    from distillmt.io import read_jsonl
     from distillmt.stats import compare_to_baseline
 
     metric, out = sweep.plot_metric, []
     means: dict[str, dict[str, list[float]]] = {}
     for r in rows:
-        if _number(r.get(metric)):
+        if is_number(r.get(metric)):
             means.setdefault(r["system"], {}).setdefault(r["point"], []).append(r[metric])
     for system, by_point in means.items():
         ranked = sorted(by_point, key=lambda p: -statistics.mean(by_point[p]))
@@ -700,15 +385,9 @@ def winners(sweep: Sweep, root: Path, rows: list[dict[str, Any]]) -> list[str]:
             if not all(f.is_file() for f in files):
                 continue
             a, b = (read_jsonl(f) for f in files)
-            f1 = {}
-            if all(f.is_file() for f in sentences):
-                f1 = {
-                    p: [x.get("BERTScore F1") for x in read_jsonl(f)]
-                    for p, f in zip((best, second), sentences, strict=True)
-                }
-                f1 = {p: (None if None in v else v) for p, v in f1.items()}
+            scores = _sentence_scores(dict(zip((best, second), sentences, strict=True)))
             test = compare_to_baseline({best: [x["hyp"] for x in a], second: [x["hyp"] for x in b]},
-                                       [x["ref"] for x in a], second, sentence_scores={"bertscore": f1})  # fmt: skip
+                                       [x["ref"] for x in a], second, sentence_scores=scores)  # fmt: skip
             record = test["systems"][best].get(metric)
             if record is not None:
                 verdicts.append(f"seed {seed}: p = {record['p_value']:.4f}")
@@ -734,11 +413,9 @@ def render_sweep_report(
     sweep: Sweep, root: Path, rows: list[dict[str, Any]], *, command: str | None, runs: tuple[int, int]
 ) -> Path:
     """The plots and report.md (the table, then each plot with its caption). Returns the path of report.md."""
-    from distillmt.report import draw_plots, embed_plots
-
     plots = draw_plots(sweep_plots(sweep, rows), root)
     drawn = {path for path, _ in plots if path}
-    for stale in (f"{m}_{kind}.png" for m in PLOT_METRICS for kind in ("lines", "heatmap", "bars")):
+    for stale in sweep_plot_files():
         if stale not in drawn:  # a plot of an earlier state of the sweep (e.g. bars while one point was done)
             (root / stale).unlink(missing_ok=True)
     links = [p for p in root.glob("*/*") if p.is_symlink()]
