@@ -276,7 +276,7 @@ GENERATION_SCRIPT = textwrap.dedent(
     from distillmt.logit_cache import build_teacher_cache
     from distillmt.models import train_bpe_tokenizer
     from distillmt.pipeline import processes_state, translate_split
-    from distillmt.sections import GenerateConfig
+    from distillmt.sections import GenerateConfig, HardKDConfig
     from distillmt.teacher_labels import build_teacher_labels, read_label_pairs
 
     out = Path(sys.argv[1])
@@ -286,8 +286,9 @@ GENERATION_SCRIPT = textwrap.dedent(
     tok = train_bpe_tokenizer([p.src for p in pairs] * 5 + ["你好世界"] * 20, 300, out / "tok")
     model = build_tiny_qwen(len(tok), hidden_size=32, seed=2, pad_token_id=tok.pad_token_id).eval()
     decoding = GenerateConfig(batch_size=3, max_new_tokens=4, do_sample=True, temperature=1.5)
-    result = build_teacher_labels(lambda: (model, tok), pairs, out / "labels", decoding, identity={{"t": 1}},
-                                  shard_size=4, progress=False, processes=processes)
+    result = build_teacher_labels(lambda: (model, tok), pairs, out / "labels",
+                                  HardKDConfig(decoding=decoding, shard_size=4), identity={{"t": 1}},
+                                  progress=False, processes=processes)
     test = translate_split(model, tok, pairs, out, decoding, processes, seed=5, progress=False)
     examples = []
     for p in pairs:

@@ -6,7 +6,7 @@ from conftest import build_tiny_qwen
 
 from distillmt.generate import translate
 from distillmt.prompts import pad_left
-from distillmt.sections import GenerateConfig
+from distillmt.sections import GenerateConfig, HardKDConfig
 
 CHAT = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -133,8 +133,8 @@ def test_labels_by_reference_pick_the_candidate_nearest_the_reference_and_fall_b
     def labels(selection: str, refs: list[str]) -> list[dict]:
         pairs = [Pair(s, r) for s, r in zip(SOURCES, refs, strict=True)]
         out = tmp_path / selection
-        result = build_teacher_labels(lambda: (model, tok), pairs, out, decoding, identity={"t": 1},
-                                      num_candidates=4, selection=selection, shard_size=4, progress=False)  # fmt: skip
+        cfg = HardKDConfig(decoding=decoding, num_candidates=4, selection=selection, shard_size=4)
+        result = build_teacher_labels(lambda: (model, tok), pairs, out, cfg, identity={"t": 1}, progress=False)
         return [r for name in result["shards"] for r in read_jsonl(out / name)]
 
     by_score = labels("score", [""] * len(SOURCES))

@@ -516,7 +516,10 @@ def bench_flops(
     trainable = [p for p in net.parameters() if p.requires_grad]
     register_fp32_sdpa()  # variants: (attention, fused AdamW)
     variants = [(FP32_SDPA, True), ("sdpa", True), ("eager", True), ("sdpa", False)]
-    optimizers = {True: make_optimizer(net, lr=2e-4, weight_decay=0.01), False: torch.optim.AdamW(trainable, foreach=False)}
+    optimizers = {
+        True: make_optimizer(net, lr=2e-4, weight_decay=0.01),
+        False: torch.optim.AdamW(trainable, foreach=False),
+    }
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
     def step(attention: str, fused: bool) -> None:

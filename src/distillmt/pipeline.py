@@ -294,17 +294,17 @@ class Experiment:
         from distillmt.teacher_labels import build_teacher_labels
 
         h = self.cfg.hard_kd
-        labels = {"num_candidates": h.num_candidates, "selection": h.selection, "seed": self.cfg.seed}
-        labels["shard_size"] = h.shard_size
         identity = self.models.teacher_identity(h.teacher)
 
         def fn(folder: Path) -> dict[str, Any]:
             load, saved = self.models.label_teacher(h.teacher, h.decoding.engine)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
             run = {"identity": identity, "progress": self.progress, "processes": self.processes, "saved": saved}
-            return build_teacher_labels(load, sources, folder, h.decoding, **run, **labels)
+            return build_teacher_labels(load, sources, folder, h, seed=self.cfg.seed, **run)
 
-        settings = {"data": self.keys["data"], "teacher": identity, "decoding": h.decoding.output_settings(), **labels}
+        settings = {"data": self.keys["data"], "teacher": identity, "decoding": h.decoding.output_settings()}
+        settings.update(num_candidates=h.num_candidates, selection=h.selection, seed=self.cfg.seed)
+        settings["shard_size"] = h.shard_size
         if h.extra_sources or h.extra_sources_file:  # (absent otherwise: the key of a run without them is unchanged)
             settings["extra_sources"] = {"n": h.extra_sources, "file": _sha256(h.extra_sources_file)}
         inputs = ("data", *teacher_stage(h.teacher))

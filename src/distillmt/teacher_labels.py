@@ -23,7 +23,7 @@ from typing import Any
 from distillmt.data import Pair
 from distillmt.generate import SavedModel, process_shard, reference_select, release_vllm, translate_with_engine
 from distillmt.io import read_jsonl, write_jsonl
-from distillmt.sections import GenerateConfig
+from distillmt.sections import HardKDConfig
 
 log = logging.getLogger("distillmt.teacher_labels")
 
@@ -36,12 +36,9 @@ def build_teacher_labels(
     load_teacher: Callable[[], tuple[Any, Any]],
     pairs: list[Pair],
     out_dir: str | Path,
-    decoding: GenerateConfig,
+    cfg: HardKDConfig,
     *,
     identity: dict[str, Any],
-    num_candidates: int = 1,
-    selection: str = "score",
-    shard_size: int = 256,
     seed: int = 0,
     progress: bool = True,
     processes: Any = None,
@@ -51,10 +48,11 @@ def build_teacher_labels(
 
     ``load_teacher()`` returns ``(model, tokenizer)``; it is called only when a shard is missing, so a rerun whose
     shards all exist loads nothing. ``identity`` names the teacher (it goes into the shard hashes with the decoding
-    settings). ``decoding``: how the teacher translates (engine and decoding); with ``num_candidates > 1`` the teacher returns that many candidates per source (beams, or samples
-    with ``do_sample``) and one is kept by ``selection``: ``score`` (the teacher's), ``mbr`` (chrF against the
-    other candidates) or ``reference`` (chrF against the source's reference; by score where it has none). Shard
-    ``i`` is decoded with seed ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens",
+    settings). ``cfg.decoding``: how the teacher translates (engine and decoding); with ``cfg.num_candidates > 1``
+    the teacher returns that many candidates per source (beams, or samples with ``do_sample``) and one is kept by
+    ``cfg.selection``: ``score`` (the teacher's), ``mbr`` (chrF against the other candidates) or ``reference``
+    (chrF against the source's reference; by score where it has none). ``cfg.shard_size`` sources go to each shard;
+    shard ``i`` is decoded with seed ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens",
     "generation_seconds"}``.
 
     ``saved``: where the teacher's weights lie, for vLLM to load them itself (``load_teacher`` may then return None
@@ -65,6 +63,7 @@ def build_teacher_labels(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    decoding, num_candidates, selection, shard_size = cfg.decoding, cfg.num_candidates, cfg.selection, cfg.shard_size
     settings = {
         "teacher": identity,
         "decoding": decoding.output_settings(),
