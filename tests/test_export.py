@@ -376,3 +376,57 @@ def test_bench_flops_times_a_full_step_under_bf16_autocast(run_dir):
     assert "all weights trained, float32 weights under bf16 autocast" in text
     assert "| matmul peak, bfloat16 (128×128 @ 128×128)" in text and "of bfloat16 |" in text
     assert "| training step (2 examples" in text
+
+
+def test_export_after_a_failed_rerun_describes_the_model_it_exports(run_dir, tmp_path, monkeypatch, capsys):
+    """A rerun with other settings that fails leaves config.json, results.md and the export's README as the finished
+    run made them; where it did replace a stage, the README says that model was not scored instead of lending it
+    another model's scores and decoding."""
+    import shutil
+
+    from distillmt.pipeline import Experiment
+
+    root = tmp_path / "micro"
+    shutil.copytree(run_dir, root, symlinks=True)
+    config, results_md = (root / "config.json").read_bytes(), (root / "results.md").read_bytes()
+    rerun = ["systems=[STUDENT,HLKD]", "generate.num_beams=3", "student.scratch.num_layers=2"]
+
+    def fail(self, *args):
+        raise DistillmtError("stage failed on purpose")
+
+    monkeypatch.setattr(Experiment, "stage_train_student", fail)
+    with pytest.raises(DistillmtError, match="on purpose"):
+        run_experiment(micro_cfg(tmp_path, *rerun), progress=False)
+    assert (root / "config.json").read_bytes() == config and (root / "results.md").read_bytes() == results_md
+    attempt = json.loads((root / "config.attempt.json").read_text())
+    assert attempt["generate"]["num_beams"] == 3  # the failed attempt's settings, under their own name
+
+    export_system(root, "HLKD", tmp_path / "hf")
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert "decoding 1 beam(s)" in readme and "hidden size 16, 1 layer(s)" in readme and "chrF" in readme
+    assert json.loads((tmp_path / "hf" / "distillmt-export.json").read_text())["decoding"]["num_beams"] == 1
+
+    # A rerun that translates again with 3 beams and fails: the rows keep the scores and decoding of the report.
+    monkeypatch.undo()
+    monkeypatch.setattr(Experiment, "stage_evaluate", fail)
+    with pytest.raises(DistillmtError, match="on purpose"):
+        run_experiment(micro_cfg(tmp_path, "systems=[STUDENT,HLKD]", "generate.num_beams=3"), progress=False)
+    assert (root / "config.json").read_bytes() == config
+    export_system(root, "STUDENT", tmp_path / "student")
+    readme = (tmp_path / "student" / "README.md").read_text()
+    assert "decoding 1 beam(s)" in readme and "chrF" in readme
+
+    # One that trains a 2-layer student and fails: that student is what gets exported, and it was never scored.
+    monkeypatch.setattr(Experiment, "stage_translate", fail)
+    with pytest.raises(DistillmtError, match="on purpose"):
+        run_experiment(micro_cfg(tmp_path, "systems=[STUDENT,HLKD]", "student.scratch.num_layers=2"), progress=False)
+    export_system(root, "STUDENT", tmp_path / "student2")
+    readme = (tmp_path / "student2" / "README.md").read_text()
+    assert "hidden size 16, 2 layer(s)" in readme and "Not scored" in readme
+    assert "beam(s)" not in readme and "chrF" not in readme
+
+    # The run that finishes writes its config and drops the attempt's.
+    monkeypatch.undo()
+    run_experiment(micro_cfg(tmp_path, *rerun), progress=False)
+    assert json.loads((root / "config.json").read_text())["generate"]["num_beams"] == 3
+    assert not (root / "config.attempt.json").exists()

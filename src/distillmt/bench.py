@@ -566,7 +566,15 @@ def bench_flops(
         name = "SDPA in fp32 (what `train` runs on a CPU)" if attention == FP32_SDPA else attention
         lines.append(f"| {name} | {label} | {seconds[(attention, fused)]:.3g} | "
                      f"{seconds[(attention, fused)] / base:.2f}× |")  # fmt: skip
-    lines += [
+    lines += _flops_notes(batch, n_params, steps, peak_sizes, threads)
+    return "\n".join(lines)
+
+
+def _flops_notes(batch: int, n_params: dict, steps: int, peak_sizes: tuple[int, ...], threads: int) -> list[str]:
+    """What :func:`bench_flops` measured and on which machine, below its tables."""
+    import torch
+
+    return [
         "",
         f"The step: forward, backward and AdamW of distillmt's training step (`train.loss_step`: CE, output layer at "
         f"the target rows only) on one batch of {batch} Tatoeba examples in the model's prompt (padded to the "
@@ -579,7 +587,6 @@ def bench_flops(
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}.",
         "",
     ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     decoding = GenerateConfig(
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=args.max_batch_tokens, max_source_tokens=args.max_source_tokens,
     )  # fmt: skip
     run = {"seed": args.seed, "progress": not args.no_progress}
     sources = [r["src"] for r in rows]
@@ -389,6 +389,10 @@ def _add_translate_parser(sub: Any) -> None:
     tr.add_argument("--output", "-o", help="output JSONL (default: stdout)")
     tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
     tr.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    tr.add_argument(
+        "--max-source-tokens", type=_int_at_least(1), default=512,
+        help="longer sources are cut to this many tokens, with a warning that counts them",
+    )  # fmt: skip
     tr.add_argument("--num-beams", type=_int_at_least(1), default=1)
     tr.add_argument(
         "--max-batch-tokens", type=_int_at_least(0), default=0, help="also cap a batch at this many tokens (0 = off)"

@@ -385,6 +385,27 @@ def split_pairs(
     return out
 
 
+# --- tokenizer training text --------------------------------------------------------------------------------------
+
+# BPE training time grows with the square of a run without spaces (a Chinese line is one such run), so one very long
+# line can hold the tokenizer stage for minutes inside a single call into Rust, which SIGTERM does not interrupt.
+# Texts up to this length cost what ordinary sentences do per character.
+TOKENIZER_TEXT_CHARS = 1000
+
+
+def tokenizer_training_texts(pairs: list[Pair], max_chars: int = TOKENIZER_TEXT_CHARS) -> list[str]:
+    """The texts a scratch BPE tokenizer is trained on: every pair's source then target, each cut to its first
+    ``max_chars`` characters, with one warning that counts the texts cut."""
+    texts = [t for p in pairs for t in (p.src, p.tgt)]
+    cut = sum(len(t) > max_chars for t in texts)
+    if cut:
+        log.warning(
+            "%d of %d tokenizer training texts were longer than %d characters and were cut to %d",
+            cut, len(texts), max_chars, max_chars,
+        )  # fmt: skip
+    return [t[:max_chars] for t in texts]
+
+
 # --- pair files ----------------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ by the model's own length-normalised log-probability or by MBR with chrF between
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from tqdm.auto import tqdm
 from distillmt.errors import DistillmtError
 from distillmt.forward import PrefixCache, common_prefix, prefix_cache
 from distillmt.io import file_lock
-from distillmt.prompts import build_prompt, end_token_id, pad_left, strip_output
+from distillmt.prompts import build_prompt, cut_source, end_token_id, pad_left, strip_output
 from distillmt.sections import GenerateConfig
+
+log = logging.getLogger("distillmt.generate")
 
 
 @dataclass
@@ -59,6 +62,20 @@ def merge_shards(parts: list[TranslationResult]) -> TranslationResult:
         raise DistillmtError(f"sentence {hyps.index(None)} was translated by no process")
     cands = [next(p.candidates[i] for p in parts if p.hypotheses[i] is not None) for i in range(len(hyps))]
     return TranslationResult(hyps, cands, sum(p.generated_tokens for p in parts), max(p.seconds for p in parts))
+
+
+def source_prompts(tokenizer: Any, sources: list[str], max_source_tokens: int, *, warn: bool = True) -> list[str]:
+    """The prompts of ``sources``, each source first cut to ``max_source_tokens`` tokens: a line of any length
+    asks for a bounded attention matrix, and the template around it stays whole, its generation prompt last. One
+    warning counts the sources cut."""
+    cut = [cut_source(tokenizer, s, max_source_tokens) for s in sources]
+    n = sum(was_cut for _, was_cut in cut)
+    if n and warn:
+        log.warning(
+            "%d of %d sources were longer than %d tokens and were cut to %d (max_source_tokens)",
+            n, len(sources), max_source_tokens, max_source_tokens,
+        )  # fmt: skip
+    return [build_prompt(tokenizer, s) for s, _ in cut]
 
 
 def process_shard(processes: Any) -> tuple[int, int]:
@@ -118,7 +135,8 @@ def translate(
     input order whatever the batching did. Batches hold up to ``cfg.batch_size`` sources of similar length; with
     ``cfg.max_batch_tokens`` also at most that many tokens (each row counted at the batch's longest prompt plus
     ``max_new_tokens``, times the beams), so short sentences go in larger batches. ``num_return_sequences``
-    candidates per source, one kept by ``selection`` (``score`` or ``mbr``).
+    candidates per source, one kept by ``selection`` (``score`` or ``mbr``). A source longer than
+    ``cfg.max_source_tokens`` tokens is cut to that many (:func:`source_prompts`).
 
     ``shard=(rank, world)``: translate only every ``world``-th batch from ``rank`` on (one of several processes; see
     :func:`merge_shards`). The batches and, when sampling, each batch's seed (``seed`` + its index) are the same
@@ -134,7 +152,8 @@ def translate(
     model.eval()
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    prompts = [build_prompt(tokenizer, s) for s in sources]
+    rank, world = _check_shard(shard)
+    prompts = source_prompts(tokenizer, sources, g.max_source_tokens, warn=rank == 0)  # every rank sees all sources
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in ids]
     prefix = PrefixCache(prompt_prefix(ids) if share_prefix else [])
@@ -158,7 +177,6 @@ def translate(
         return_dict_in_generate=True,
         output_scores=num_return_sequences > 1 and selection == "score",
     )
-    rank, world = _check_shard(shard)
     batches = token_budget_batches(order, lengths, g.batch_size, g.max_batch_tokens, (g.max_new_tokens, g.num_beams))
     mine = list(range(rank, len(batches), world))
     candidates: list[list[str]] = [[] for _ in sources]
@@ -269,7 +287,8 @@ def translate_ct2(
     generator = ctranslate2.Generator(str(model_dir), device=device, **threads)
     ctranslate2.set_random_seed(seed)
     stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
-    ids = [tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"] for s in sources]
+    prompt_texts = source_prompts(tokenizer, sources, g.max_source_tokens, warn=rank == 0)
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
     p = len(prompt_prefix(ids)) if share_prefix else 0
     prompts = [tokenizer.convert_ids_to_tokens(x[p:]) for x in ids]
     options = {"max_length": max_new_tokens, "beam_size": g.num_beams, "length_penalty": g.length_penalty}
@@ -430,8 +449,9 @@ def translate_vllm(
         _VLLM_ENGINE[key] = LLM(model=str(model_dir), dtype=dtype, seed=0, trust_remote_code=False, **lora)
     llm = _VLLM_ENGINE[key]
     mine = list(range(rank, len(sources), world))
+    prompts = source_prompts(tokenizer, [sources[i] for i in mine], g.max_source_tokens)
     start = time.perf_counter()
-    outputs = llm.generate([build_prompt(tokenizer, sources[i]) for i in mine], params, use_tqdm=progress, **request)
+    outputs = llm.generate(prompts, params, use_tqdm=progress, **request)
     seconds = time.perf_counter() - start
     hyps: list[str | None] = [None] * len(sources)
     for i, o in zip(mine, outputs, strict=True):

@@ -1,11 +1,15 @@
 """Atomic file writes (a reader never sees a half-written file, and a killed run never leaves one behind) and
-file locks (two processes that would build the same file take turns)."""
+file locks (two processes that would build the same file take turns; a folder one process owns is refused to the
+next, naming the owner)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +84,68 @@ def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None) -> It
             if on_wait is not None:
                 on_wait()
             fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class LockHeld(Exception):
+    """``path`` is locked by another process; ``holder`` is what that process wrote into it (``pid``, ``host``,
+    ``command``, ``since``), or empty when it had not written it yet or the file is unreadable."""
+
+    def __init__(self, path: Path, holder: dict[str, Any]):
+        super().__init__(f"{path} is held by {holder.get('pid', 'another process')}")
+        self.path, self.holder = path, holder
+
+
+def lock_holder(path: str | Path) -> dict[str, Any]:
+    """What the process holding the lock file ``path`` wrote about itself (see :func:`owned_lock`); {} if nothing
+    readable. The holder writes it just after taking the lock, so a reader racing it retries briefly."""
+    for _ in range(10):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8") or "null")
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict):
+            return data
+        time.sleep(0.05)
+    return {}
+
+
+@contextmanager
+def owned_lock(
+    path: str | Path, *, wait: bool = False, on_wait: Callable[[dict[str, Any]], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the duration, with this process's PID, host, command line and
+    start time written into it so that a process finding it held can say who holds it. Held by another process:
+    raise :class:`LockHeld` at once, or with ``wait`` call ``on_wait(holder)`` and block until it is free. The OS
+    drops the lock when its holder dies, so a killed process never leaves a stale one; the file stays. POSIX only;
+    elsewhere no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per run folder is up to the user
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # "a+", not "w": truncating before the lock is ours would erase the holder's record
+    with open(path, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(path)
+            if not wait:
+                raise LockHeld(path, holder) from None
+            if on_wait is not None:
+                on_wait(holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+        me["since"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(json.dumps(me, ensure_ascii=False) + "\n")
+        lock.flush()
         try:
             yield
         finally:

@@ -18,7 +18,8 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -38,8 +39,8 @@ from distillmt.config import (
     to_dict,
 )
 from distillmt.errors import DistillmtError
-from distillmt.io import read_jsonl, write_json, write_jsonl
-from distillmt.stages import RunFolder, stage_key
+from distillmt.io import LockHeld, owned_lock, read_jsonl, write_json, write_jsonl
+from distillmt.stages import ATTEMPT_CONFIG, RUN_CONFIG, RUN_LOCK, RunFolder, stage_key
 
 log = logging.getLogger("distillmt.pipeline")
 
@@ -266,7 +267,7 @@ class Experiment:
         from distillmt.models import train_bpe_tokenizer
 
         def fn(folder: Path) -> dict[str, Any]:
-            texts = [t for p in self.split("train") for t in (p.src, p.tgt)]
+            texts = data_mod.tokenizer_training_texts(self.split("train"))
             return {"vocab_size": len(train_bpe_tokenizer(texts, self.cfg.tokenizer_vocab_size, folder))}
 
         settings = {"data": self.keys["data"], "vocab_size": self.cfg.tokenizer_vocab_size}
@@ -447,13 +448,18 @@ class Experiment:
 
     # --- the whole experiment ----------------------------------------------------------------------------------------
     def run_all(self, command: str | None = None) -> dict[str, Any]:
+        """Every stage the config needs, then the report, with the run folder held throughout (:func:`hold`)."""
+        with hold(self):
+            return self._run_all(command)
+
+    def _run_all(self, command: str | None) -> dict[str, Any]:
         from distillmt.report import describe_system, write_report
 
         cfg = self.cfg
         preflight(cfg)
         started, needed = time.perf_counter(), needed_stages(cfg)
-        if self.is_main:
-            write_json(self.run.root / "config.json", to_dict(cfg))
+        if self.is_main:  # config.json stays the last finished run's until this one has its report
+            write_json(self.run.root / ATTEMPT_CONFIG, to_dict(cfg))
         self.stage_data()
         if self.scratch:
             self.stage_tokenizer()
@@ -482,6 +488,8 @@ class Experiment:
         report.update(wall_seconds=time.perf_counter() - started, machine=_machine(self.device), config=to_dict(cfg))
         if self.is_main:
             write_report(self.run.root, report)
+            write_json(self.run.root / RUN_CONFIG, report["config"])
+            (self.run.root / ATTEMPT_CONFIG).unlink(missing_ok=True)
         return report
 
 
@@ -528,6 +536,56 @@ def needed_stages(cfg: ExperimentConfig) -> set[str]:
     if any(getattr(cfg, section).teacher == "finetuned" for s in rows for section in s.teacher_from):
         needed.add("train_teacher")
     return needed
+
+
+def hold(exp: Experiment) -> AbstractContextManager:
+    """The run folder of ``exp``, for it alone while it lasts (see :func:`run_folder_lock`). Under a sweep (a shared
+    stage store) a run that finds its folder held waits instead: two sweeps that run the same point take turns."""
+    return run_folder_lock(exp.run.root, wait=exp.run.store is not None, processes=exp.processes)
+
+
+@contextmanager
+def run_folder_lock(root: Path, *, wait: bool = False, processes: Any = None) -> Iterator[None]:
+    """Hold run folder ``root`` for this run: a second process on it (another `distillmt run` or `train` with the
+    same ``name``) is refused at once, naming the holder, instead of mixing its stages into this run's table; with
+    ``wait`` it waits its turn. The lock is the OS's, released when its holder exits or is killed. With several
+    processes of one run, the main one takes it and tells the others whether it got it."""
+    main = processes is None or processes.is_main_process
+    refused: list[str | None] = [None]
+    with ExitStack() as held:
+        if main:
+            on_wait = partial(_log_wait, root)
+            try:
+                held.enter_context(owned_lock(root / RUN_LOCK, wait=wait, on_wait=on_wait))
+            except LockHeld as e:
+                refused = [_in_use(root, e.holder)]
+        if processes is not None:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(refused)
+        if refused[0] is not None:
+            raise DistillmtError(refused[0])
+        yield
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "another process (it has not recorded its PID)"
+    command = str(holder.get("command") or "")
+    command = command if len(command) <= 160 else command[:157] + "..."
+    text = f"PID {holder['pid']} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+    return f"{text}: {command}" if command else text
+
+
+def _in_use(root: Path, holder: dict[str, Any]) -> str:
+    return (
+        f"run folder {root} is in use by another distillmt process ({_holder_text(holder)}); a run folder holds one "
+        "run at a time: wait for that run to end, or give this one another name (name=...)"
+    )
+
+
+def _log_wait(root: Path, holder: dict[str, Any]) -> None:
+    log.info("run folder %s is in use by %s: waiting for it", root, _holder_text(holder))
 
 
 def processes_state(device: str) -> Any:
@@ -687,10 +745,11 @@ def run_experiment(
 def train_role(cfg: ExperimentConfig, role: str, *, progress: bool = True) -> tuple[dict[str, Any], Path]:
     """Fine-tune one model of the experiment alone (``role``: teacher or student) with the stages it needs (data,
     tokenizer); returns the training stage's result and the folder of the trained model."""
-    preflight(cfg)
     exp = Experiment(cfg, progress=progress)
-    exp.stage_data()
-    if exp.scratch:
-        exp.stage_tokenizer()
-    result = exp.stage_train_teacher() if role == "teacher" else exp.stage_train_student()
+    with hold(exp):
+        preflight(cfg)
+        exp.stage_data()
+        if exp.scratch:
+            exp.stage_tokenizer()
+        result = exp.stage_train_teacher() if role == "teacher" else exp.stage_train_student()
     return result, exp.run.root / f"train_{role}" / "model"

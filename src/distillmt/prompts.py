@@ -13,6 +13,9 @@ import torch
 IGNORE_INDEX = -100
 DEFAULT_INSTRUCTION = "Translate the following English text into Chinese. Reply with the translation only."
 PLAIN_TEMPLATE = "English: {src}\nChinese:\n"
+# Characters the tokenizer is shown per token wanted: more than ordinary text of any language spends per token, so
+# a line of hundreds of kilobytes is never tokenised whole to keep its first few hundred tokens.
+CHARS_PER_TOKEN = 8
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -50,8 +53,10 @@ def encode_example(
     """Token ids and labels for one pair: labels are IGNORE_INDEX on the prompt, the target ids plus EOS after it.
 
     Prompt and target are tokenised separately so the boundary is exact; both templates end the prompt with a newline
-    so no BPE merge could have crossed it anyway.
+    so no BPE merge could have crossed it anyway. The tokenizer never sees more of a very long line than those
+    limits can keep (``CHARS_PER_TOKEN`` characters per token), so a line of any length costs the same.
     """
+    src, tgt = _head_and_tail(src, max_source_tokens), tgt[: max_target_tokens * CHARS_PER_TOKEN]
     prompt_ids = tokenizer(build_prompt(tokenizer, src, instruction), add_special_tokens=False)["input_ids"]
     if len(prompt_ids) > max_source_tokens:
         # Cut the middle of the source, not the template's tail: the generation prompt must stay intact.
@@ -62,6 +67,34 @@ def encode_example(
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
     }
+
+
+def _head_and_tail(text: str, max_tokens: int) -> str:
+    """``text`` with its middle left out when it is too long for ``max_tokens`` tokens to reach from either end
+    into it: the prompt is then cut in the middle anyway, and the tokens kept, far from the join, are those of the
+    whole text."""
+    keep = max_tokens * CHARS_PER_TOKEN
+    return text if len(text) <= 2 * keep else text[:keep] + text[-keep:]
+
+
+def cut_source(tokenizer: Any, text: str, max_tokens: int) -> tuple[str, bool]:
+    """``text`` cut where its token ``max_tokens`` + 1 starts, and whether it was cut: its first ``max_tokens``
+    tokens, give or take one where byte tokens spell a character across the cut. The tokenizer is shown
+    ``CHARS_PER_TOKEN`` characters per token wanted, twice as many each time those hold no more than ``max_tokens``
+    tokens: a huge line costs a short prefix of it, or at worst (tokens of dozens of characters) two passes."""
+    chars, fast = max_tokens * CHARS_PER_TOKEN, bool(getattr(tokenizer, "is_fast", False))
+    while True:
+        head = text[:chars]
+        enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=fast)
+        ids = enc["input_ids"]
+        if len(ids) > max_tokens:
+            if not fast:  # no offsets: the kept tokens' own text
+                return tokenizer.decode(ids[:max_tokens]), True
+            # where the first token left out starts: a character split over several byte tokens goes whole
+            return text[: enc["offset_mapping"][max_tokens][0]], True
+        if len(head) == len(text):
+            return text, False
+        chars *= 2
 
 
 def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

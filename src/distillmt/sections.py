@@ -128,6 +128,9 @@ class TrainConfig:
 class GenerateConfig:
     batch_size: int = setting(32, "sources per generation batch", range=(1, None))
     max_new_tokens: int = setting(64, "longest translation in tokens", range=(1, None))
+    max_source_tokens: int = setting(
+        512, "longest source in tokens: longer ones are cut to it, with a warning that counts them", range=(1, None)
+    )
     num_beams: int = setting(1, "beam size (1 = greedy or sampling)", range=(1, 64))
     length_penalty: float = setting(1.0, "beam-search length penalty", range=(-10.0, 10.0))
     do_sample: bool = setting(False, "sample instead of greedy/beam")

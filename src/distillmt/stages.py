@@ -40,6 +40,11 @@ log = logging.getLogger("distillmt.stages")
 KEY_FORMAT = 2
 STAGE_FILE = "stage.json"
 PENDING_FILE = "pending.json"
+# The run folder's own files. config.json is the config of the last run that finished (written with its report), so
+# it never names settings no finished stage used; the config of a run under way, or of one that failed, is beside it.
+RUN_CONFIG = "config.json"
+ATTEMPT_CONFIG = "config.attempt.json"
+RUN_LOCK = ".run.lock"  # held by the one process running in the folder (see pipeline.run_folder_lock)
 NOT_OUTPUTS = {STAGE_FILE, PENDING_FILE, "metrics.jsonl", "tensorboard", "checkpoints"}
 _FULL_HASH_LIMIT = 64 << 20
 _SAMPLE = 4 << 20
