@@ -108,6 +108,18 @@ BLEU_METRIC = Metric("bleu", "BLEU", "BLEU", decimals=2, scale="0–100")
 METRICS = {m.key: m for m in (BERTSCORE_METRIC, CHRF_METRIC, BLEU_METRIC)}
 
 
+def sentence_scores(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float] | None]]:
+    """Metric key -> row -> its sentence scores, from each row's per-sentence records (``sentences.jsonl``), for the
+    metrics whose corpus score is the mean of their sentence scores (a bootstrap resamples those; ``stats`` tests the
+    others itself); None for a row whose records lack them."""
+    out: dict[str, dict[str, list[float] | None]] = {}
+    for metric in METRICS.values():
+        if metric.sentence_mean:
+            by_row = {row: [r.get(metric.score_column) for r in rs] for row, rs in records.items()}
+            out[metric.key] = {row: (None if not v or None in v else v) for row, v in by_row.items()}
+    return out
+
+
 def refs_sha256(refs: list[str]) -> str:
     """Fingerprint of the references (joined by newlines): rows of one table must be scored on the same sentences."""
     return hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()

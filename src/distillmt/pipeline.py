@@ -500,11 +500,14 @@ def preflight(cfg: ExperimentConfig) -> None:
     from distillmt.models import check_loadable, resolve_ref
 
     d = cfg.data
-    if d.source in ("jsonl", "tsv") and not (d.path and Path(d.path).is_file()):
-        raise DistillmtError(f"config key 'data.path': file not found: {d.path} (data.source={d.source})")
+    if d.source in ("jsonl", "tsv", "hf") and not d.path:
+        what = "a dataset name" if d.source == "hf" else "a file"
+        raise DistillmtError(f"data.source={d.source} needs data.path ({what})")
+    if d.source in ("jsonl", "tsv", "tatoeba") and d.path:
+        _check_file(d.path, "data.path", f" (data.source={d.source})")
     extra = cfg.hard_kd.extra_sources_file
-    if extra and not Path(extra).is_file():
-        raise DistillmtError(f"config key 'hard_kd.extra_sources_file': file not found: {extra}")
+    if extra:
+        _check_file(extra, "hard_kd.extra_sources_file")
     if cfg.eval.bertscore:
         check_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layer)
     for key, g in (("generate", cfg.generate), ("hard_kd.decoding", cfg.hard_kd.decoding)):
@@ -512,6 +515,13 @@ def preflight(cfg: ExperimentConfig) -> None:
     if cfg.teacher.model != "scratch":
         for m in (cfg.teacher, cfg.student):
             check_loadable(resolve_ref(m.model))
+
+
+def _check_file(path: str, key: str, note: str = "") -> None:
+    if Path(path).is_dir():
+        raise DistillmtError(f"config key '{key}' = {path!r} is a folder, not a file{note}")
+    if not Path(path).is_file():
+        raise DistillmtError(f"config key '{key}': file not found: {path}{note}")
 
 
 def check_engine(engine: str, key: str) -> None:
@@ -675,17 +685,14 @@ def compare_run_rows(
     root: Path, rows: list[str], refs: list[str], baseline: str, *, bleu_tokenize: str, n_samples: int
 ) -> dict[str, Any]:
     """The significance test of a run folder's rows against ``baseline``, from their translations and per-sentence
-    BERTScore F1 (``None`` where BERTScore was not measured)."""
+    scores (``None`` where a metric was not measured)."""
     from distillmt import stats
+    from distillmt.metrics import sentence_scores
 
-    hyps, f1 = {}, {}
-    for name in rows:
-        hyps[name] = [r["hyp"] for r in read_jsonl(root / f"translate_{name}" / "translations.jsonl")]
-        values = [s.get("BERTScore F1") for s in read_jsonl(root / f"evaluate_{name}" / "sentences.jsonl")]
-        f1[name] = None if not values or None in values else values
-    return stats.compare_to_baseline(
-        hyps, refs, baseline, sentence_scores={"bertscore": f1}, bleu_tokenize=bleu_tokenize, n_samples=n_samples
-    )
+    hyps = {name: [r["hyp"] for r in read_jsonl(root / f"translate_{name}" / "translations.jsonl")] for name in rows}
+    sentences = {name: read_jsonl(root / f"evaluate_{name}" / "sentences.jsonl") for name in rows}
+    return stats.compare_to_baseline(hyps, refs, baseline, sentence_scores=sentence_scores(sentences),
+                                     bleu_tokenize=bleu_tokenize, n_samples=n_samples)  # fmt: skip
 
 
 def train_and_save(

@@ -48,7 +48,7 @@ from distillmt import systems
 from distillmt.config import ExperimentConfig, load_config, read_yaml
 from distillmt.errors import DistillmtError
 from distillmt.io import atomic_write_text, read_jsonl
-from distillmt.metrics import CHRF_METRIC, METRICS, metric_entries
+from distillmt.metrics import CHRF_METRIC, METRICS, metric_entries, sentence_scores
 from distillmt.plots import draw_plots, embed_plots, is_number, significance_record, sweep_plot_files, sweep_plots
 
 log = logging.getLogger("distillmt.sweep")
@@ -353,13 +353,7 @@ def _sentence_scores(files: dict[str, Path]) -> dict[str, dict[str, list[float] 
     (the bootstrap resamples those; ``stats`` tests the others itself); None for a point that lacks them."""
     if not all(f.is_file() for f in files.values()):
         return {}
-    records = {point: read_jsonl(f) for point, f in files.items()}
-    out: dict[str, dict[str, list[float] | None]] = {}
-    for metric in METRICS.values():
-        if metric.sentence_mean:
-            by_point = {point: [x.get(metric.score_column) for x in rs] for point, rs in records.items()}
-            out[metric.key] = {point: (None if None in v else v) for point, v in by_point.items()}
-    return out
+    return sentence_scores({point: read_jsonl(f) for point, f in files.items()})
 
 
 def winners(sweep: Sweep, root: Path, rows: list[dict[str, Any]]) -> list[str]:
