@@ -380,9 +380,9 @@ def test_cli_report_on_a_sweep_folder_with_and_without_sweep_json(tmp_path, caps
     assert "| p00_temperature=1.0_alpha=0.1 | 1.0 | 0.1 | SLKD | 6.95 ± 0.21† |" in text
     assert _png(root / "chrf_lines.png") and _png(root / "chrf_heatmap.png")
     assert (root / "results.csv").read_text() == csv_before  # the CSV is read, never rewritten
-    (root / "sweep.json").unlink()  # an older sweep folder: the spec comes from results.csv
-    assert rewrite_sweep_report(root) == root / "report.md"
-    assert "![chrf_lines](chrf_lines.png)" in (root / "report.md").read_text(encoding="utf-8")
+    (root / "sweep.json").unlink()  # the spec cannot be guessed from the CSV: one line saying what to do
+    assert main(["report", str(root)]) == 2
+    assert "has results.csv but no sweep.json" in capsys.readouterr().err
 
 
 def test_cli_report_on_another_folder_is_a_one_line_error(tmp_path, capsys):

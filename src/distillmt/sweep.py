@@ -298,38 +298,26 @@ def read_results_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _infer_sweep(root: Path, rows: list[dict[str, Any]]) -> Sweep:
-    """A sweep folder without sweep.json (written by an older distillmt): the spec as far as results.csv tells it
-    (the varied keys are the columns between seed and system)."""
-    columns = list(rows[0]) if rows else []
-    varied = columns[columns.index("seed") + 1 : columns.index("system")] if rows else []
-    points: dict[str, Point] = {}
-    for r in rows:
-        points.setdefault(r["point"], Point(r["point"], {k: r[k] for k in varied}))
-    seeds = list(dict.fromkeys(r["seed"] for r in rows))
-    metric = next((m for m in (PLOT_METRIC, *METRICS) if any(is_number(r.get(m)) for r in rows)), PLOT_METRIC)
-    return Sweep(root.name, None, [], list(points.values()), seeds or [0], metric, varied)
-
-
 def rewrite_sweep_report(root: str | Path) -> Path:
     """``distillmt report SWEEP_FOLDER``: report.md and the plots again, from results.csv and sweep.json."""
     root = Path(root)
     rows = read_results_csv(root / "results.csv")
     spec_path = root / SWEEP_FILE
-    command = None
-    if spec_path.is_file():
-        try:
-            spec = json.loads(spec_path.read_text(encoding="utf-8"))
-            sweep = sweep_from_spec(spec)
-        except (ValueError, KeyError, TypeError) as e:
-            raise DistillmtError(f"{spec_path}: not a sweep spec ({type(e).__name__}: {e})") from None
-        command = spec.get("command")
-        by_name = {p.name: p for p in sweep.points}
-        for r in rows:  # the settings as the sweep gave them (typed), not as the CSV spelled them
-            if r["point"] in by_name:
-                r.update({k: by_name[r["point"]].settings.get(k) for k in sweep.varied})
-    else:
-        sweep = _infer_sweep(root, rows)
+    if not spec_path.is_file():
+        raise DistillmtError(
+            f"{root} has results.csv but no {SWEEP_FILE}: run its sweep file again with `distillmt sweep` "
+            "(finished runs are skipped), which writes both"
+        )
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        sweep = sweep_from_spec(spec)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DistillmtError(f"{spec_path}: not a sweep spec ({type(e).__name__}: {e})") from None
+    command = spec.get("command")
+    by_name = {p.name: p for p in sweep.points}
+    for r in rows:  # the settings as the sweep gave them (typed), not as the CSV spelled them
+        if r["point"] in by_name:
+            r.update({k: by_name[r["point"]].settings.get(k) for k in sweep.varied})
     finished = len({(r["point"], r["seed"]) for r in rows})
     return render_sweep_report(
         sweep, root, rows, command=command, runs=(finished, len(sweep.points) * len(sweep.seeds))
