@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+from distillmt.engines import cpu_name
 from distillmt.errors import DistillmtError
 
 IMPLEMENTATIONS = {
@@ -184,11 +185,26 @@ def bench_loss(
         "process's peak resident memory during the timed calls minus its resident memory before them (inputs built, "
         "one warm-up call done).",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
+        f"Machine: {cpu_name()}, {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, Python "
         f"{platform.python_version()}. {repeats} timed calls each (median), after one warm-up call.",
         "",
     ]
     return "\n".join(lines)
+
+
+def generate_sources(path: str | None, n: int) -> list[str]:
+    """The first ``n`` sources of ``path`` (plain text or JSONL with 'src'; ``-`` reads stdin), or without a path
+    ``n`` English sources of the Tatoeba corpus the default experiment uses (a seeded draw, the same every time)."""
+    from distillmt.data import load_pairs, read_sources, split_pairs
+
+    if path is None:
+        pairs, _ = load_pairs("tatoeba")
+        sources = [p.src for p in split_pairs(pairs, train_size=n, valid_size=0, test_size=0, seed=0)["train"]]
+    else:
+        sources = [r["src"] for r in read_sources(path)][:n]
+    if not sources:
+        raise DistillmtError(f"bench generate: {'<stdin>' if path == '-' else path} holds no sources to translate")
+    return sources
 
 
 def bench_generate(
@@ -213,6 +229,8 @@ def bench_generate(
     from distillmt.models import load_model, load_tokenizer, pick_dtype
     from distillmt.sections import GenerateConfig
 
+    if not sources:  # sentences per second of nothing
+        raise DistillmtError("bench generate needs at least one source sentence")
     threads = threads or available_cores()
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model)
@@ -259,7 +277,7 @@ def bench_generate(
             f"| {name} | {sps:.1f} | {res.tokens_per_second:.0f} | {sps / (len(sources) / base.seconds):.2f}× | "
             f"{same}/{len(sources)} |"
         )
-    lines += ["", f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads.", ""]
+    lines += ["", f"Machine: {cpu_name()}, {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads.", ""]
     return "\n".join(lines)
 
 
@@ -452,7 +470,7 @@ def _train_report(results: list[dict], spec: dict[str, Any], real: bool) -> str:
         "training loop; setup and the cache build are not timed. Peak extra memory: the child's peak resident memory "
         "during training minus its memory before it (both models' weights already resident).",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {spec['threads']} torch threads, Python "
+        f"Machine: {cpu_name()}, {platform.platform()}, {os.cpu_count()} CPUs, {spec['threads']} torch threads, Python "
         f"{platform.python_version()}.",
         "",
     ]
@@ -584,7 +602,7 @@ def _flops_notes(batch: int, n_params: dict, steps: int, peak_sizes: tuple[int, 
         f"The first table's step is the first variant. The peak is the best of the "
         f"{', '.join(map(str, peak_sizes))}-wide square matmuls, median of 3 calls each.",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}.",
+        f"Machine: {cpu_name()}, {platform.platform()}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}.",
         "",
     ]
 

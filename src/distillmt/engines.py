@@ -38,6 +38,30 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8")  # what decides bf16 and int8 speed on a CPU
+
+
+def cpu_name() -> str:
+    """The CPU model with the flags that decide its bf16/int8 speed, e.g. ``AMD EPYC (avx512_bf16)``: timings and
+    rounding differ between kinds of CPU, so every figure names it."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the platform's own name
+        pass
+    present = [f for f in CPU_FLAGS if f in flags]
+    return f"{model} ({', '.join(present)})" if present else model
+
+
 def process_group(device: str) -> tuple[bool, str | None]:
     """``(cpu, backend)`` for accelerate's process state: on the CPU where ``device`` says so or no GPU answers.
     accelerate leaves a DeepSpeed launch aside when told cpu=True, and without a GPU it finds no process-group backend

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from distillmt import data as data_mod
-from distillmt import systems
+from distillmt import engines, systems
 from distillmt.config import (
     ExperimentConfig,
     GenerateConfig,
@@ -731,6 +731,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu": engines.cpu_name(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),

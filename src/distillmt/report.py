@@ -218,7 +218,7 @@ def markdown_report(report: dict[str, Any], plots: Iterable[tuple[str | None, st
     lines += [
         "",
         f"Wall time of this invocation: {report['wall_seconds']:.1f} s. Machine: {m.get('gpu', '')} "
-        f"{m['device']}, {m['cpus']} CPUs, torch {m['torch']}, {m['platform']}.",
+        f"{m['device']}, {m['cpus']} CPUs ({m.get('cpu', 'model not recorded')}), torch {m['torch']}, {m['platform']}.",
         "",
     ]
     return "\n".join(lines)
