@@ -12,6 +12,8 @@ import pytest
 from distillmt.data import LoadStats, Pair, load_pairs, normalize, read_pairs, split_pairs, tatoeba_path, write_pairs
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 
 def _write(path, text: str) -> str:
     path.write_bytes(text.encode("utf-8"))
@@ -48,6 +50,7 @@ def test_jsonl_custom_fields_skips_and_counts(tmp_path, caplog):
         "duplicates": 1,
         "filtered": 0,
         "converted": 0,
+        "control_chars": 0,
     }
     assert [r.message for r in caplog.records if r.name == "distillmt.data" and "loaded 2 pairs" in r.message]
 

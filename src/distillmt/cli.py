@@ -61,10 +61,11 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 def _load(args: argparse.Namespace) -> Any:
     """The validated config; also checks the device and records the run folder (where an unexpected error's
     traceback is saved) before any work starts."""
-    from distillmt.config import load_config
+    from distillmt.config import check_run_folder, load_config
 
     config, overrides = _split_config_args(args.args)
     cfg = load_config(config, overrides)
+    check_run_folder(cfg)
     args.run_folder = Path(cfg.output_dir) / cfg.name
     _set_threads(cfg.threads)
     from distillmt.models import pick_device
@@ -162,13 +163,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_output_file(args.output, "--output")
     if args.what == "generate":
-        from distillmt.bench import bench_generate
-        from distillmt.data import read_sources
+        from distillmt.bench import bench_generate, generate_sources
 
         if not args.model:
             raise DistillmtError("bench generate needs --model (a model folder or store:NAME)")
         _check_input_file(args.input, "--input")
-        sources = [r["src"] for r in read_sources(args.input)][: args.sentences]
+        sources = generate_sources(args.input, args.sentences)
         text = bench_generate(
             args.model, sources, max_new_tokens=args.max_new_tokens, threads=args.threads, dtype=args.model_dtype
         )
@@ -242,10 +242,30 @@ def _check_output_file(path: str | None, flag: str) -> None:
         raise DistillmtError(f"{flag} {path}: folder {parent} is not writable")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _check_model_folder(path: str, flag: str, *, tokenizer: bool) -> None:
+    """A local folder given as a model (or as its tokenizer) holds what loading it needs. transformers would fail on it
+    after seconds, in several lines (its first cut mid-sentence), or load an empty tokenizer and fail later."""
+    p = Path(path)
+    if path.startswith("store:") or not p.exists():  # a hub id or the store: the loaders check those
+        return
+    if not p.is_dir():
+        raise DistillmtError(f"{flag} {path} is a file, not a model folder")
+    if not tokenizer and not any((p / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise DistillmtError(f"{flag} {path}: not a model folder (no config.json)")
+    if tokenizer and not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        hint = "" if flag == "--tokenizer" else "; give the tokenizer's folder with --tokenizer"
+        raise DistillmtError(f"{flag} {path}: no tokenizer in it (none of {', '.join(_TOKENIZER_FILES)}){hint}")
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before a model is loaded (and before the heavy imports).
     _check_input_file(args.input, "--input")
     _check_output_file(args.output, "--output")
+    _check_model_folder(args.model, "--model", tokenizer=False)
+    _check_model_folder(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model", tokenizer=True)
     from distillmt.data import read_sources
     from distillmt.export import exported_format
     from distillmt.generate import translate, translate_ct2
@@ -459,7 +479,9 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument(
         "--model", help="generate: the model (a folder or store:NAME); flops: default store:qwen2.5-coder-0.5b-instruct"
     )
-    b.add_argument("--input", "-i", help="generate: sources, plain text or JSONL with 'src'")
+    b.add_argument(
+        "--input", "-i", help="generate: sources, plain text or JSONL with 'src' (- = stdin); default: Tatoeba sources"
+    )
     b.add_argument("--sentences", type=_int_at_least(1), default=100, help="generate: how many sources to use")
     b.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="generate: longest translation")
     b.add_argument(
@@ -621,12 +643,18 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        message = _os_error_message(e) if isinstance(e, OSError) else str(e)
+        message = _os_error_message(e, _written_folder(args)) if isinstance(e, OSError) else str(e)
         print(f"distillmt: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except Exception as e:
         if args.debug:
             raise
+        from distillmt.io import disk_full_error
+
+        full = disk_full_error(e)  # a library's own error type for a full disk: the user's to fix, not a bug
+        if full is not None:
+            print(f"distillmt: error: {_one_line(_os_error_message(full, _written_folder(args)))}", file=sys.stderr)
+            return 2
         saved = _save_traceback(args)
         where = f"full traceback saved to {saved}" if saved else "the traceback could not be saved"
         first = _one_line((str(e).strip().splitlines() or [""])[0])
@@ -641,9 +669,22 @@ def _one_line(text: str) -> str:
     return " / ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
-def _os_error_message(e: OSError) -> str:
-    """`cannot write PATH: Permission denied`, `PATH: No such file or directory`, or the bare reason."""
+def _written_folder(args: argparse.Namespace) -> str | None:
+    """Where the command writes (under its run folder, else its --output), to name when a full disk names no file."""
+    if getattr(args, "run_folder", None) is not None:
+        return f"under {args.run_folder}"
+    output = getattr(args, "output", None)
+    return None if output in (None, "-") else str(output)
+
+
+def _os_error_message(e: OSError, where: str | None = None) -> str:
+    """`cannot write PATH: Permission denied`, `PATH: No such file or directory`, or the bare reason. A full disk
+    that names no file (a failed write() does not) says ``where`` the command writes (``under RUN_FOLDER``)."""
+    from distillmt.io import DISK_FULL
+
     reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is None and e.errno in DISK_FULL and where is not None:
+        return f"cannot write {where}: {reason}"
     if e.filename is None:
         return reason
     name = os.fsdecode(e.filename)

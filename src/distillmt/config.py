@@ -11,8 +11,11 @@ each its own section.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +146,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, word: str | None = None, choices: list[str] | None = None) -> Any:
+    """``value`` as type ``tp``; ``word`` is how YAML saw it written where it read a non-string scalar (``no``,
+    ``007``), which a str key takes as is."""
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -179,7 +184,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise DistillmtError(f"config key '{key}' must be a string, got {value!r}")
-        return str(value)
+        if isinstance(value, bool):
+            return _bool_word(value, word, choices)
+        return value if isinstance(value, str) else word if word is not None else str(value)
     return value
 
 
@@ -194,6 +201,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise DistillmtError(
             f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})"
         )
+    words = getattr(data, "words", {})
     kwargs = {}
     for name, value in data.items():
         tp, _ = _unwrap_optional(hints[name])
@@ -206,20 +214,37 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 value = _merge(dataclasses.asdict(fields[name].default_factory()), value)
             kwargs[name] = from_dict(tp, value, prefix=f"{key}.")
         else:
-            kwargs[name] = _coerce(_yaml_word(value, fields[name].metadata.get("choices")), hints[name], key)
+            choices = fields[name].metadata.get("choices")
+            kwargs[name] = _coerce(value, hints[name], key, word=words.get(name), choices=choices)
     return cls(**kwargs)
 
 
-def _yaml_word(value: Any, choices: list[str] | None) -> Any:
-    """The choice a YAML boolean was written as: YAML 1.1 reads ``no`` (``mixed_precision=no``) as false."""
-    if not isinstance(value, bool) or not choices:
-        return value
-    words = ("yes", "on", "true") if value else ("no", "off", "false")
-    return next((c for c in choices if c.lower() in words), value)
+_YAML_TRUE, _YAML_FALSE = ("yes", "on", "true"), ("no", "off", "false")
+
+
+def _bool_word(value: bool, word: str | None, choices: list[str] | None) -> str:
+    """What a str key given a YAML 1.1 boolean means: the word as written (``name=no`` is "no", not "False"), or,
+    where that word is not one of the key's choices, the choice that says the same (``mixed_precision: false`` is
+    "no"). A boolean with no written word (a dict built in code) reads as "true" / "false"."""
+    word = word if word is not None else str(value).lower()
+    if choices and word not in choices:
+        same = _YAML_TRUE if value else _YAML_FALSE
+        return next((c for c in choices if c.lower() in same), word)
+    return word
+
+
+class _Mapping(dict):
+    """A config mapping that remembers how its unquoted non-string scalars were written (``words``): YAML 1.1 reads
+    ``no``, ``off`` and ``007`` as false, false and 7, and a key whose type is str must get the word itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.words: dict[Any, str] = {}
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+    out = _Mapping(base)
+    out.words.update(getattr(update, "words", {}))
     for k, v in update.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
@@ -258,6 +283,28 @@ def _validate_paths(cfg: ExperimentConfig) -> None:
                     f"config key 'output_dir' = {cfg.output_dir!r}: {existing} exists and is a file, not a {what}"
                 )
             break
+
+
+def check_run_folder(cfg: ExperimentConfig) -> None:
+    """Refuse now, naming it, an ``output_dir`` where the run folder cannot be made or written (a read-only folder,
+    /proc): found later, the first stage that writes fails with a bare "missing file" or "permission denied". Not
+    part of :func:`validate`, which also reads the configs of finished runs, from wherever they are."""
+    run = Path(cfg.output_dir) / cfg.name
+    existing = next((p for p in (run, *run.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():  # a file in the way: validate() names it
+        return
+    problem = None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "permission denied"
+    else:
+        # os.access says yes to root even where no folder can be made (/proc, /sys): only making one tells
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".distillmt-check-", dir=existing))
+        except OSError as e:
+            problem = e.strerror or type(e).__name__
+    if problem is not None:
+        why = "cannot be written" if existing == run else f"cannot be created: {existing} is not a writable folder"
+        raise DistillmtError(f"config key 'output_dir' = {cfg.output_dir!r}: the run folder {run} {why} ({problem})")
 
 
 def _validate_experiment(cfg: ExperimentConfig) -> None:
@@ -305,29 +352,75 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
         raise DistillmtError(f"hard_kd.selection={cfg.hard_kd.selection} needs hard_kd.num_candidates >= 2")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any, str | None]:
+    """``key.path=value`` as (the key's parts, the value as YAML reads it, the word as written where YAML read a
+    non-string scalar: ``no`` for ``name=no``, so a str key gets "no", not False)."""
     if "=" not in text:
         raise DistillmtError(f"override {text!r} is not key=value (example: train_student.lr=3e-4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw != "" else None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    word = raw.strip() if value is not None and not isinstance(value, (str, dict, list)) else None
+    return key.strip().split("."), value, word
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = data if isinstance(data, _Mapping) else _Mapping(data)
     for text in overrides:
-        path, value = parse_override(text)
+        path, value, word = parse_override(text)
         node = data
         for part in path[:-1]:
             if node.get(part) is None:  # also a YAML section whose keys are all commented out
-                node[part] = {}
+                node[part] = _Mapping()
+            elif isinstance(node[part], dict) and not isinstance(node[part], _Mapping):
+                node[part] = _Mapping(node[part])
             node = node[part]
             if not isinstance(node, dict):
                 raise DistillmtError(f"override {text!r}: '{part}' is not a section")
         node[path[-1]] = value
+        node.words.pop(path[-1], None)
+        if word is not None:
+            node.words[path[-1]] = word
     return data
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings refuse a key given twice (plain YAML keeps the last, silently) and remember how
+    their unquoted non-string scalars were written (:class:`_Mapping`)."""
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+def _construct_mapping(loader: _ConfigLoader, node: yaml.MappingNode) -> _Mapping:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` and then a key of its own is meant to override
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):  # the SafeLoader refuses it below, in its own words
+            continue
+        if key in first_line:
+            raise _DuplicateKey(
+                None, None, f"duplicate key {key!r} (first given at line {first_line[key]})", key_node.start_mark
+            )
+        first_line[key] = key_node.start_mark.line + 1
+    out = _Mapping(loader.construct_mapping(node, deep=True))
+    for key_node, value_node in node.value:  # merged keys come first here, so a key's own value has the last word
+        key = loader.construct_object(key_node, deep=True)
+        value = loader.construct_object(value_node, deep=True)
+        if isinstance(value_node, yaml.ScalarNode) and value_node.style is None and value is not None:
+            if not isinstance(value, str):
+                out.words[key] = value_node.value
+                continue
+        out.words.pop(key, None)
+    return out
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
@@ -338,7 +431,7 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     if not path.is_file():
         raise DistillmtError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or _Mapping()
     except UnicodeDecodeError as e:
         raise DistillmtError(f"{what} file {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     except OSError as e:
@@ -347,6 +440,8 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = (str(getattr(e, "problem", None) or e).splitlines() or [""])[0]
+        if isinstance(e, _DuplicateKey):
+            raise DistillmtError(f"{where}: {problem}") from None
         raise DistillmtError(f"{where}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise DistillmtError(f"{path}: a {what} must be a mapping of keys to values")
@@ -355,7 +450,7 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config (or the built-in defaults when ``path`` is None), apply overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path) if path is not None else _Mapping()
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(ExperimentConfig, data)
     validate(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import itertools
 import json
 import logging
 import random
@@ -48,6 +49,7 @@ class LoadStats:
     duplicates: int = 0  # exact (src, tgt) duplicates dropped after normalisation
     filtered: int = 0  # skipped by a source-specific rule (HSK: 'placeholder' or CJK in the English)
     converted: int = 0  # rows whose target OpenCC t2s changed (Traditional → Simplified); not a skip
+    control_chars: int = 0  # rows that had control characters (NUL, ...) removed by normalisation; not a skip
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,10 +65,16 @@ _FOLD = {
 _FOLD[0x3000] = ord(" ")
 # Invisible characters seen in Tatoeba (zero-width space, BOM, soft hyphen) that would make equal strings differ.
 _FOLD.update({0x200B: None, 0xFEFF: None, 0x00AD: None})
+# Control characters that str.split() does not already treat as whitespace: a NUL is never text (UTF-16 read as
+# UTF-8 puts one after every letter), and kept it reaches the tokenizer and C libraries that stop at it.
+_CONTROL_CODES = [*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F]
+_FOLD.update(dict.fromkeys(_CONTROL_CODES))
+_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _CONTROL_CODES) + "]")
 
 
 def normalize(text: str) -> str:
-    """Fold full-width letters/digits and U+3000 to ASCII, drop zero-width chars, collapse whitespace, strip."""
+    """Fold full-width letters/digits and U+3000 to ASCII, drop zero-width and control characters (NUL, ...),
+    collapse whitespace, strip."""
     return " ".join(text.translate(_FOLD).split())
 
 
@@ -104,6 +112,8 @@ def _read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise DistillmtError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise DistillmtError(f"{path} is a folder, not a file") from None
     except OSError as e:
         raise DistillmtError(f"cannot read {path}: {e.strerror or e}") from None
     for i, raw in enumerate(data.split(b"\n"), start=1):
@@ -118,6 +128,21 @@ def _read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 f"{path}:{i}: not valid UTF-8 (byte 0x{bad} at byte {e.start + 1}); re-save the file as UTF-8"
             ) from None
         yield i, line
+
+
+# JSON can escape half of a surrogate pair alone ("\ud800"); json.loads returns it as is, but it is not text:
+# encoding it (writing the splits, tokenizing) fails far from the line that holds it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(text: str, where: str, field: str) -> None:
+    """Refuse a JSON string field that holds a lone surrogate escape, naming its file and line (``where``)."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise DistillmtError(
+            f"{where}: field {field!r} holds a lone surrogate escape (\\u{ord(bad.group()):04x} at character "
+            f"{bad.start() + 1}), which is not Unicode text; fix the escape or remove the line"
+        )
 
 
 def _iter_jsonl(path: str | Path, src_field: str, tgt_field: str) -> Iterator[tuple[str, str]]:
@@ -136,19 +161,50 @@ def _iter_jsonl(path: str | Path, src_field: str, tgt_field: str) -> Iterator[tu
                 raise DistillmtError(f"{path}:{i}: missing field {field!r} (fields: {', '.join(map(repr, obj))})")
             if not isinstance(obj[field], str):
                 raise DistillmtError(f"{path}:{i}: field {field!r} is {type(obj[field]).__name__}, expected a string")
+            _check_text(obj[field], f"{path}:{i}", field)
             values.append(obj[field])
         yield values[0], values[1]
 
 
-def _tsv_columns(src_field: str, tgt_field: str) -> tuple[int, int]:
+# The fields' defaults are JSONL keys; a TSV read with them and no en/zh header is read by position, as ever.
+_DEFAULT_FIELDS = ("en", "zh")
+
+
+def _iter_tsv_fields(path: str | Path, src_field: str, tgt_field: str) -> Iterator[tuple[str, str]]:
+    """A TSV's (source, target) columns, each field a 0-based column number or a header name. With a name, the first
+    non-empty line is the header (not a pair), and a name it lacks is an error listing the columns it has."""
     if src_field.isdigit() and tgt_field.isdigit():
-        return int(src_field), int(tgt_field)
-    return 0, 1
+        yield from _iter_tsv(path, int(src_field), int(tgt_field))
+        return
+    lines = _read_lines(path)
+    first = next(((i, line) for i, line in lines if line.strip()), None)
+    if first is None:
+        return
+    header_line, header = first
+    names = [c.strip() for c in header.split("\t")]
+    cols = [int(f) if f.isdigit() else names.index(f) if f in names else None for f in (src_field, tgt_field)]
+    if cols == [None, None] and (src_field, tgt_field) == _DEFAULT_FIELDS:
+        yield from _iter_tsv_lines(path, itertools.chain([first], lines), 0, 1)
+        return
+    if None in cols:
+        missing = (src_field, tgt_field)[cols.index(None)]
+        found = ", ".join(_short(n) for n in names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        raise DistillmtError(
+            f"{path}:{header_line}: no column named {missing!r} in the header (columns: {found}); src_field and "
+            "tgt_field are header names or 0-based column numbers (for a file without a header)"
+        )
+    yield from _iter_tsv_lines(path, lines, cols[0], cols[1])
 
 
 def _iter_tsv(path: str | Path, src_col: int, tgt_col: int) -> Iterator[tuple[str, str]]:
+    yield from _iter_tsv_lines(path, _read_lines(path), src_col, tgt_col)
+
+
+def _iter_tsv_lines(
+    path: str | Path, lines: Iterator[tuple[int, str]], src_col: int, tgt_col: int
+) -> Iterator[tuple[str, str]]:
     need = max(src_col, tgt_col) + 1
-    for i, line in _read_lines(path):
+    for i, line in lines:
         if not line.strip():
             continue
         cols = line.split("\t")
@@ -244,7 +300,7 @@ def load_pairs(
     elif source == "jsonl":
         rows = _iter_jsonl(path, src_field, tgt_field)
     elif source == "tsv":
-        rows = _iter_tsv(path, *_tsv_columns(src_field, tgt_field))
+        rows = _iter_tsv_fields(path, src_field, tgt_field)
     else:
         rows = _iter_hf(path, hf_split, src_field, tgt_field)
 
@@ -254,6 +310,8 @@ def load_pairs(
     pairs: list[Pair] = []
     for raw_src, raw_tgt in rows:
         stats.read += 1
+        if _CONTROL.search(raw_src) or _CONTROL.search(raw_tgt):
+            stats.control_chars += 1
         src, tgt = normalize(raw_src), normalize(raw_tgt)
         if convert is not None and tgt:
             simple = convert(tgt)
@@ -275,7 +333,7 @@ def load_pairs(
     where = f"{source}:{path}" if path else source
     log.info(
         "loaded %d pairs from %s (read %d; skipped %d empty, %d over %d chars, %d duplicates, %d filtered; "
-        "%d targets converted to Simplified)",
+        "%d targets converted to Simplified, %d rows with control characters removed)",
         stats.kept,
         where,
         stats.read,
@@ -285,6 +343,7 @@ def load_pairs(
         stats.duplicates,
         stats.filtered,
         stats.converted,
+        stats.control_chars,
     )
     return pairs, stats
 
@@ -439,8 +498,11 @@ def read_sources(path: str | Path | None) -> list[dict[str, str | None]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DistillmtError(f"{name}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj.get("src"), str):
+                if not isinstance(obj, dict) or not isinstance(obj.get("src"), str):
                     raise DistillmtError(f"{name}:{i}: JSON line needs a string field 'src'")
+                for field in ("src", "ref"):
+                    if isinstance(obj.get(field), str):
+                        _check_text(obj[field], f"{name}:{i}", field)
                 rows.append({"src": obj["src"], "ref": obj.get("ref")})
             else:
                 rows.append({"src": line, "ref": None})

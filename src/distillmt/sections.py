@@ -59,7 +59,9 @@ class DataConfig:
         "tatoeba", "corpus: tatoeba | hsk | jsonl | tsv | hf", choices=["tatoeba", "hsk", "jsonl", "tsv", "hf"]
     )
     path: str | None = setting(None, "file for jsonl/tsv, dataset name for hf")
-    src_field: str = setting("en", "source field (JSONL key, TSV column index, or HF field)")
+    src_field: str = setting(
+        "en", "source field: JSONL key, HF field, or TSV header name or 0-based column number (no header)"
+    )
     tgt_field: str = setting("zh", "target field")
     hf_split: str = setting("train", "split name for source=hf")
     simplified: bool = setting(True, "convert Traditional Chinese targets to Simplified (OpenCC t2s)")
