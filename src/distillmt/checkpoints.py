@@ -18,7 +18,7 @@ import torch
 
 from distillmt import engines
 from distillmt.errors import DistillmtError
-from distillmt.io import atomic_write_bytes, write_json
+from distillmt.io import atomic_write_bytes, disk_full_error, write_json
 
 log = logging.getLogger("distillmt.train")
 
@@ -53,13 +53,21 @@ def _write_checkpoint(ckpt_dir: Path, trainable: dict, opt_state: dict, sched_st
     final = ckpt_dir / f"step-{state['step']:07d}"
     tmp = ckpt_dir / f"step-{state['step']:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    for name, obj in (("optimizer.pt", opt_state), ("scheduler.pt", sched_state)):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        atomic_write_bytes(tmp / name, buf.getvalue())
-    write_json(tmp / "state.json", state)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        for name, obj in (("optimizer.pt", opt_state), ("scheduler.pt", sched_state)):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            atomic_write_bytes(tmp / name, buf.getvalue())
+        write_json(tmp / "state.json", state)
+    except BaseException as e:
+        # A half-written checkpoint is never resumed from, and on a full disk it holds the space the user needs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(e, final)
+        if full is not None:
+            raise full from e
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(ckpt_dir)[:-2]:

@@ -35,9 +35,28 @@ def exported_format(folder: str | Path) -> str | None:
     """``hf`` or ``ct2`` for a folder written by :func:`export_system`, ``ct2`` for any CTranslate2 model folder,
     else None (a Hugging Face folder, a hub id, ...)."""
     folder = Path(folder)
-    if (folder / MARKER).is_file():
-        return read_json(folder / MARKER).get("format")
+    marker = folder / MARKER
+    if marker.is_file():
+        return _manifest(marker).get("format")
     return "ct2" if (folder / "model.bin").is_file() and (folder / "config.json").is_file() else None
+
+
+def _manifest(marker: Path) -> dict[str, Any]:
+    """An export manifest, refused in one line naming it when it is not a JSON object naming a known format: a
+    damaged one would otherwise load the folder as the wrong kind of model, or fail with a traceback."""
+    hint = "re-export the model, or delete the file if the folder is a plain Hugging Face model"
+    try:
+        data = read_json(marker)
+    except ValueError as e:  # invalid JSON or UTF-8
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DistillmtError(f"{marker} is damaged (not valid JSON: {reason}): {hint}") from None
+    if not isinstance(data, dict):
+        raise DistillmtError(f"{marker} is damaged (a JSON {type(data).__name__}, not an object): {hint}")
+    if data.get("format") not in FORMATS:
+        raise DistillmtError(
+            f"{marker} is damaged (format {data.get('format')!r}, not one of {', '.join(FORMATS)}): {hint}"
+        )
+    return data
 
 
 def _record(path: Path) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ next, naming the owner)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -43,6 +44,30 @@ def _write_error(err: OSError, path: Path) -> OSError:
     new = OSError(err.errno, err.strerror or str(err), str(path))
     new.action = "write"  # type: ignore[attr-defined]
     return new
+
+
+# A full disk and an exhausted quota: the user frees space and reruns, so they are said in one line, never as a bug.
+DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def disk_full_error(err: BaseException, path: str | Path | None = None) -> OSError | None:
+    """The disk-full error behind ``err`` as an OSError marked as a failed write of ``path`` (else of the file it
+    names), or None when ``err`` is no such error. Libraries that write themselves report it in their own types
+    (safetensors: ``... No space left on device (os error 28)``), so the exception chain and the message are read."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) and e.errno in DISK_FULL else None
+        text = str(e)
+        code = code or next((c for c in DISK_FULL if f"os error {c})" in text or os.strerror(c) in text), None)
+        if code is not None:
+            name = path if path is not None else getattr(e, "filename", None)
+            new = OSError(code, os.strerror(code), None if name is None else str(name))
+            new.action = "write"  # type: ignore[attr-defined]
+            return new
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

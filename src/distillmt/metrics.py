@@ -231,6 +231,20 @@ def _patch_empty_sentences() -> None:
     bs_utils.sent_encode = sent_encode
 
 
+# How far above 1 a BERTScore may come out from float32 rounding alone (a sentence identical to its reference).
+_ROUNDING = 1e-6
+
+
+def _clamp_rounding(values: Any) -> Any:
+    """BERTScore P/R/F1 (a tensor) with the values a rounding error above 1 (1.0000001 for a sentence equal to its
+    reference) set to 1: a score above its maximum would be printed and averaged as such. Anything further above 1
+    is not rounding, and is left for what it is."""
+    import torch
+
+    above = (values > 1) & (values <= 1 + _ROUNDING)
+    return torch.where(above, torch.ones_like(values), values)
+
+
 def bertscore(
     hyps: list[str],
     refs: list[str],
@@ -282,6 +296,7 @@ def bertscore(
     except (OSError, ValueError, KeyError) as e:
         reason = f"BERTScore encoder '{model}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         raise MetricUnavailable(entry(None, None, None, unavailable=reason)) from None
+    p, r, f = (_clamp_rounding(x) for x in (p, r, f))
     result = entry(
         float(p.mean()),
         float(r.mean()),

@@ -10,7 +10,7 @@ import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -166,12 +166,15 @@ def load_model(
     check_loadable(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise _hub_error(path, e) from None
+    except Exception as e:
+        _raise_load_error(path, e)
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except Exception as e:
+            _raise_load_error(str(adapter), e)
         if merge:
             # The model object that went through peft decodes much slower on CPU (same weights, same forward speed,
             # slow inside generate), while a freshly loaded copy holding the merged weights does not: so only the
@@ -183,6 +186,37 @@ def load_model(
             model.load_state_dict(merged)
             del merged
     return model.to(device)
+
+
+def _raise_load_error(path: str, err: Exception) -> NoReturn:
+    """Why ``path`` did not load, as one line naming the file where it is a damaged weights file (safetensors and
+    transformers would otherwise raise their own errors without the path); other errors as before."""
+    damaged = damaged_safetensors(path)
+    if damaged is not None:
+        raise damaged from None
+    if isinstance(err, (OSError, ValueError)):
+        raise _hub_error(path, err) from None
+    raise err
+
+
+def damaged_safetensors(folder: str | Path) -> DistillmtError | None:
+    """The error to raise for the first ``*.safetensors`` file of ``folder`` whose header does not read or whose size
+    disagrees with its header (a truncated or overwritten file), or None. Only headers are read."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:  # safetensors' own error type, or an OSError reading the file
+            return _damaged_error(file, e)
+    return None
+
+
+def _damaged_error(file: Path, err: Exception) -> DistillmtError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return DistillmtError(f"{file} is damaged or not a safetensors file ({reason}): re-export or re-download it")
 
 
 def check_adapter_dir(path: str | Path, what: str = "adapter") -> None:
@@ -277,9 +311,18 @@ def apply_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules
 def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> None:
     """Adapter only for a peft model, full weights otherwise; safetensors either way; tokenizer beside it.
     ``state_dict``: the weights to write instead of the model's own (those gathered from FSDP's shards)."""
-    model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+    from distillmt.io import disk_full_error
+
+    try:
+        model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+    except Exception as e:
+        # safetensors reports a full disk in its own error type, without the path
+        full = disk_full_error(e, out_dir)
+        if full is not None:
+            raise full from e
+        raise
 
 
 def count_parameters(model: Any) -> dict[str, int]:
@@ -298,9 +341,12 @@ def saved_parameter_count(folder: str | Path) -> int | None:
         return None
     total = 0
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                total += math.prod(f.get_slice(name).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    total += math.prod(f.get_slice(name).get_shape())
+        except Exception as e:  # safetensors' own error type, or an OSError reading the file
+            raise _damaged_error(file, e) from None
     return total
 
 

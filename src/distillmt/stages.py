@@ -9,7 +9,8 @@ still match, and the outputs of the stages it read (``inputs``) are still the on
   cache shards) as long as ``pending.json`` carries the same key, and starts afresh when it does not;
 * a finished stage whose settings changed, or whose outputs were damaged, is rebuilt beside the old one in
   ``.<stage>.next/`` and swapped in only when the rebuild succeeded: a failing or interrupted rerun leaves the
-  previous complete result (and the report that shows it) intact.
+  previous complete result (and the report that shows it) intact. A rerun with the same settings resumes the
+  rebuild; one that finds the finished stage current again (settings changed back) removes it.
 
 Checksums: sha256 of the whole file up to 64 MiB; above that, sha256 of the size, the first and the last 4 MiB (a
 truncated or partly written file changes the size or its tail, and a multi-GB checkpoint is not read whole on every
@@ -192,6 +193,7 @@ class RunFolder:
             problem = damaged_output(folder, info.get("outputs", {}))
             if problem is None and info.get("inputs", upstream) == upstream:
                 log.info("stage %-22s skipped: complete (key %s)", name, key)
+                _drop_unused_rebuild(folder, name)
                 self._link(name, folder)
                 timing = {"seconds": info.get("seconds"), "skipped": True, "key": key}
                 return {"skip": (info["result"], timing, _digest(info.get("outputs", {})))}
@@ -207,6 +209,8 @@ class RunFolder:
             log.info("stage %-22s settings changed (key %s -> %s): running it again", name, info.get("key"), key)
         finished = (folder / STAGE_FILE).exists()  # complete but stale, damaged, or unreadable: replace, not delete
         work = _twin(folder, "next") if finished else folder
+        if work == folder:
+            _drop_unused_rebuild(folder, name)
         pending = _read_json_or_none(work / PENDING_FILE)
         if (work / PENDING_FILE).exists() and (pending is None or pending.get("key") != key):
             log.info("stage %-22s partial output from other settings: starting afresh", name)
@@ -263,6 +267,17 @@ def _exclusive(folder: Path, name: str) -> contextlib.AbstractContextManager:
 
 def _twin(folder: Path, kind: str) -> Path:
     return folder.parent / f".{folder.name}.{kind}"
+
+
+def _drop_unused_rebuild(folder: Path, name: str) -> None:
+    """Remove an unfinished rebuild ``.<stage>.next/`` that this run does not resume: the finished stage is current
+    (the rebuild was for other settings, which a later change back would rebuild), or there is no finished folder
+    for it to replace. Left alone, it would hold a partial copy of the stage's output (checkpoints, shards) for good.
+    A rebuild this run continues is the work folder, and is not touched."""
+    twin = _twin(folder, "next")
+    if twin.exists():
+        log.info("stage %-22s removing %s: an unfinished rebuild this run does not continue", name, twin)
+        shutil.rmtree(twin, ignore_errors=True)
 
 
 def _swap(folder: Path) -> None:

@@ -302,6 +302,11 @@ def rewrite_sweep_report(root: str | Path) -> Path:
     """``distillmt report SWEEP_FOLDER``: report.md and the plots again, from results.csv and sweep.json."""
     root = Path(root)
     rows = read_results_csv(root / "results.csv")
+    if not rows:  # a report of nothing would look like a sweep whose every point failed
+        raise DistillmtError(
+            f"{root / 'results.csv'} has no rows yet: no run of the sweep has finished; run its sweep file with "
+            "`distillmt sweep` (finished runs are skipped), which writes the report"
+        )
     spec_path = root / SWEEP_FILE
     if not spec_path.is_file():
         raise DistillmtError(

@@ -2,8 +2,9 @@
 
 The twin of :mod:`distillmt.logit_cache` (soft-label data). Layout of a labels folder::
 
-    shard-00000-<hash>.jsonl   one row per source: {"src", "ref", "label", "candidates"}
-    shard-00001-<hash>.jsonl   ...
+    shard-00000-<hash>.jsonl       one row per source: {"src", "ref", "label", "candidates"}
+    shard-00000-<hash>.meta.json   what making it cost: {"generated_tokens", "seconds", "engine"}
+    shard-00001-<hash>.jsonl       ...
 
 A shard's name carries the hash of its sources and of the teacher and decoding settings, so a rerun (after a kill)
 reuses exactly the shards those settings still describe and generates the rest; each shard is written atomically.
@@ -22,7 +23,7 @@ from typing import Any
 
 from distillmt.data import Pair
 from distillmt.generate import SavedModel, process_shard, reference_select, release_vllm, translate_with_engine
-from distillmt.io import read_jsonl, write_jsonl
+from distillmt.io import read_json, read_jsonl, write_json, write_jsonl
 from distillmt.sections import HardKDConfig
 
 log = logging.getLogger("distillmt.teacher_labels")
@@ -53,7 +54,8 @@ def build_teacher_labels(
     ``cfg.selection``: ``score`` (the teacher's), ``mbr`` (chrF against the other candidates) or ``reference``
     (chrF against the source's reference; by score where it has none). ``cfg.shard_size`` sources go to each shard;
     shard ``i`` is decoded with seed ``seed + i``. Returns ``{"shards": [file names in order], "generated_tokens",
-    "generation_seconds"}``.
+    "generation_seconds", "engine"}``, the figures over every shard, those an earlier (interrupted) call wrote
+    included.
 
     ``saved``: where the teacher's weights lie, for vLLM to load them itself (``load_teacher`` may then return None
     for the model). ``processes`` (accelerate's state, several processes): process ``r`` of ``P`` writes shards
@@ -73,10 +75,9 @@ def build_teacher_labels(
     }
     if not decoding.do_sample:  # n-best from beam search: at least as many beams as candidates
         decoding = dataclasses.replace(decoding, num_beams=max(decoding.num_beams, num_candidates))
-    engines = set()
     model = tokenizer = None
     loaded = False
-    shards, generated, seconds = [], 0, 0.0
+    shards = []
     n_shards = (len(pairs) + shard_size - 1) // shard_size
     rank, world = process_shard(processes)
     for i in range(n_shards):
@@ -100,23 +101,48 @@ def build_teacher_labels(
             work_dir=out_dir,
             saved=saved,
         )
-        engines.add(engine)
-        generated += res.generated_tokens
-        seconds += res.seconds
         rows = []
         for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True):
             if selection == "reference" and p.tgt and len(c) > 1:
                 hyp = c[reference_select(c, p.tgt)]
             rows.append({"src": p.src, "ref": p.tgt or None, "label": hyp, "candidates": c})
+        # the figures first: a shard that exists always has them, whichever invocation wrote it
+        write_json(_meta_path(path), {"generated_tokens": res.generated_tokens, "seconds": res.seconds,
+                                      "engine": engine})  # fmt: skip
         write_jsonl(path, rows)
     release_vllm()
-    if processes is not None:  # wait for every shard; the figures of all processes
+    if processes is not None:  # wait for every shard
         from accelerate.utils import gather_object
 
-        parts = gather_object([(generated, seconds, sorted(engines))])
-        generated, seconds = sum(p[0] for p in parts), max(p[1] for p in parts)
-        engines = {e for p in parts for e in p[2]}
-    result = {"shards": shards, "generated_tokens": generated, "generation_seconds": seconds}
+        gather_object([rank])
+    return {"shards": shards, **_shard_figures(out_dir, shards, world)}
+
+
+def _meta_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def _shard_figures(out_dir: Path, shards: list[str], world: int) -> dict[str, Any]:
+    """The generation figures of every shard, whichever invocation made it, so a resumed stage reports what the
+    whole labelling cost: tokens summed; seconds summed per process (shards ``r, r + P, ...``), the slowest one
+    counting, since the processes generate side by side."""
+    generated, per_process, engines, unknown = 0, [0.0] * world, set(), 0
+    for i, name in enumerate(shards):
+        try:
+            meta = read_json(_meta_path(out_dir / name))
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):  # written before shards kept their figures, or damaged
+            unknown += 1
+            continue
+        generated += int(meta.get("generated_tokens") or 0)
+        per_process[i % world] += float(meta.get("seconds") or 0.0)
+        if meta.get("engine"):
+            engines.add(str(meta["engine"]))
+    if unknown:
+        log.warning("%d of %d label shards have no record of their generation: the figures leave them out",
+                    unknown, len(shards))  # fmt: skip
+    result = {"generated_tokens": generated, "generation_seconds": max(per_process, default=0.0)}
     return {**result, "engine": ", ".join(sorted(engines))} if engines else result
 
 
