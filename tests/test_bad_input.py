@@ -14,6 +14,8 @@ from distillmt.config import check_run_folder, load_config, read_yaml
 from distillmt.data import Pair, load_pairs, normalize, read_sources
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 
 def _write(path: Path, text: str) -> str:
     path.write_bytes(text.encode("utf-8"))

@@ -73,6 +73,7 @@ def _run_process(args: list[str], cwd: Path, **env: str) -> subprocess.Completed
 # --- evaluate --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_evaluate_plain_files_prints_json_scores(tmp_path, capsys):
     hyp = _lines(tmp_path / "h.txt", HYPS)
     ref = _lines(tmp_path / "r.txt", REFS)
@@ -85,6 +86,7 @@ def test_evaluate_plain_files_prints_json_scores(tmp_path, capsys):
     assert "bertscore" not in scores
 
 
+@pytest.mark.unit
 def test_evaluate_jsonl_with_hyp_and_ref_fields(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
     rows = [{"src": "x", "ref": r, "hyp": h} for h, r in zip(HYPS, REFS, strict=True)]
@@ -95,6 +97,7 @@ def test_evaluate_jsonl_with_hyp_and_ref_fields(tmp_path, capsys):
     assert scores["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS], tokenize="13a").score)
 
 
+@pytest.mark.unit
 def test_evaluate_malformed_jsonl_names_file_and_line(tmp_path, capsys):
     path = tmp_path / "h.jsonl"
     path.write_text('{"hyp": "你好", "ref": "你好"}\n{"hyp": "再见", "ref": \n', encoding="utf-8")
@@ -116,6 +119,7 @@ def test_evaluate_malformed_jsonl_in_a_real_process(tmp_path):
     assert lines[0].startswith(f"distillmt: error: {path}:3: needs string fields 'hyp' and 'ref'")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("hyps", "refs", "pattern"),
     [
@@ -130,12 +134,14 @@ def test_evaluate_unusable_inputs_exit_2(tmp_path, capsys, hyps, refs, pattern):
     assert re.search(pattern, _error_line(capsys.readouterr().err))
 
 
+@pytest.mark.unit
 def test_evaluate_missing_file_exit_2(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     assert main(["evaluate", "--hyp", str(missing), "--ref", str(missing), "--no-bertscore"]) == 2
     assert _error_line(capsys.readouterr().err) == f"distillmt: error: file not found: {missing}"
 
 
+@pytest.mark.unit
 def test_evaluate_non_utf8_file_names_it(tmp_path, capsys):
     hyp = tmp_path / "latin1.txt"
     hyp.write_bytes("caf\u00e9\n".encode("latin-1"))
@@ -146,6 +152,7 @@ def test_evaluate_non_utf8_file_names_it(tmp_path, capsys):
     assert "UTF-8" in line
 
 
+@pytest.mark.unit
 def test_evaluate_unknown_bleu_tokenizer_is_a_usage_error(tmp_path, capsys):
     hyp = _lines(tmp_path / "h.txt", HYPS)
     with pytest.raises(SystemExit) as info:
@@ -170,6 +177,7 @@ def _run_args(tmp_path: Path, data: str, source: str = "jsonl") -> list[str]:
     ]
 
 
+@pytest.mark.unit
 def test_run_with_malformed_jsonl_corpus_exit_2(tmp_path, capsys):
     data = _bad_jsonl(tmp_path / "corpus.jsonl")
     assert main(_run_args(tmp_path, data)) == 2
@@ -192,6 +200,7 @@ def test_run_with_malformed_jsonl_corpus_in_a_real_process(tmp_path):
     assert all(" distillmt." in x for x in others), proc.stderr
 
 
+@pytest.mark.unit
 def test_run_with_non_utf8_corpus_names_the_file(tmp_path, capsys):
     data = tmp_path / "corpus.tsv"
     data.write_bytes(b"Hello.\t\xe4\xbd\xa0\xe5\xa5\xbd\nBad.\t\xff\xfe\n")
@@ -200,12 +209,14 @@ def test_run_with_non_utf8_corpus_names_the_file(tmp_path, capsys):
     assert line.startswith(f"distillmt: error: {data}:2: not valid UTF-8")
 
 
+@pytest.mark.unit
 def test_run_with_missing_corpus_exit_2(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     assert main(_run_args(tmp_path, str(missing))) == 2
     assert str(missing) in _error_line(capsys.readouterr().err)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("extra", "pattern"),
     [
@@ -222,6 +233,7 @@ def test_run_with_bad_config_arguments_exit_2(tmp_path, capsys, extra, pattern):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+@pytest.mark.unit
 def test_overrides_may_follow_an_option(tmp_path, capsys):
     """`run CONFIG --no-progress key=value`: the override after the option is read as one (argparse alone would stop
     the positional list at the option and refuse the rest)."""
@@ -236,11 +248,13 @@ def test_overrides_may_follow_an_option(tmp_path, capsys):
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_run_with_unknown_override_key_exit_2(tmp_path, capsys):
     assert main(["run", "sead=1", f"output_dir={tmp_path / 'runs'}"]) == 2
     assert "unknown config key 'sead'" in _error_line(capsys.readouterr().err)
 
 
+@pytest.mark.unit
 def test_run_with_missing_config_file_exit_2(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in _error_line(capsys.readouterr().err)
@@ -249,6 +263,7 @@ def test_run_with_missing_config_file_exit_2(tmp_path, capsys):
 # --- help, config, models --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("command", "purpose"),
     [
@@ -269,6 +284,7 @@ def test_subcommand_help_exits_0_and_states_its_purpose(capsys, command, purpose
     assert purpose in out
 
 
+@pytest.mark.unit
 def test_top_level_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -278,12 +294,14 @@ def test_top_level_help_lists_every_subcommand(capsys):
         assert command in out
 
 
+@pytest.mark.unit
 def test_no_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
 
 
+@pytest.mark.unit
 def test_config_lists_keys_with_defaults_and_ranges(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
@@ -294,6 +312,7 @@ def test_config_lists_keys_with_defaults_and_ranges(capsys):
     assert any(line.startswith("teacher.lora.r = 16") for line in lines)
 
 
+@pytest.mark.unit
 def test_models_list_shows_known_models_and_store(tmp_path, capsys, monkeypatch):
     from distillmt import store
 
@@ -305,6 +324,7 @@ def test_models_list_shows_known_models_and_store(tmp_path, capsys, monkeypatch)
     assert out.strip().splitlines()[-1] == f"store: {tmp_path / 'home'}"
 
 
+@pytest.mark.unit
 def test_models_import_without_name_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILLMT_HOME", str(tmp_path / "home"))
     assert main(["models", "import"]) == 2
@@ -330,6 +350,7 @@ PLAIN_SCORES = (
 )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "hyp_rows",
     [
@@ -356,6 +377,7 @@ def test_evaluate_jsonl_hyp_with_ref_file_scores_the_hyp_field(tmp_path, capsys,
     assert _scores(capsys) == pytest.approx(PLAIN_SCORES, abs=1e-9)
 
 
+@pytest.mark.unit
 def test_evaluate_plain_hyp_with_jsonl_ref(tmp_path, capsys):
     hyp = _lines(tmp_path / "h.txt", HYPS)
     ref = _jsonl(tmp_path / "data.jsonl", [{"src": "x", "ref": r, "hyp": "ignored"} for r in REFS])
@@ -363,6 +385,7 @@ def test_evaluate_plain_hyp_with_jsonl_ref(tmp_path, capsys):
     assert _scores(capsys) == pytest.approx(PLAIN_SCORES, abs=1e-9)
 
 
+@pytest.mark.unit
 def test_evaluate_refuses_jsonl_refs_that_disagree_with_ref_file(tmp_path, capsys):
     hyp = _jsonl(tmp_path / "out.jsonl", [{"ref": r, "hyp": h} for h, r in zip(HYPS, REFS, strict=True)])
     other = [*REFS[:2], "完全不同的句子。", REFS[3]]
@@ -376,6 +399,7 @@ def test_evaluate_refuses_jsonl_refs_that_disagree_with_ref_file(tmp_path, capsy
     assert "1 of 4 rows differ" in line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("hyp_format", ["text", "jsonl"])
 def test_evaluate_count_mismatch_names_both_files_and_counts(tmp_path, capsys, hyp_format):
     if hyp_format == "text":
@@ -390,6 +414,7 @@ def test_evaluate_count_mismatch_names_both_files_and_counts(tmp_path, capsys, h
     assert f"--ref {ref} has 3" in line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("content", "pattern"),
     [
@@ -503,6 +528,7 @@ IN_PROCESS_MISTAKES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", IN_PROCESS_MISTAKES)
 def test_mistakes_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, tiny_model, case):
     from distillmt import models
@@ -552,6 +578,7 @@ def test_mistakes_in_a_real_process_exit_2_with_one_line(tmp_path, tiny_model, c
     assert proc.stderr.strip().splitlines()[-1] == line
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
 def test_translate_refuses_read_only_output_folder(tmp_path, capsys, tiny_model):
     src = _lines(tmp_path / "src.txt", ["Hello."])
@@ -565,6 +592,7 @@ def test_translate_refuses_read_only_output_folder(tmp_path, capsys, tiny_model)
     assert re.search(r"folder .*/ro is not writable", _error_line(capsys.readouterr().err))
 
 
+@pytest.mark.unit
 def test_translate_then_evaluate_with_a_tiny_model(tmp_path, capsys, tiny_model):
     """The checks let a correct command through: translate writes JSONL, evaluate scores its hyp field."""
     src = _lines(tmp_path / "src.txt", ["Hello world.", "Good morning."])
@@ -594,6 +622,7 @@ def _fail_with(monkeypatch, exc: BaseException) -> None:
     monkeypatch.setattr(cli, "cmd_config", boom)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
@@ -608,6 +637,7 @@ def test_os_errors_are_one_line_naming_the_file(monkeypatch, capsys, exc, expect
     assert _error_line(capsys.readouterr().err) == f"distillmt: error: {expected}"
 
 
+@pytest.mark.unit
 def test_failed_write_names_the_target_file_not_the_temp_file(tmp_path, monkeypatch, capsys):
     import errno
 
@@ -629,6 +659,7 @@ def test_failed_write_names_the_target_file_not_the_temp_file(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # no temp file left behind
 
 
+@pytest.mark.unit
 def test_unexpected_error_is_one_line_with_the_traceback_saved(tmp_path, monkeypatch, capsys):
     import tempfile
 
@@ -652,6 +683,7 @@ def test_unexpected_error_is_one_line_with_the_traceback_saved(tmp_path, monkeyp
     assert "second line of detail" in text
 
 
+@pytest.mark.unit
 def test_unexpected_error_in_a_run_saves_the_traceback_in_the_run_folder(tmp_path, monkeypatch, capsys):
     from distillmt import pipeline
 
@@ -667,6 +699,7 @@ def test_unexpected_error_in_a_run_saves_the_traceback_in_the_run_folder(tmp_pat
     assert "KeyError: 'stage'" in saved.read_text(encoding="utf-8")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_lets_the_unexpected_exception_through(monkeypatch, where):
     _fail_with(monkeypatch, RuntimeError("boom"))
@@ -675,6 +708,7 @@ def test_debug_lets_the_unexpected_exception_through(monkeypatch, where):
         main(argv)
 
 
+@pytest.mark.unit
 def test_debug_prints_the_traceback_of_an_expected_error(monkeypatch, capsys):
     from distillmt.errors import DistillmtError
 
@@ -685,6 +719,7 @@ def test_debug_prints_the_traceback_of_an_expected_error(monkeypatch, capsys):
     assert err.strip().splitlines()[-1] == "distillmt: error: bad value"
 
 
+@pytest.mark.unit
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["config"]) == 130

@@ -9,6 +9,8 @@ import pytest
 from distillmt.config import SYSTEMS, ExperimentConfig, SoftKDConfig, describe, load_config, to_dict, validate
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("*.yml"))
 

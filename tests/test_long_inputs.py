@@ -56,6 +56,7 @@ def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.unit
 def test_translate_cuts_a_200_kb_source_with_one_warning_that_counts_the_lines(chat_model, caplog, monkeypatch):
     model, tok = chat_model
     widths = []
@@ -76,6 +77,7 @@ def test_translate_cuts_a_200_kb_source_with_one_warning_that_counts_the_lines(c
     assert max(widths) <= template + 64  # the prompt the model saw, not 40,000 tokens of it
 
 
+@pytest.mark.unit
 def test_a_long_source_keeps_its_first_tokens_and_the_template_end(chat_model):
     _, tok = chat_model
     line = long_line()
@@ -88,6 +90,7 @@ def test_a_long_source_keeps_its_first_tokens_and_the_template_end(chat_model):
     assert cut_source(tok, exactly, 50) == (exactly, False)  # at the cap is not over it
 
 
+@pytest.mark.unit
 def test_the_tokenizer_sees_a_bounded_prefix_of_a_huge_line(chat_model):
     _, tok = chat_model
     recording = Recording(tok)
@@ -95,6 +98,7 @@ def test_the_tokenizer_sees_a_bounded_prefix_of_a_huge_line(chat_model):
     assert recording.lengths == [64 * CHARS_PER_TOKEN]
 
 
+@pytest.mark.unit
 def test_tokens_longer_than_the_first_guess_still_count_exactly(tmp_path):
     """A run of one character that BPE spells in long tokens: the first prefix holds too few tokens, so a longer one
     is read, and a line within the cap is not cut."""
@@ -109,6 +113,7 @@ def test_tokens_longer_than_the_first_guess_still_count_exactly(tmp_path):
     assert was_cut and ids(tok, cut) == ids(tok, line)[:8]
 
 
+@pytest.mark.unit
 def test_encode_example_on_a_200_kb_pair_tokenises_a_bounded_text_and_keeps_the_same_tokens(chat_model):
     _, tok = chat_model
     src, tgt = long_line(), "猫在桌子上睡觉。" * 25_000
@@ -122,6 +127,7 @@ def test_encode_example_on_a_200_kb_pair_tokenises_a_bounded_text_and_keeps_the_
     assert ex["input_ids"][:-1] == whole
 
 
+@pytest.mark.unit
 def test_tokenizer_training_texts_are_cut_with_a_warning_that_counts_them(caplog):
     pairs = [Pair("the cat", "猫"), Pair(long_line(), "猫" * 70_000), Pair("we saw it", "我们看到了")]
     with caplog.at_level(logging.WARNING, logger="distillmt.data"):
@@ -168,6 +174,7 @@ def test_a_run_with_a_200_kb_pair_cuts_it_everywhere_and_finishes(tmp_path, monk
     assert long_line(seed=1) in translations  # the source is written whole; only the model saw it cut
 
 
+@pytest.mark.unit
 def test_the_translate_command_on_a_200_kb_line_counts_the_cut_and_writes_every_row(tmp_path, caplog):
     from distillmt.cli import main
     from distillmt.models import build_scratch_model, train_bpe_tokenizer

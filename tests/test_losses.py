@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from distillmt.losses import DIVERGENCES, divergence, kd_loss, shift_for_causal, topk_kd_loss
 
+pytestmark = pytest.mark.unit
+
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.3), ("skew_kl", 0.1), ("tvd", 0.5)]
 
 # 2 x 3 x 4 logits as plain lists (the hand-computed references read these, never the tensors)

@@ -12,6 +12,8 @@ import sacrebleu
 from distillmt import metrics
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 # Hypotheses and references: two identical, several partial matches, one empty hypothesis, one unrelated.
 HYPS = [
     "今天天气很好。",

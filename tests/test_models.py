@@ -7,6 +7,8 @@ from conftest import build_tiny_qwen
 from distillmt.errors import DistillmtError
 from distillmt.models import apply_lora, check_same_tokenizer, load_trained, save_trained, train_bpe_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 def test_saved_adapter_loads_unmerged_and_merged_with_same_logits(tmp_path):
     base = build_tiny_qwen(50, num_layers=2, max_positions=32)

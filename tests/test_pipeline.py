@@ -179,6 +179,7 @@ def test_failing_rerun_with_changed_settings_leaves_old_outputs_and_report(tmp_p
     assert {p: p.read_bytes() for p in kept} == kept
 
 
+@pytest.mark.unit
 def test_missing_local_data_file_is_an_error_that_deletes_nothing(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     rows = [{"en": f"Sentence number {i}.", "zh": f"第{i}句。"} for i in range(60)]

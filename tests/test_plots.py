@@ -27,6 +27,8 @@ from distillmt.plots import (
 from distillmt.report import rewrite_run_report, write_report
 from distillmt.sweep import Point, Sweep, _csv, load_sweep, rewrite_sweep_report, write_sweep_report
 
+pytestmark = pytest.mark.unit
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -20,6 +20,8 @@ from distillmt.prompts import (
     strip_output,
 )
 
+pytestmark = pytest.mark.unit
+
 # Qwen2.5-Instruct's chat template, verbatim from its tokenizer_config.json (default system message included).
 QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}

@@ -12,6 +12,8 @@ import pytest
 from distillmt.data import read_hyps_and_refs, read_sources
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 
 def _text(path, lines: list[str]) -> str:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -15,6 +15,8 @@ from distillmt.errors import DistillmtError
 from distillmt.plots import significance_record
 from distillmt.report import check_comparable, describe_system, markdown_report, results_table, write_report
 
+pytestmark = pytest.mark.unit
+
 TABLE = (
     "| system | BERTScore P | BERTScore R | BERTScore F1 | chrF | BLEU | params | translation tokens/s |\n"
     "|---|---|---|---|---|---|---|---|\n"

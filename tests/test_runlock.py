@@ -84,6 +84,7 @@ def test_a_second_process_is_refused_naming_the_holder_and_proceeds_once_it_is_g
         pass
 
 
+@pytest.mark.unit
 def test_distillmt_run_and_train_refuse_a_folder_in_use_before_any_stage(tmp_path, capsys):
     folder = tmp_path / "micro"
     args = ["--no-progress", *MICRO, f"output_dir={tmp_path}", "name=micro"]
@@ -96,6 +97,7 @@ def test_distillmt_run_and_train_refuse_a_folder_in_use_before_any_stage(tmp_pat
     assert not (folder / "data").exists() and not (folder / "config.attempt.json").exists()
 
 
+@pytest.mark.unit
 def test_a_sweep_waits_for_the_folder_instead_of_refusing(tmp_path, caplog):
     """Two sweeps on one output folder run the same points' run folders: the second takes its turn."""
     folder, order = tmp_path / "point-seed0", []

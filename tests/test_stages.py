@@ -10,6 +10,8 @@ import pytest
 
 from distillmt.stages import RunFolder, file_checksum, list_outputs
 
+pytestmark = pytest.mark.unit
+
 
 class Counting:
     """A stage function that writes one output file and counts its calls; `fail` makes it raise after writing."""

@@ -25,6 +25,8 @@ from distillmt import stats
 from distillmt.config import load_config
 from distillmt.errors import DistillmtError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def _sacrebleu_seed(monkeypatch):

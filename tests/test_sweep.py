@@ -85,6 +85,7 @@ def test_rerun_skips_finished_points_and_interrupted_sweep_resumes(tmp_path, mon
     assert all(t["skipped"] for r in reports for t in r["stages"].values())
 
 
+@pytest.mark.unit
 def test_bad_sweep_files_name_the_file_and_point(tmp_path):
     with pytest.raises(DistillmtError, match=r"sweep.yaml: point 1 \(p01_temperature=-1\): config key 'soft_kd.temp"):
         load_sweep(sweep_file(tmp_path, grid={"soft_kd.temperature": [1.0, -1]}))
@@ -98,6 +99,7 @@ def test_bad_sweep_files_name_the_file_and_point(tmp_path):
         load_sweep(sweep_file(tmp_path, grid={}, points=[{"soft_kd.temprature": 1}]))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/sweeps").glob("*.yaml")))
 def test_shipped_sweep_files_are_valid(path):
     sweep = load_sweep(path)
@@ -106,6 +108,7 @@ def test_shipped_sweep_files_are_valid(path):
     assert sweep.points and json.dumps([p.settings for p in sweep.points])
 
 
+@pytest.mark.unit
 def test_summary_table_marks_significance_per_seed_and_shows_ci_for_one_seed():
     from distillmt.sweep import Point, Sweep, summary_table
 
@@ -120,6 +123,7 @@ def test_summary_table_marks_significance_per_seed_and_shows_ci_for_one_seed():
     assert "| p00_T=1 | SLKD | 8.00† (7.10–8.90) | 1 |" in summary_table(sweep, one)
 
 
+@pytest.mark.unit
 def test_winner_is_tested_against_the_runner_up_seed_by_seed(tmp_path):
     from distillmt.sweep import Point, Sweep, winners
 

@@ -42,6 +42,7 @@ def fit(model, ex, valid, out, objective=None, share_prefix=True, **budget):
                  share_prefix=share_prefix)  # fmt: skip
 
 
+@pytest.mark.unit
 def test_make_batches_deterministic_and_complete():
     lengths = [5, 3, 8, 1, 9, 2, 7]
     a = make_batches(lengths, 3, seed=1, epoch=0)
@@ -50,6 +51,7 @@ def test_make_batches_deterministic_and_complete():
     assert sorted(i for b in a for i in b) == list(range(len(lengths)))
 
 
+@pytest.mark.unit
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     # Sequences of different lengths: a mean of per-micro-batch means would differ from the token-weighted mean.
     ex = examples(8)
@@ -106,6 +108,7 @@ def test_logit_kd_moves_student_towards_teacher(tmp_path):
     assert fkl[-1] < 0.5 * fkl[0]
 
 
+@pytest.mark.unit
 def test_on_policy_kd_runs_and_logs(tmp_path):
     ex = examples(4)
     kd = SoftKDConfig(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, chunk_size=64)
@@ -130,6 +133,7 @@ def _kd(fused: bool = False, **kw) -> Objective:
     return Objective(kd, VOCAB, **kw)
 
 
+@pytest.mark.unit
 def test_loss_step_mixes_ce_and_divergence_once():
     from distillmt.losses import kd_loss
 
@@ -150,6 +154,7 @@ def test_loss_step_mixes_ce_and_divergence_once():
     assert on_policy.item() == pytest.approx(4.0 * terms["kd"].item() * n, rel=1e-5)  # no reference, no CE
 
 
+@pytest.mark.unit
 def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_student(tmp_path):
     """The cache path renormalises the student over the real vocabulary like the online path: a student whose
     embedding matrix has padding rows gets the same loss from a top-k cache with k = vocabulary as from the teacher."""
@@ -219,6 +224,7 @@ def test_no_usable_checkpoint_restarts_the_stage_and_says_so(tmp_path, caplog):
     assert torch.allclose(params(straight), params(restarted), atol=1e-6)
 
 
+@pytest.mark.unit
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     from distillmt.errors import DistillmtError
 
@@ -229,6 +235,7 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         fit(model, examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("on_policy", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 def test_fused_loss_step_equals_the_autograd_one(on_policy, lora):
@@ -258,6 +265,7 @@ def test_fused_loss_step_equals_the_autograd_one(on_policy, lora):
     assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.unit
 def test_token_budget_batches():
     from distillmt.generate import token_budget_batches
 
@@ -272,6 +280,7 @@ def test_token_budget_batches():
     assert token_budget_batches([0], [100], 8, 10, (2, 1)) == [[0]]  # over the budget alone: still translated
 
 
+@pytest.mark.unit
 def test_target_logits_are_the_full_logits_at_target_rows():
     """The output layer run at target positions alone gives the full forward's logits there, for a plain model and
     a LoRA-wrapped one, and the hook is gone afterwards (a later forward returns every position)."""
@@ -293,6 +302,7 @@ def test_target_logits_are_the_full_logits_at_target_rows():
         assert again.shape == full.shape
 
 
+@pytest.mark.unit
 def test_target_hidden_skips_the_output_layer_and_matches_its_input():
     from distillmt.forward import target_hidden, target_positions
 
@@ -330,6 +340,7 @@ def _prefixed(n: int = 5, prefix_len: int = 10) -> list[dict]:
     return [{"input_ids": prefix + e["input_ids"], "labels": [-100] * prefix_len + e["labels"]} for e in examples(n)]
 
 
+@pytest.mark.unit
 def test_shared_prefix_stops_before_the_first_target_row():
     from distillmt.forward import MIN_SHARED_PREFIX, shared_prefix
 
@@ -409,6 +420,7 @@ def test_student_prefix_run_once_gives_the_same_loss_and_gradient(method):
     assert not torch.allclose(prefix.past(student, batch["input_ids"])[1][0][0], kv[0][0])  # not kept
 
 
+@pytest.mark.unit
 def test_training_with_the_shared_prefix_run_once_equals_the_whole_forward(tmp_path):
     """train() runs the prompt prefix the examples share once per micro-batch by default: the same weights and
     validation loss as running it for every example."""
@@ -448,6 +460,7 @@ def test_training_on_a_cpu_runs_sdpa_in_fp32_then_restores_sdpa(tmp_path, monkey
     assert not torch.equal(params(model), params(tiny_model()))  # trained
 
 
+@pytest.mark.unit
 def test_sdpa_in_fp32_masks_padding_and_is_closer_to_fp32_under_bf16_autocast():
     """The padding mask reaches the fp32 attention (a registered attention without its mask type gets none), and under
     bf16 autocast its logits are at least as close to the fp32 model's as bf16 SDPA's."""
@@ -468,6 +481,7 @@ def test_sdpa_in_fp32_masks_padding_and_is_closer_to_fp32_under_bf16_autocast():
     assert err_fp32 <= err_bf16 * 1.05, (err_fp32, err_bf16)
 
 
+@pytest.mark.unit
 def test_the_optimizer_is_fused_adamw_without_empty_groups():
     opt = train_mod.make_optimizer(tiny_model(), lr=1e-3, weight_decay=0.01)
     assert opt.defaults["fused"] is True
