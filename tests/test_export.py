@@ -434,3 +434,150 @@ def test_export_after_a_failed_rerun_describes_the_model_it_exports(run_dir, tmp
     run_experiment(micro_cfg(tmp_path, *rerun), progress=False)
     assert json.loads((root / "config.json").read_text())["generate"]["num_beams"] == 3
     assert not (root / "config.attempt.json").exists()
+
+
+def _readme_commands(folder, section: str) -> list[list[str]]:
+    """The `distillmt` commands of a README section's code block, THIS_FOLDER replaced by ``folder``, as argv lists."""
+    import shlex
+
+    text = (folder / "README.md").read_text(encoding="utf-8").split(f"## {section}\n", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.replace("THIS_FOLDER", str(folder)))[1:] for line in block.splitlines()]
+
+
+def _run_readme_check(folder, capsys) -> tuple[list[str], dict, str]:
+    """The README's check commands run as written (in the current folder): the translations, the scores that
+    `distillmt evaluate` prints, and what translate said on stderr."""
+    translate_argv, evaluate_argv = _readme_commands(folder, "Check the scores")
+    assert translate_argv[0] == "translate" and evaluate_argv[0] == "evaluate"
+    assert main(translate_argv) == 0
+    said = capsys.readouterr().err
+    assert main(evaluate_argv) == 0
+    return [r["hyp"] for r in read_jsonl("translations.jsonl")], json.loads(capsys.readouterr().out), said
+
+
+@pytest.mark.parametrize("system", ["STUDENT", "HLKD"])
+def test_an_export_translates_and_scores_as_its_row_did(run_dir, tmp_path, capsys, monkeypatch, system):
+    """Issue 27: the export records the dtype, engine and decoding its row was scored with (the manifest, and
+    generation_config.json for transformers); its README's commands, run as written with no other flag, give the
+    run's translations line for line and the scores the README states."""
+    from distillmt.metrics import metric_entries
+
+    run_rows = read_jsonl(run_dir / f"translate_{system}" / "translations.jsonl")
+    monkeypatch.chdir(tmp_path)
+    folder = export_system(run_dir, system, tmp_path / "hf")
+    manifest = json.loads((folder / "distillmt-export.json").read_text())
+    section = manifest["translate"]
+    assert section == {**GenerateConfig(max_new_tokens=6, batch_size=4).output_settings(), "dtype": "float32",
+                       "seed": 0, "scored_with": "hf float32"}  # fmt: skip
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == 6 and generation["num_beams"] == 1 and generation["do_sample"] is False
+    assert "temperature" not in generation and "length_penalty" not in generation  # greedy, one beam
+    assert _readme_commands(folder, "Use")[0][:3] == ["translate", "--model", str(folder)]
+
+    hyps, scores, said = _run_readme_check(folder, capsys)
+    assert "using the export's settings: dtype float32, batch_size 4, max_new_tokens 6, num_beams 1 " in said
+    assert "(override with --dtype, --batch-size, --max-new-tokens, --num-beams)" in said
+    assert hyps == [r["hyp"] for r in run_rows]
+    stated = manifest["scores"]
+    for key in ("chrf", "bleu"):
+        assert scores[key]["score"] == stated[key]["score"], key
+    readme = (folder / "README.md").read_text()
+    for entry in metric_entries(scores).values():
+        for column, value in entry["columns"].items():
+            assert f"{column} {value:.{entry['decimals']}f}" in readme, column
+
+    pytest.importorskip("ctranslate2")
+    (tmp_path / "ct2-check").mkdir()
+    monkeypatch.chdir(tmp_path / "ct2-check")  # the ct2 check writes its own translations.jsonl
+    ct2 = export_system(run_dir, system, tmp_path / "ct2", fmt="ct2", quantization="float32")
+    assert not (ct2 / "generation_config.json").exists()
+    hyps, ct2_scores, said = _run_readme_check(ct2, capsys)
+    assert "using the export's settings: batch_size 4, max_new_tokens 6, num_beams 1 " in said  # no dtype: ct2's
+    assert "it was scored with hf float32, not ct2" in said
+    same = sum(a == r["hyp"] for a, r in zip(hyps, run_rows, strict=True))
+    assert same >= len(run_rows) - 1  # float32 CTranslate2: at most a rounding-level tie differs
+    if same == len(run_rows):
+        assert all(ct2_scores[k]["score"] == stated[k]["score"] for k in ("chrf", "bleu"))
+
+
+def test_a_stage_model_folder_in_a_run_translates_as_its_row_was_scored(run_dir, tmp_path, capsys):
+    """`translate --model runs/NAME/train_x/model` finds the translate stage that scored that very model and uses its
+    settings, saying so; a flag overrides one; a model no row translated gets the defaults and no such line."""
+    rows = read_jsonl(run_dir / "translate_HLKD" / "translations.jsonl")
+    sources = tmp_path / "src.jsonl"
+    sources.write_text((run_dir / "translate_HLKD" / "translations.jsonl").read_text(), encoding="utf-8")
+    base = ["translate", "-i", str(sources), "-o", str(tmp_path / "out.jsonl"), "--no-progress"]
+    assert main([*base, "--model", str(run_dir / "train_hlkd" / "model")]) == 0
+    said = capsys.readouterr().err
+    assert "using the settings micro/translate_HLKD recorded: dtype float32, batch_size 4, max_new_tokens 6" in said
+    assert [r["hyp"] for r in read_jsonl(tmp_path / "out.jsonl")] == [r["hyp"] for r in rows]
+
+    assert main([*base, "--model", str(run_dir / "train_hlkd" / "model"), "--num-beams", "2", "--dtype", "auto"]) == 0
+    said = capsys.readouterr().err
+    assert "recorded: batch_size 4, max_new_tokens 6 (override with --batch-size, --max-new-tokens)" in said
+
+    assert main([*base, "--model", str(run_dir / "train_teacher" / "model")]) == 0  # no TEACHER row in this run
+    assert "using" not in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_recorded_translation_of_a_stage_folder_says_nothing_false(tmp_path):
+    """The translate stages that used a training stage at its current key count; rows that disagree give no
+    settings and say so; a stale record counts for nothing; a damaged value is refused naming its file."""
+    from distillmt.export import recorded_translation
+
+    run = tmp_path / "run"
+    (run / "train_x" / "model").mkdir(parents=True)
+    (run / "train_x" / "stage.json").write_text(json.dumps({"stage": "train_x", "key": "k1"}))
+
+    def translated(row: str, key: str, beams: int, engine: str = "hf float32") -> None:
+        settings = {"model": {"stage": "train_x", "key": key}, "generate": {"num_beams": beams}, "seed": 3}
+        (run / f"translate_{row}").mkdir(exist_ok=True)
+        record = {"stage": f"translate_{row}", "settings": settings, "result": {"engine": engine}}
+        (run / f"translate_{row}" / "stage.json").write_text(json.dumps(record))
+
+    model = run / "train_x" / "model"
+    assert recorded_translation(model) == (None, "")
+    translated("A", "k0", 4)  # an earlier model of train_x
+    assert recorded_translation(model) == (None, "")
+    translated("B", "k1", 2)
+    want = {"generate": {"num_beams": 2}, "dtype": "float32", "seed": 3, "scored_with": "hf float32"}
+    assert recorded_translation(model) == (want, "the settings run/translate_B recorded")
+    translated("C", "k1", 2)
+    assert recorded_translation(model) == (want, "the settings run/translate_B and run/translate_C recorded")
+    translated("C", "k1", 5)
+    differ = "run/translate_B and run/translate_C translated this model with different settings: using the defaults"
+    assert recorded_translation(model) == (None, differ)
+    translated("C", "k1", 2, engine="ct2 int8")  # no torch dtype in a CTranslate2 engine
+    translated("B", "k1", 2, engine="ct2 int8")
+    assert recorded_translation(model)[0] == {"generate": {"num_beams": 2}, "seed": 3, "scored_with": "ct2 int8"}
+    translated("B", "k1", 0)
+    with pytest.raises(DistillmtError, match=r"translate_B/stage.json: config key 'num_beams' = 0 is out of range"):
+        recorded_translation(model)
+    assert recorded_translation(run / "train_x") == (None, "")  # the stage folder, not its model
+
+
+@pytest.mark.unit
+def test_a_sampled_rows_decoding_goes_into_generation_config(tmp_path):
+    """Sampling settings are written only with sampling, the length penalty only with beams (transformers refuses to
+    save a config that sets what its decoding does not use), and what the model's config held already stays."""
+    from conftest import build_tiny_qwen
+    from transformers import GenerationConfig
+
+    from distillmt.export import _set_generation_config
+    from distillmt.models import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["hello world"] * 20, 300, tmp_path / "tok")
+    model = build_tiny_qwen(len(tok), pad_token_id=tok.pad_token_id)
+    model.generation_config.repetition_penalty = 1.05  # as a pretrained model's own config may hold
+    model.generation_config.temperature = 0.7
+    _set_generation_config(model, tok, GenerateConfig(num_beams=3, length_penalty=0.6))
+    model.save_pretrained(tmp_path / "beams")
+    g = GenerationConfig.from_pretrained(tmp_path / "beams")
+    assert (g.num_beams, g.length_penalty, g.do_sample, g.temperature) == (3, 0.6, False, None)
+    assert g.repetition_penalty == 1.05 and g.eos_token_id == tok.eos_token_id
+    _set_generation_config(model, tok, GenerateConfig(do_sample=True, temperature=0.5, top_k=0, top_p=0.9))
+    model.save_pretrained(tmp_path / "sampled")
+    g = GenerationConfig.from_pretrained(tmp_path / "sampled")
+    assert (g.do_sample, g.temperature, g.top_k, g.top_p, g.num_beams, g.length_penalty) == (True, 0.5, 0, 0.9, 1, None)

@@ -30,6 +30,7 @@ from typing import Any
 
 from distillmt.config import BLEU_TOKENIZERS
 from distillmt.errors import DistillmtError
+from distillmt.sections import GenerateConfig
 
 log = logging.getLogger("distillmt")
 
@@ -271,7 +272,6 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from distillmt.generate import translate, translate_ct2
     from distillmt.io import write_jsonl
     from distillmt.models import check_adapter_dir, load_model, load_tokenizer, pick_device, pick_dtype
-    from distillmt.sections import GenerateConfig
 
     if args.adapter is not None:
         check_adapter_dir(args.adapter, "--adapter")
@@ -282,19 +282,15 @@ def cmd_translate(args: argparse.Namespace) -> int:
     ct2 = exported_format(args.model) == "ct2" if Path(args.model).is_dir() else False
     if ct2 and args.adapter is not None:
         raise DistillmtError("--adapter does not apply to a CTranslate2 model (its export merged the adapter)")
+    decoding, dtype_name, seed = _translate_settings(args, "ct2" if ct2 else "hf")
     rows = read_sources(args.input)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    decoding = GenerateConfig(
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_batch_tokens=args.max_batch_tokens, max_source_tokens=args.max_source_tokens,
-    )  # fmt: skip
-    run = {"seed": args.seed, "progress": not args.no_progress}
+    run = {"seed": seed, "progress": not args.no_progress}
     sources = [r["src"] for r in rows]
     if ct2:
         res = translate_ct2(args.model, tokenizer, sources, decoding, device=device.type, **run)
     else:
-        dtype = pick_dtype(args.dtype, device, scratch=False)
+        dtype = pick_dtype(dtype_name, device, scratch=False)
         model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, merge=True)
         res = translate(model, tokenizer, sources, decoding, **run)
     out = [{"src": r["src"], "ref": r["ref"], "hyp": h} for r, h in zip(rows, res.hypotheses, strict=True)]
@@ -305,6 +301,64 @@ def cmd_translate(args: argparse.Namespace) -> int:
         for r in out:
             print(json.dumps(r, ensure_ascii=False))
     return 0
+
+
+# The translate flags that set a decoding setting, by GenerateConfig field (their argparse dest), in message order.
+_DECODING_FLAGS = {
+    "batch_size": "--batch-size", "max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams",
+    "length_penalty": "--length-penalty", "do_sample": "--do-sample", "temperature": "--temperature",
+    "top_k": "--top-k", "top_p": "--top-p", "max_batch_tokens": "--max-batch-tokens",
+    "max_source_tokens": "--max-source-tokens",
+}  # fmt: skip
+
+
+def _translate_settings(args: argparse.Namespace, engine: str) -> tuple[GenerateConfig, str, int]:
+    """The decoding settings, dtype name and seed to translate with: a flag the user gave, else what the model's
+    record says it was scored with (:func:`distillmt.export.recorded_translation`: an export's manifest, or the
+    translate stage of the run that scored a training stage's model folder), else GenerateConfig's default (dtype
+    ``auto``, seed 0). One line on stderr names the recorded settings used and the flags that override them."""
+    from distillmt.export import recorded_translation
+
+    folder = args.adapter or args.model  # a run's LoRA stage folder given as the adapter is the model scored
+    recorded, where = recorded_translation(folder) if Path(folder).is_dir() else (None, "")
+    rec = recorded or {}
+    values, taken = {}, set()
+    for name in _DECODING_FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+        elif name in rec.get("generate", {}):
+            values[name], taken = rec["generate"][name], taken | {name}
+    decoding = GenerateConfig(**values)
+    dtype = args.dtype or rec.get("dtype") or "auto"
+    seed = args.seed if args.seed is not None else rec.get("seed", 0)
+    if args.dtype is None and "dtype" in rec and engine == "hf":
+        taken.add("dtype")
+    if args.seed is None and "seed" in rec:
+        taken.add("seed")
+    if recorded is None:
+        if where:  # rows that translated it differently: say so, and that the defaults are used
+            print(f"{folder}: {where}", file=sys.stderr)
+        return decoding, dtype, seed
+    shown = {"dtype": dtype, **{k: getattr(decoding, k) for k in _DECODING_FLAGS}, "seed": seed}
+    relevant = {"dtype", "batch_size", "max_new_tokens", "num_beams"}
+    if decoding.num_beams > 1:
+        relevant.add("length_penalty")
+    if decoding.do_sample:
+        relevant |= {"do_sample", "temperature", "top_k", "top_p", "seed"}
+    if decoding.max_batch_tokens:
+        relevant.add("max_batch_tokens")
+    if decoding.max_source_tokens != GenerateConfig().max_source_tokens:
+        relevant.add("max_source_tokens")
+    names = [k for k in shown if k in taken & relevant]
+    if names:
+        flags = {**_DECODING_FLAGS, "dtype": "--dtype", "seed": "--seed"}
+        used = ", ".join(f"{k} {shown[k]}" for k in names)
+        line = f"using {where}: {used} (override with {', '.join(flags[k] for k in names)})"
+        scored_with = rec.get("scored_with")
+        if isinstance(scored_with, str) and scored_with.split(" ")[0] != engine:
+            line += f"; it was scored with {scored_with}, not {engine}: expect small differences"
+        print(line, file=sys.stderr)
+    return decoding, dtype, seed
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -402,27 +456,43 @@ def _add_translate_parser(sub: Any) -> None:
         description="Input: plain text, one English sentence per line, or JSONL with 'src' (and 'ref'). "
         "Output: JSONL with src, ref, hyp.",
     )
-    tr.add_argument("--model", required=True, help="hub id, local folder, store:NAME, or a run's .../model folder")
+    tr.add_argument(
+        "--model", required=True,
+        help="hub id, local folder, store:NAME, or a run's .../model folder. An export (`distillmt export`) or a "
+        "training stage's model folder in a run translates with the dtype and decoding settings it was scored with; "
+        "each flag below overrides one",
+    )  # fmt: skip
     tr.add_argument("--adapter", help="LoRA adapter folder to load on top of --model")
     tr.add_argument("--tokenizer", help="tokenizer (default: the model's)")
     tr.add_argument("--input", "-i", help="input file (default: stdin)")
     tr.add_argument("--output", "-o", help="output JSONL (default: stdout)")
-    tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
-    tr.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    # No defaults here: a flag left out takes the setting the model was scored with, where a record says it (see
+    # _translate_settings), else GenerateConfig's default.
+    d = GenerateConfig()
+    recorded = "default: as the model was scored, else"
+    tr.add_argument("--batch-size", type=_int_at_least(1), help=f"{recorded} {d.batch_size}")
+    tr.add_argument("--max-new-tokens", type=_int_at_least(1), help=f"{recorded} {d.max_new_tokens}")
     tr.add_argument(
-        "--max-source-tokens", type=_int_at_least(1), default=512,
-        help="longer sources are cut to this many tokens, with a warning that counts them",
+        "--max-source-tokens", type=_int_at_least(1),
+        help=f"longer sources are cut to this many tokens, with a warning that counts them ({recorded} "
+        f"{d.max_source_tokens})",
     )  # fmt: skip
-    tr.add_argument("--num-beams", type=_int_at_least(1), default=1)
+    tr.add_argument("--num-beams", type=_int_at_least(1), help=f"{recorded} {d.num_beams}")
+    tr.add_argument("--length-penalty", type=_float_in(-10.0, 10.0, lo_open=False, hi_open=False),
+                    help=f"beam search only ({recorded} {d.length_penalty})")  # fmt: skip
+    tr.add_argument("--max-batch-tokens", type=_int_at_least(0),
+                    help=f"also cap a batch at this many tokens, 0 = off ({recorded} {d.max_batch_tokens})")  # fmt: skip
+    tr.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help=f"sample ({recorded} greedy)")
+    tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True),
+                    help=f"> 0 ({recorded} {d.temperature})")  # fmt: skip
+    tr.add_argument("--top-k", type=_int_at_least(0), help=f"0 = off ({recorded} {d.top_k})")
+    tr.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True, hi_open=False),
+                    help=f"(0, 1] ({recorded} {d.top_p})")  # fmt: skip
+    tr.add_argument("--seed", type=_int_at_least(0), help=f"sampling seed ({recorded} 0)")
     tr.add_argument(
-        "--max-batch-tokens", type=_int_at_least(0), default=0, help="also cap a batch at this many tokens (0 = off)"
-    )
-    tr.add_argument("--do-sample", action="store_true")
-    tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True), default=1.0, help="> 0")
-    tr.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
-    tr.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True, hi_open=False), default=1.0, help="(0, 1]")
-    tr.add_argument("--seed", type=_int_at_least(0), default=0)
-    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+        help=f"{recorded} auto: bfloat16 (float16 on GPUs without bf16)",
+    )  # fmt: skip
     tr.add_argument("--device", default="auto")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(fn=cmd_translate)

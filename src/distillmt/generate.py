@@ -168,7 +168,7 @@ def translate(
         length_penalty=g.length_penalty,
         do_sample=g.do_sample,
         temperature=g.temperature if g.do_sample else None,
-        top_k=(g.top_k or None) if g.do_sample else None,
+        top_k=g.top_k if g.do_sample else None,  # 0 = off: None would be filled in (the model's own, else 50)
         top_p=g.top_p if g.do_sample else None,
         num_return_sequences=num_return_sequences,
         eos_token_id=stop_ids,
