@@ -1,4 +1,6 @@
+import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -194,3 +196,16 @@ def with_significance():
         "identical_to_baseline": [],
     }
     return report
+
+
+@pytest.fixture
+def restore_process_state():
+    """``distillmt.cli.main`` installs a SIGTERM handler and configures logging, as an entry point should: undo both
+    after a test that calls it."""
+    handler = signal.getsignal(signal.SIGTERM)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    signal.signal(signal.SIGTERM, handler)
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -4,10 +4,8 @@ no traceback)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +19,7 @@ HYPS = ["今天天气很好。", "我喜欢吃苹果。", "他去学校了。", 
 REFS = ["今天天气很好。", "我喜欢吃香蕉。", "他去学校。", "我们明天见。"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_process_state():
-    """main() installs a SIGTERM handler and may configure logging: undo both after each test."""
-    handler = signal.getsignal(signal.SIGTERM)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    signal.signal(signal.SIGTERM, handler)
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def _lines(path: Path, lines: list[str]) -> str:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,21 +17,9 @@ from distillmt import cli
 from distillmt.cli import main
 from distillmt.errors import DistillmtError
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("restore_process_state")]
 
 DISK_FULL = os.strerror(errno.ENOSPC)
-
-
-@pytest.fixture(autouse=True)
-def _restore_process_state():
-    """main() installs a SIGTERM handler and configures logging: undo both after each test."""
-    handler = signal.getsignal(signal.SIGTERM)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    signal.signal(signal.SIGTERM, handler)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _error_line(err: str) -> str:
