@@ -17,14 +17,14 @@ from conftest import MICRO
 
 from distillmt.cli import main
 from distillmt.errors import DistillmtError
-from distillmt.pipeline import run_folder_lock
+from distillmt.stages import run_folder_lock
 
 # Takes the lock on argv[1] and prints its PID once it holds it; releases when stdin closes (or dies when killed).
 HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from distillmt.pipeline import run_folder_lock
+    from distillmt.stages import run_folder_lock
 
     with run_folder_lock(Path(sys.argv[1])):
         print("held", flush=True)
@@ -37,7 +37,7 @@ TRY = textwrap.dedent(
     import sys
     from pathlib import Path
     from distillmt.errors import DistillmtError
-    from distillmt.pipeline import run_folder_lock
+    from distillmt.stages import run_folder_lock
 
     try:
         with run_folder_lock(Path(sys.argv[1])):
@@ -106,7 +106,7 @@ def test_a_sweep_waits_for_the_folder_instead_of_refusing(tmp_path, caplog):
         with run_folder_lock(folder, wait=True):
             order.append("second")
 
-    with caplog.at_level(logging.INFO, logger="distillmt.pipeline"):
+    with caplog.at_level(logging.INFO, logger="distillmt.stages"):
         with run_folder_lock(folder):
             thread = threading.Thread(target=second)
             thread.start()

@@ -18,8 +18,8 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -39,8 +39,8 @@ from distillmt.config import (
     to_dict,
 )
 from distillmt.errors import DistillmtError
-from distillmt.io import LockHeld, owned_lock, read_jsonl, write_json, write_jsonl
-from distillmt.stages import ATTEMPT_CONFIG, RUN_CONFIG, RUN_LOCK, RunFolder, stage_key
+from distillmt.io import read_jsonl, write_json, write_jsonl
+from distillmt.stages import ATTEMPT_CONFIG, RUN_CONFIG, RunFolder, run_folder_lock, stage_key
 
 log = logging.getLogger("distillmt.pipeline")
 
@@ -552,50 +552,6 @@ def hold(exp: Experiment) -> AbstractContextManager:
     """The run folder of ``exp``, for it alone while it lasts (see :func:`run_folder_lock`). Under a sweep (a shared
     stage store) a run that finds its folder held waits instead: two sweeps that run the same point take turns."""
     return run_folder_lock(exp.run.root, wait=exp.run.store is not None, processes=exp.processes)
-
-
-@contextmanager
-def run_folder_lock(root: Path, *, wait: bool = False, processes: Any = None) -> Iterator[None]:
-    """Hold run folder ``root`` for this run: a second process on it (another `distillmt run` or `train` with the
-    same ``name``) is refused at once, naming the holder, instead of mixing its stages into this run's table; with
-    ``wait`` it waits its turn. The lock is the OS's, released when its holder exits or is killed. With several
-    processes of one run, the main one takes it and tells the others whether it got it."""
-    main = processes is None or processes.is_main_process
-    refused: list[str | None] = [None]
-    with ExitStack() as held:
-        if main:
-            on_wait = partial(_log_wait, root)
-            try:
-                held.enter_context(owned_lock(root / RUN_LOCK, wait=wait, on_wait=on_wait))
-            except LockHeld as e:
-                refused = [_in_use(root, e.holder)]
-        if processes is not None:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(refused)
-        if refused[0] is not None:
-            raise DistillmtError(refused[0])
-        yield
-
-
-def _holder_text(holder: dict[str, Any]) -> str:
-    if not holder.get("pid"):
-        return "another process (it has not recorded its PID)"
-    command = str(holder.get("command") or "")
-    command = command if len(command) <= 160 else command[:157] + "..."
-    text = f"PID {holder['pid']} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
-    return f"{text}: {command}" if command else text
-
-
-def _in_use(root: Path, holder: dict[str, Any]) -> str:
-    return (
-        f"run folder {root} is in use by another distillmt process ({_holder_text(holder)}); a run folder holds one "
-        "run at a time: wait for that run to end, or give this one another name (name=...)"
-    )
-
-
-def _log_wait(root: Path, holder: dict[str, Any]) -> None:
-    log.info("run folder %s is in use by %s: waiting for it", root, _holder_text(holder))
 
 
 def processes_state(device: str) -> Any:

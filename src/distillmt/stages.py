@@ -26,13 +26,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from distillmt.errors import DistillmtError
-from distillmt.io import file_lock, read_json, write_json
+from distillmt.io import LockHeld, file_lock, owned_lock, read_json, write_json
 
 log = logging.getLogger("distillmt.stages")
 
@@ -45,7 +46,7 @@ PENDING_FILE = "pending.json"
 # it never names settings no finished stage used; the config of a run under way, or of one that failed, is beside it.
 RUN_CONFIG = "config.json"
 ATTEMPT_CONFIG = "config.attempt.json"
-RUN_LOCK = ".run.lock"  # held by the one process running in the folder (see pipeline.run_folder_lock)
+RUN_LOCK = ".run.lock"  # held by the one process running in the folder (see run_folder_lock)
 NOT_OUTPUTS = {STAGE_FILE, PENDING_FILE, "metrics.jsonl", "tensorboard", "checkpoints"}
 _FULL_HASH_LIMIT = 64 << 20
 _SAMPLE = 4 << 20
@@ -302,3 +303,47 @@ def _finish_interrupted_swap(folder: Path) -> None:
     elif not folder.exists() and old.exists():
         old.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def run_folder_lock(root: Path, *, wait: bool = False, processes: Any = None) -> Iterator[None]:
+    """Hold run folder ``root`` for this run: a second process on it (another `distillmt run` or `train` with the
+    same ``name``) is refused at once, naming the holder, instead of mixing its stages into this run's table; with
+    ``wait`` it waits its turn. The lock is the OS's, released when its holder exits or is killed. With several
+    processes of one run, the main one takes it and tells the others whether it got it."""
+    main = processes is None or processes.is_main_process
+    refused: list[str | None] = [None]
+    with ExitStack() as held:
+        if main:
+            on_wait = partial(_log_wait, root)
+            try:
+                held.enter_context(owned_lock(root / RUN_LOCK, wait=wait, on_wait=on_wait))
+            except LockHeld as e:
+                refused = [_in_use(root, e.holder)]
+        if processes is not None:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(refused)
+        if refused[0] is not None:
+            raise DistillmtError(refused[0])
+        yield
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "another process (it has not recorded its PID)"
+    command = str(holder.get("command") or "")
+    command = command if len(command) <= 160 else command[:157] + "..."
+    text = f"PID {holder['pid']} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+    return f"{text}: {command}" if command else text
+
+
+def _in_use(root: Path, holder: dict[str, Any]) -> str:
+    return (
+        f"run folder {root} is in use by another distillmt process ({_holder_text(holder)}); a run folder holds one "
+        "run at a time: wait for that run to end, or give this one another name (name=...)"
+    )
+
+
+def _log_wait(root: Path, holder: dict[str, Any]) -> None:
+    log.info("run folder %s is in use by %s: waiting for it", root, _holder_text(holder))
