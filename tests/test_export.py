@@ -515,7 +515,8 @@ def test_a_stage_model_folder_in_a_run_translates_as_its_row_was_scored(run_dir,
 
     assert main([*base, "--model", str(run_dir / "train_hlkd" / "model"), "--num-beams", "2", "--dtype", "auto"]) == 0
     said = capsys.readouterr().err
-    assert "recorded: batch_size 4, max_new_tokens 6 (override with --batch-size, --max-new-tokens)" in said
+    taken = "batch_size 4, max_new_tokens 6, length_penalty 1.0"  # not the flags given; beams make the penalty count
+    assert f"recorded: {taken} (override with --batch-size, --max-new-tokens, --length-penalty)" in said
 
     assert main([*base, "--model", str(run_dir / "train_teacher" / "model")]) == 0  # no TEACHER row in this run
     assert "using" not in capsys.readouterr().err
@@ -581,3 +582,21 @@ def test_a_sampled_rows_decoding_goes_into_generation_config(tmp_path):
     model.save_pretrained(tmp_path / "sampled")
     g = GenerationConfig.from_pretrained(tmp_path / "sampled")
     assert (g.do_sample, g.temperature, g.top_k, g.top_p, g.num_beams, g.length_penalty) == (True, 0.5, 0, 0.9, 1, None)
+
+
+def test_a_model_folders_tokenizer_loads_as_the_run_trained_it(run_dir, tmp_path):
+    """A scratch model's folder (a training stage's, an export's) holds the run's BPE tokenizer beside a Qwen2
+    config.json; loaded as the run loads its own, not as transformers' Qwen2 tokenizer, whose pre-tokenizer splits
+    numbers digit by digit: prompts with numbers would tokenize unlike the run's and translate differently."""
+    from distillmt.models import load_tokenizer
+
+    run_tok = load_tokenizer(str(run_dir / "tokenizer"))
+    folder = export_system(run_dir, "STUDENT", tmp_path / "hf")
+    text = "He paid $500 at 9:00 on day 20."
+    for where in (run_dir / "train_student" / "model", folder):
+        tok = load_tokenizer(str(where))
+        assert type(tok) is type(run_tok), where
+        pre = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        assert pre == run_tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text), where
+        assert tok(text)["input_ids"] == run_tok(text)["input_ids"], where
+    assert "PreTrainedTokenizerFast.from_pretrained(THIS_FOLDER)" in (folder / "README.md").read_text()

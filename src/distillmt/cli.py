@@ -481,7 +481,7 @@ def _add_translate_parser(sub: Any) -> None:
     tr.add_argument("--length-penalty", type=_float_in(-10.0, 10.0, lo_open=False, hi_open=False),
                     help=f"beam search only ({recorded} {d.length_penalty})")  # fmt: skip
     tr.add_argument("--max-batch-tokens", type=_int_at_least(0),
-                    help=f"also cap a batch at this many tokens, 0 = off ({recorded} {d.max_batch_tokens})")  # fmt: skip
+                    help=f"also cap a batch at this many tokens, 0 = off ({recorded} 0)")  # fmt: skip
     tr.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help=f"sample ({recorded} greedy)")
     tr.add_argument("--temperature", type=_float_in(0.0, math.inf, lo_open=True, hi_open=True),
                     help=f"> 0 ({recorded} {d.temperature})")  # fmt: skip

@@ -249,31 +249,38 @@ def _engine_words(engine: Any) -> str:
     return "Hugging Face transformers `generate`"  # reports older than the recorded engine: transformers alone
 
 
-def _readme_use(fmt: str, cfg: Any, section: dict[str, Any], scored: bool) -> str:
+def _readme_use(fmt: str, cfg: Any, section: dict[str, Any], scored: bool, tokenizer: Any) -> str:
     """The README's use and check sections: the command, the settings it takes from the manifest, and commands that
     translate the scored test sentences again and score them."""
-    lines = ["", "## Use", "", "```bash", "distillmt translate --model THIS_FOLDER -i sources.txt -o translations.jsonl",
-             "```", ""]  # fmt: skip
+    from distillmt.models import GENERIC_TOKENIZERS
+
+    # Beside a Qwen2 config.json, AutoTokenizer would load a tokenizer distillmt trained as Qwen2's own, whose
+    # pre-tokenizer differs (see distillmt.models.load_tokenizer); a CTranslate2 folder's config.json names no model.
+    generic = fmt == "hf" and type(tokenizer).__name__ in GENERIC_TOKENIZERS
+    load = f"{'PreTrainedTokenizerFast' if generic else 'AutoTokenizer'}.from_pretrained(THIS_FOLDER)"
+    why = " (AutoTokenizer would load it as Qwen2's own tokenizer, which splits numbers differently)" if generic else ""
+    use = "distillmt translate --model THIS_FOLDER -i sources.txt -o translations.jsonl"
+    lines = ["", "## Use", "", "```bash", use, "```", ""]
     if "batch_size" in section:
         g, precision = cfg.generate, "" if fmt == "ct2" else f"in {section['dtype']}, "
         lines += [
-            f"It translates as the row was scored ({precision}batches of {g.batch_size}, {g.num_beams} beam(s), "
-            f"sample={g.do_sample}, at most {g.max_new_tokens} new tokens), the settings `{MARKER}` records under "
-            "`translate`; a flag (`--dtype`, `--batch-size`, `--num-beams`, `--max-new-tokens`, ...) overrides one.",
+            f"It decodes with the settings the row was scored with ({precision}batches of {g.batch_size}, "
+            f"{g.num_beams} beam(s), sample={g.do_sample}, at most {g.max_new_tokens} new tokens), which `{MARKER}` "
+            "records under `translate`; a flag (`--dtype`, `--batch-size`, `--num-beams`, `--max-new-tokens`, ...) "
+            "overrides one.",
             "",
         ]
     if fmt == "hf":
         lines += [
-            "Or with transformers: `AutoModelForCausalLM.from_pretrained(THIS_FOLDER)` and "
-            "`AutoTokenizer.from_pretrained(THIS_FOLDER)`; build each prompt as `distillmt.prompts.build_prompt` does "
-            "(the tokenizer's chat template when it has one). `generate` reads the decoding settings from "
-            "`generation_config.json`; load the model in the dtype above.",
+            f"Or with transformers: `AutoModelForCausalLM.from_pretrained(THIS_FOLDER)` and `{load}`{why}; build each "
+            "prompt as `distillmt.prompts.build_prompt` does (the tokenizer's chat template when it has one). "
+            "`generate` reads the decoding settings from `generation_config.json`; load the model in the dtype above.",
             "",
         ]
     else:
         lines += [
             "Or with CTranslate2: `ctranslate2.Generator(THIS_FOLDER)` and the tokenizer in this folder "
-            "(`AutoTokenizer.from_pretrained(THIS_FOLDER)`); prompts as `distillmt.prompts.build_prompt` builds them.",
+            f"(`{load}`{why}); prompts as `distillmt.prompts.build_prompt` builds them.",
             "",
         ]
     if scored:
@@ -411,7 +418,9 @@ def export_system(
         marker["decoding"] = cfg.generate.output_settings() if row is not None else None
         marker["translate"] = section
         write_json(tmp / MARKER, marker)
-        readme = _readme(system, fmt, quantization, cfg, row, trained) + _readme_use(fmt, cfg, section, scored)
+        readme = _readme(system, fmt, quantization, cfg, row, trained) + _readme_use(
+            fmt, cfg, section, scored, tokenizer
+        )
         atomic_write_text(tmp / "README.md", readme)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         if out_dir.exists():

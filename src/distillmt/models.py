@@ -136,19 +136,42 @@ def _hub_error(ref: str, err: Exception) -> DistillmtError:
     )
 
 
+# The class a tokenizer saved as its own tokenizer.json declares (a BPE tokenizer distillmt trained is one).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(ref: str) -> Any:
-    from transformers import AutoTokenizer
+    """A tokenizer from a hub id, a local folder or store:NAME. A local folder whose tokenizer_config.json declares
+    the generic class loads as that class: AutoTokenizer would load it beside a Qwen2 model's config.json (an exported
+    or trained scratch model's folder) as Qwen2's own tokenizer, whose pre-tokenizer replaces the trained one (numbers
+    split digit by digit), so prompts with numbers would tokenize unlike the run's."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = resolve_ref(ref)
     check_loadable(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        declared = _declared_tokenizer_class(path)
+        if declared in GENERIC_TOKENIZERS and (Path(path) / "tokenizer.json").is_file():
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise _hub_error(path, e) from None
     if tok.pad_token is None:
         # Qwen has no pad token of its own; EOS as pad is safe because labels mask padding by position, not by id.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    """The ``tokenizer_class`` a local folder's tokenizer_config.json declares, or None."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("tokenizer_class") if isinstance(config, dict) else None
 
 
 def load_model(
