@@ -42,3 +42,29 @@ def test_different_tokenizers_are_refused_before_kd(tmp_path):
     check_same_tokenizer(a, a)
     with pytest.raises(DistillmtError, match="tokenizers differ"):
         check_same_tokenizer(a, b)
+
+
+def test_bpe_training_waits_interruptibly_and_passes_on_the_workers_error(tmp_path, monkeypatch):
+    """The tokenizer trains in a worker thread while the main thread waits in short joins, where Ctrl-C or SIGTERM
+    (KeyboardInterrupt) is raised at once; an error inside the training reaches the caller."""
+    import threading
+
+    from distillmt.models import train_bpe_tokenizer
+
+    def texts():
+        yield "hello world"
+        raise ValueError("bad text")
+
+    with pytest.raises(ValueError, match="bad text"):
+        train_bpe_tokenizer(texts(), 300, tmp_path / "bad")
+    real_join = threading.Thread.join
+
+    def interrupted(self, timeout=None):
+        if self.name == "BPE training":
+            raise KeyboardInterrupt
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_bpe_tokenizer(["hello world"] * 50, 300, tmp_path / "stopped")
+    assert not (tmp_path / "stopped").exists()  # nothing saved from an interrupted training

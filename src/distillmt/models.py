@@ -279,10 +279,32 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    _interruptible(lambda: tok.train_from_iterator(texts, trainer=trainer), "BPE training")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def _interruptible(fn: Any, name: str) -> None:
+    """Run ``fn`` in a worker thread while this one waits in short joins: a long call into Rust (tokenizers) holds
+    the main thread where no signal handler runs, so Ctrl-C or SIGTERM (KeyboardInterrupt) would wait for its end.
+    The worker is a daemon: an interrupted process exits without it. Its exception, if any, is raised here."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the waiting thread, which raises it
+            failed.append(e)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failed:
+        raise failed[0]
 
 
 def build_scratch_model(
