@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from distillmt.errors import DistillmtError
 from distillmt.forward import PrefixCache, common_prefix, prefix_cache
 from distillmt.io import file_lock
-from distillmt.prompts import build_prompt, cut_source, end_token_id, pad_left, strip_output
+from distillmt.prompts import CHARS_PER_TOKEN, build_prompt, cut_source, end_token_id, pad_left, strip_output
 from distillmt.sections import GenerateConfig
 
 log = logging.getLogger("distillmt.generate")
@@ -68,7 +68,13 @@ def source_prompts(tokenizer: Any, sources: list[str], max_source_tokens: int, *
     """The prompts of ``sources``, each source first cut to ``max_source_tokens`` tokens: a line of any length
     asks for a bounded attention matrix, and the template around it stays whole, its generation prompt last. One
     warning counts the sources cut."""
-    cut = [cut_source(tokenizer, s, max_source_tokens) for s in sources]
+    # One batched call clears the sources that fit (nearly all): cut_source, one call per source, only for the rest.
+    heads = [s[: max_source_tokens * CHARS_PER_TOKEN] for s in sources]
+    counts = [len(x) for x in tokenizer(heads, add_special_tokens=False)["input_ids"]] if sources else []
+    cut = [
+        (s, False) if n <= max_source_tokens and len(h) == len(s) else cut_source(tokenizer, s, max_source_tokens)
+        for s, h, n in zip(sources, heads, counts, strict=True)
+    ]
     n = sum(was_cut for _, was_cut in cut)
     if n and warn:
         log.warning(
