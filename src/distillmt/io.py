@@ -93,24 +93,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None, *, wait: bool = True) -> Iterator[Any]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the duration; a second process blocks until
-    the first is done (``on_wait`` is called first, to say so). POSIX only; elsewhere no lock is taken."""
+    the first is done (``on_wait`` is called first, to say so), or with ``wait=False`` gets ``BlockingIOError`` at
+    once. Yields the open lock file. POSIX only; elsewhere no lock is taken and None is yielded."""
     try:
         import fcntl
     except ImportError:  # Windows: one process per run folder or store
-        yield
+        yield None
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
+    # "a+", not "w": truncating before the lock is ours would erase what its holder wrote into it
+    with open(path, "a+", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise
             if on_wait is not None:
                 on_wait()
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            yield lock
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -142,36 +146,25 @@ def lock_holder(path: str | Path) -> dict[str, Any]:
 def owned_lock(
     path: str | Path, *, wait: bool = False, on_wait: Callable[[dict[str, Any]], None] | None = None
 ) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` for the duration, with this process's PID, host, command line and
-    start time written into it so that a process finding it held can say who holds it. Held by another process:
-    raise :class:`LockHeld` at once, or with ``wait`` call ``on_wait(holder)`` and block until it is free. The OS
-    drops the lock when its holder dies, so a killed process never leaves a stale one; the file stays. POSIX only;
-    elsewhere no lock is taken."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process per run folder is up to the user
-        yield
-        return
+    """:func:`file_lock` with this process's PID, host, command line and start time written into the lock file, so
+    that a process finding it held can say who holds it. Held by another process: raise :class:`LockHeld` at once,
+    or with ``wait`` call ``on_wait(holder)`` and block until it is free. The OS drops the lock when its holder dies,
+    so a killed process never leaves a stale one; the file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # "a+", not "w": truncating before the lock is ours would erase the holder's record
-    with open(path, "a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = lock_holder(path)
-            if not wait:
-                raise LockHeld(path, holder) from None
-            if on_wait is not None:
-                on_wait(holder)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
-        me["since"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        lock.seek(0)
-        lock.truncate()
-        lock.write(json.dumps(me, ensure_ascii=False) + "\n")
-        lock.flush()
-        try:
+    announce = (lambda: on_wait(lock_holder(path))) if on_wait is not None else None
+    acquired = False
+    try:
+        with file_lock(path, announce, wait=wait) as lock:
+            acquired = True
+            if lock is not None:
+                me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+                me["since"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                lock.seek(0)
+                lock.truncate()
+                lock.write(json.dumps(me, ensure_ascii=False) + "\n")
+                lock.flush()
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except BlockingIOError:
+        if acquired:  # raised by the caller's own work, not by the lock
+            raise
+        raise LockHeld(path, lock_holder(path)) from None
