@@ -34,7 +34,6 @@ from distillmt.config import (
     GenerateConfig,
     GKDConfig,
     ModelConfig,
-    SoftKDConfig,
     TrainConfig,
     to_dict,
 )
@@ -334,7 +333,7 @@ class Experiment:
             return examples, self.models.objective(tokenizer, examples, use_cache=False)
 
         extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
-        extra.update(kd=objective_settings(s), teacher=self.models.teacher_identity(s.teacher))
+        extra.update(kd=s.objective_settings(), teacher=self.models.teacher_identity(s.teacher))
         return self._train_stage("train_hlkd_slkd", extra, data, ("teacher_labels", *teacher_stage(s.teacher)))
 
     def stage_teacher_cache(self) -> dict[str, Any]:
@@ -364,7 +363,7 @@ class Experiment:
     def stage_train_slkd(self) -> dict[str, Any]:
         """SLKD: a fresh student trained on the references with alpha·CE + (1 − alpha)·T²·D against the teacher."""
         s = self.cfg.soft_kd
-        extra = {"kd": objective_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
+        extra = {"kd": s.objective_settings(), "teacher": self.models.teacher_identity(s.teacher)}
         if s.cache:
             extra["cache"] = self.keys["teacher_cache"]
         inputs = ("teacher_cache",) if s.cache else teacher_stage(s.teacher)
@@ -373,7 +372,7 @@ class Experiment:
     def stage_train_gkd(self) -> dict[str, Any]:
         """GKD: like SLKD, but with probability lambda a step's targets are sampled by the student itself."""
         s, data = self.cfg.soft_kd, partial(self.kd_data, gkd=self.cfg.gkd)
-        extra = {"kd": objective_settings(s), "teacher": self.models.teacher_identity(s.teacher)}
+        extra = {"kd": s.objective_settings(), "teacher": self.models.teacher_identity(s.teacher)}
         extra["gkd"] = asdict(self.cfg.gkd)
         return self._train_stage("train_gkd", extra, data, teacher_stage(s.teacher))
 
@@ -624,12 +623,6 @@ def extra_label_sources(cfg: ExperimentConfig) -> list[str]:
             "every split; lower it, lower data.train_size, or give hard_kd.extra_sources_file"
         )
     return unused[: h.extra_sources]
-
-
-def objective_settings(s: SoftKDConfig) -> dict[str, Any]:
-    """What a logit-KD stage's output depends on from ``soft_kd`` (the cache's own settings key its stage)."""
-    keys = ("alpha", "temperature", "divergence", "beta", "chunk_size", "fused")
-    return {k: getattr(s, k) for k in keys}
 
 
 def teacher_stage(which: str) -> tuple[str, ...]:

@@ -225,6 +225,12 @@ class SoftKDConfig:
         "students (frozen output layer)",
     )
 
+    def objective_settings(self) -> dict[str, Any]:
+        """The fields that decide a logit-KD objective (what keys a stage that trains with it); the cache's own
+        settings key the cache's stage."""
+        keys = ("alpha", "temperature", "divergence", "beta", "chunk_size", "fused")
+        return {k: getattr(self, k) for k in keys}
+
 
 @dataclass
 class GKDConfig:
