@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unit
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "distillmt"
 LIBRARY = {
     "errors", "io", "data", "prompts", "models", "engines", "losses", "forward", "checkpoints", "train", "generate",
-    "logit_cache", "teacher_labels", "metrics", "stats", "e5", "store", "sections",
+    "logit_cache", "teacher_labels", "metrics", "stats", "e5", "store", "sections", "languages",
 }  # fmt: skip
 EXPERIMENT = {"config", "systems", "stages", "pipeline", "sweep", "report", "plots", "export"}
 TOOLS = {"cli", "bench", "__main__", "__init__"}
