@@ -209,3 +209,20 @@ def restore_process_state():
     signal.signal(signal.SIGTERM, handler)
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def planned_keys(cfg) -> dict[str, str]:
+    """The key of every stage the config's run would compute, without computing any."""
+    from distillmt.pipeline import Experiment
+
+    exp = Experiment(cfg, progress=False)
+    exp.run.stage = lambda *args, **kwargs: {}
+    exp.stage_data()
+    exp.stage_tokenizer()
+    for stage in ("train_teacher", "train_student", "teacher_labels", "train_hlkd", "train_slkd"):
+        getattr(exp, f"stage_{stage}")()
+    for name in cfg.systems:
+        exp.stage_translate(name)
+        exp.stage_evaluate(name)
+    exp.stage_significance()
+    return dict(exp.keys)

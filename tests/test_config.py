@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from distillmt.config import SYSTEMS, ExperimentConfig, SoftKDConfig, describe, load_config, to_dict, validate
+from distillmt.config import (
+    SYSTEMS,
+    ExperimentConfig,
+    SoftKDConfig,
+    describe,
+    load_config,
+    resolved,
+    to_dict,
+    validate,
+)
 from distillmt.errors import DistillmtError
 
 pytestmark = pytest.mark.unit
@@ -27,7 +36,7 @@ def test_defaults_validate_and_match_the_dataclass():
     cfg = load_config(None)
     validate(cfg)  # no exception
     assert isinstance(cfg, ExperimentConfig)
-    assert to_dict(cfg) == to_dict(ExperimentConfig())
+    assert to_dict(cfg) == to_dict(resolved(ExperimentConfig()))  # with what follows the language pair made concrete
     assert cfg.teacher.model == cfg.student.model == "scratch"
     assert set(cfg.systems) <= set(SYSTEMS)
 
@@ -135,7 +144,7 @@ def test_out_of_range_names_dotted_key_and_range(override, key, allowed):
     [
         ("soft_kd.divergence=kl", "soft_kd.divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]),
         ("train_teacher.schedule=foo", "train_teacher.schedule", ["cosine", "linear", "constant"]),
-        ("data.source=csv", "data.source", ["tatoeba", "hsk", "jsonl", "tsv", "hf"]),
+        ("data.source=xml", "data.source", ["tatoeba", "hsk", "text", "tsv", "csv", "jsonl", "hf"]),
         ("student.dtype=fp8", "student.dtype", ["auto", "float32", "bfloat16", "float16"]),
     ],
 )

@@ -121,8 +121,8 @@ def test_missing_file_unknown_source_and_missing_path(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(DistillmtError, match="nope.jsonl"):
         load_pairs("jsonl", path=missing)
-    with pytest.raises(DistillmtError, match="tatoeba, hsk, jsonl, tsv, hf"):
-        load_pairs("csv", path=missing)
+    with pytest.raises(DistillmtError, match="tatoeba, hsk, text, tsv, csv, jsonl, hf"):
+        load_pairs("xml", path=missing)
     with pytest.raises(DistillmtError, match="needs a path"):
         load_pairs("tsv")
 

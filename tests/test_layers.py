@@ -11,10 +11,10 @@ pytestmark = pytest.mark.unit
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "distillmt"
 LIBRARY = {
     "errors", "io", "data", "prompts", "models", "engines", "losses", "forward", "checkpoints", "train", "generate",
-    "logit_cache", "teacher_labels", "metrics", "stats", "e5", "store", "sections", "languages",
+    "logit_cache", "teacher_labels", "metrics", "comet", "stats", "e5", "store", "sections", "languages", "tracking",
 }  # fmt: skip
 EXPERIMENT = {"config", "systems", "stages", "pipeline", "sweep", "report", "plots", "export"}
-TOOLS = {"cli", "bench", "__main__", "__init__"}
+TOOLS = {"cli", "bench", "__main__", "__init__", "api"}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from distillmt.prompts import (
-    DEFAULT_INSTRUCTION,
     IGNORE_INDEX,
-    PLAIN_TEMPLATE,
+    Prompt,
     build_prompt,
     encode_example,
     end_token_id,
@@ -21,6 +20,8 @@ from distillmt.prompts import (
 )
 
 pytestmark = pytest.mark.unit
+
+DEFAULT_INSTRUCTION = "Translate the following English text into Chinese. Reply with the translation only."
 
 # Qwen2.5-Instruct's chat template, verbatim from its tokenizer_config.json (default system message included).
 QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
@@ -162,7 +163,9 @@ def test_build_prompt_renders_qwen25_template_exactly(qwen):
     assert has_chat_template(qwen)
     src = "The weather is nice today."
     assert build_prompt(qwen, src) == _qwen_prompt(src)
-    assert build_prompt(qwen, src, "Translate to Chinese.") == _qwen_prompt(src, "Translate to Chinese.")
+    assert build_prompt(qwen, src, Prompt("Translate to Chinese.\n\n{text}", "")) == _qwen_prompt(
+        src, "Translate to Chinese."
+    )
 
 
 PAIRS = [
@@ -277,7 +280,7 @@ def test_plain_tokenizer_uses_plain_template_and_eos(plain):
     assert not has_chat_template(plain)
     src, tgt = "Hello world.", "你好，世界。"
     prompt = build_prompt(plain, src)
-    assert prompt == PLAIN_TEMPLATE.format(src=src) == "English: Hello world.\nChinese:\n"
+    assert prompt == "English: Hello world.\nChinese:\n"
     eos = plain.convert_tokens_to_ids("</s>")
     assert end_token_id(plain) == plain.eos_token_id == eos
     ex = encode_example(plain, src, tgt)

@@ -3,9 +3,9 @@ user's finished default run retrain from that stage on. The keys below are those
 teacher's and student's fine-tuning unchanged since 0.1, docs/results/default-cpu)."""
 
 import pytest
+from conftest import planned_keys
 
 from distillmt.config import load_config
-from distillmt.pipeline import Experiment
 
 pytestmark = pytest.mark.unit
 
@@ -27,21 +27,6 @@ DEFAULT_KEYS = {
     "evaluate_SLKD": "43c2060e9b432137",
     "significance": "a04337e1c80e5dac",
 }
-
-
-def planned_keys(cfg) -> dict[str, str]:
-    """The key of every stage the config's run would compute, without computing any."""
-    exp = Experiment(cfg, progress=False)
-    exp.run.stage = lambda *args, **kwargs: {}
-    exp.stage_data()
-    exp.stage_tokenizer()
-    for stage in ("train_teacher", "train_student", "teacher_labels", "train_hlkd", "train_slkd"):
-        getattr(exp, f"stage_{stage}")()
-    for name in cfg.systems:
-        exp.stage_translate(name)
-        exp.stage_evaluate(name)
-    exp.stage_significance()
-    return dict(exp.keys)
 
 
 def test_the_default_experiment_keeps_its_stage_keys(tmp_path):

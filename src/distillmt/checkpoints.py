@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +30,29 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, accelerator: Any = None
-) -> None:
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, accelerator: Any = None,
+    best: Best | None = None,
+) -> None:  # fmt: skip
     """A checkpoint folder appears under its final name only when complete (written as .tmp, then renamed). The
     previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
     processes the main one writes it and the others wait (under DDP they hold the same state; under FSDP and
-    DeepSpeed they first gather their shards, and the optimizer state is keyed by parameter name)."""
+    DeepSpeed they first gather their shards, and the optimizer state is keyed by parameter name). ``best``
+    (``keep_best``): the best weights so far go with it (``best.safetensors``), their step and CE into state.json."""
     main = accelerator is None or accelerator.is_main_process
     gathered = engines.gathered(model)
     if gathered or main:  # under FSDP and DeepSpeed every process takes part in gathering
         trainable, opt_state = engines.trained_state(model, optimizer)
     if main:
-        _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), {**state, "sharded": gathered})
+        state = {**state, "sharded": gathered, **(best.state() if best is not None else {})}
+        best_weights = best.weights if best is not None else None
+        _write_checkpoint(ckpt_dir, trainable, opt_state, scheduler.state_dict(), state, best_weights)
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
 
 
-def _write_checkpoint(ckpt_dir: Path, trainable: dict, opt_state: dict, sched_state: dict, state: dict) -> None:
+def _write_checkpoint(
+    ckpt_dir: Path, trainable: dict, opt_state: dict, sched_state: dict, state: dict, best: dict | None = None
+) -> None:
     import io
 
     from safetensors.torch import save_file
@@ -56,6 +63,8 @@ def _write_checkpoint(ckpt_dir: Path, trainable: dict, opt_state: dict, sched_st
     try:
         tmp.mkdir(parents=True)
         save_file(trainable, str(tmp / "trainable.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / BEST_FILE))
         for name, obj in (("optimizer.pt", opt_state), ("scheduler.pt", sched_state)):
             buf = io.BytesIO()
             torch.save(obj, buf)
@@ -74,8 +83,9 @@ def _write_checkpoint(ckpt_dir: Path, trainable: dict, opt_state: dict, sched_st
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
-    """Read every file of a checkpoint first, then apply it: a damaged file raises before the model is touched."""
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, best: Best | None = None) -> dict:
+    """Read every file of a checkpoint first, then apply it: a damaged file raises before the model is touched.
+    ``best`` (``keep_best``) gets the best weights so far that the checkpoint holds, if any."""
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
@@ -86,8 +96,10 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
     trainable = load_file(str(path / "trainable.safetensors"))
     opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     sched_state = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    kept = best is not None and state.get("best_step") is not None
+    best_weights = load_file(str(path / BEST_FILE)) if kept else None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(trainable) != set(params):
+    if set(trainable) != set(params) or (best_weights is not None and set(best_weights) != set(params)):
         raise DistillmtError(
             f"checkpoint {path} does not match this model's trainable parameters; delete it to restart"
         )
@@ -99,7 +111,48 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
         )
     engines.load_trained_state(model, optimizer, trainable, opt_state)
     scheduler.load_state_dict(sched_state)
+    if best is not None and best_weights is not None:
+        best.step, best.valid_ce, best.weights = int(state["best_step"]), float(state["best_valid_ce"]), best_weights
     return state
+
+
+BEST_FILE = "best.safetensors"
+
+
+@dataclass
+class Best:
+    """``TrainConfig.keep_best``: the lowest validation CE so far, its step, and the trainable weights (or LoRA
+    adapter) it was measured on, by name on the CPU. Every checkpoint carries them, so a resumed run remembers them;
+    at the end they go back into the model, which is then what the stage saves."""
+
+    step: int | None = None
+    valid_ce: float | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, step: int, valid_ce: float | None, model: Any, optimizer: Any) -> bool:
+        """Keep the model's weights if ``valid_ce`` is lower than every one before (the first of equal ones wins).
+        Under FSDP and DeepSpeed every process must call it (they gather the weights)."""
+        if valid_ce is None or not math.isfinite(valid_ce) or (self.valid_ce is not None and valid_ce >= self.valid_ce):
+            return False
+        trainable, _ = engines.trained_state(model, optimizer)
+        # a copy: on the CPU the gathered tensors are the parameters themselves, which training goes on changing
+        self.step, self.valid_ce, self.weights = step, valid_ce, {n: t.clone() for n, t in trainable.items()}
+        return True
+
+    def restore(self, model: Any, optimizer: Any) -> None:
+        """Put the best weights back into ``model`` (the optimizer state stays as it is: training is over)."""
+        if self.weights is not None:
+            _, opt_state = engines.trained_state(model, optimizer)
+            engines.load_trained_state(model, optimizer, self.weights, opt_state)
+
+    def state(self) -> dict[str, Any]:
+        return {"best_step": self.step, "best_valid_ce": self.valid_ce}
+
+    def summary(self, final_ce: float | None) -> dict[str, Any]:
+        """What a stage result records: the saved model's validation CE (the best; the final one when none was
+        measured), the best step and CE, and the final CE."""
+        valid_ce = self.valid_ce if self.step is not None else final_ce
+        return {"valid_ce": valid_ce, **self.state(), "final_valid_ce": final_ce}
 
 
 @dataclass
@@ -126,18 +179,20 @@ class Progress:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "tokens_per_s": self.tokens_per_s,
+            "seconds_per_step": self.train_seconds / max(self.step, 1),
             "valid_ce": valid_ce,
             "resumed_from": resumed_from.name if resumed_from is not None else None,
         }
 
 
 def resume(
-    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, total_steps: int
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, total_steps: int, best: Best | None = None
 ) -> tuple[Progress, Path | None]:
-    """Load the newest usable checkpoint; a damaged one falls back to the one before, none usable restarts at 0."""
+    """Load the newest usable checkpoint; a damaged one falls back to the one before, none usable restarts at 0.
+    ``best`` (``keep_best``) gets the best weights so far that it holds."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            state = load_checkpoint(path, model, optimizer, scheduler)
+            state = load_checkpoint(path, model, optimizer, scheduler, best)
         except DistillmtError:
             raise
         except Exception as e:  # truncated or unreadable file: any of safetensors', torch's or json's errors

@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distillmt.config import BLEU_TOKENIZERS
+from distillmt import languages
+from distillmt.config import BLEU_TOKENIZERS, EvalConfig
 from distillmt.errors import DistillmtError
 from distillmt.sections import GenerateConfig
 
@@ -267,32 +268,19 @@ def cmd_translate(args: argparse.Namespace) -> int:
     _check_output_file(args.output, "--output")
     _check_model_folder(args.model, "--model", tokenizer=False)
     _check_model_folder(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model", tokenizer=True)
+    from distillmt.api import TRANSLATE_KEYS, translation_setup
     from distillmt.data import read_sources
-    from distillmt.export import exported_format
-    from distillmt.generate import translate, translate_ct2
     from distillmt.io import write_jsonl
-    from distillmt.models import check_adapter_dir, load_model, load_tokenizer, pick_device, pick_dtype
+    from distillmt.models import check_adapter_dir
 
     if args.adapter is not None:
         check_adapter_dir(args.adapter, "--adapter")
-    try:
-        device = pick_device(args.device)
-    except DistillmtError as e:
-        raise DistillmtError(f"--device: {e}") from None
-    ct2 = exported_format(args.model) == "ct2" if Path(args.model).is_dir() else False
-    if ct2 and args.adapter is not None:
-        raise DistillmtError("--adapter does not apply to a CTranslate2 model (its export merged the adapter)")
-    decoding, dtype_name, seed = _translate_settings(args, "ct2" if ct2 else "hf")
+    # The settings resolve as in distillmt.translate: a flag given, else as the model was scored, else the default.
+    given = {name: getattr(args, name) for name in TRANSLATE_KEYS}
+    setup = translation_setup(args.model, adapter=args.adapter, tokenizer=args.tokenizer, device=args.device,
+                              flag=_flag, **given)  # fmt: skip
     rows = read_sources(args.input)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    run = {"seed": seed, "progress": not args.no_progress}
-    sources = [r["src"] for r in rows]
-    if ct2:
-        res = translate_ct2(args.model, tokenizer, sources, decoding, device=device.type, **run)
-    else:
-        dtype = pick_dtype(dtype_name, device, scratch=False)
-        model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, merge=True)
-        res = translate(model, tokenizer, sources, decoding, **run)
+    res = setup.run([r["src"] for r in rows], progress=not args.no_progress)
     out = [{"src": r["src"], "ref": r["ref"], "hyp": h} for r, h in zip(rows, res.hypotheses, strict=True)]
     if args.output:
         write_jsonl(args.output, out)
@@ -303,78 +291,52 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-# The translate flags that set a decoding setting, by GenerateConfig field (their argparse dest), in message order.
-_DECODING_FLAGS = {
-    "batch_size": "--batch-size", "max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams",
-    "length_penalty": "--length-penalty", "do_sample": "--do-sample", "temperature": "--temperature",
-    "top_k": "--top-k", "top_p": "--top-p", "max_batch_tokens": "--max-batch-tokens",
-    "max_source_tokens": "--max-source-tokens",
-}  # fmt: skip
-
-
-def _translate_settings(args: argparse.Namespace, engine: str) -> tuple[GenerateConfig, str, int]:
-    """The decoding settings, dtype name and seed to translate with: a flag the user gave, else what the model's
-    record says it was scored with (:func:`distillmt.export.recorded_translation`: an export's manifest, or the
-    translate stage of the run that scored a training stage's model folder), else GenerateConfig's default (dtype
-    ``auto``, seed 0). One line on stderr names the recorded settings used and the flags that override them."""
-    from distillmt.export import recorded_translation
-
-    folder = args.adapter or args.model  # a run's LoRA stage folder given as the adapter is the model scored
-    recorded, where = recorded_translation(folder) if Path(folder).is_dir() else (None, "")
-    rec = recorded or {}
-    values, taken = {}, set()
-    for name in _DECODING_FLAGS:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-        elif name in rec.get("generate", {}):
-            values[name], taken = rec["generate"][name], taken | {name}
-    decoding = GenerateConfig(**values)
-    dtype = args.dtype or rec.get("dtype") or "auto"
-    seed = args.seed if args.seed is not None else rec.get("seed", 0)
-    if args.dtype is None and "dtype" in rec and engine == "hf":
-        taken.add("dtype")
-    if args.seed is None and "seed" in rec:
-        taken.add("seed")
-    if recorded is None:
-        if where:  # rows that translated it differently: say so, and that the defaults are used
-            print(f"{folder}: {where}", file=sys.stderr)
-        return decoding, dtype, seed
-    shown = {"dtype": dtype, **{k: getattr(decoding, k) for k in _DECODING_FLAGS}, "seed": seed}
-    relevant = {"dtype", "batch_size", "max_new_tokens", "num_beams"}
-    if decoding.num_beams > 1:
-        relevant.add("length_penalty")
-    if decoding.do_sample:
-        relevant |= {"do_sample", "temperature", "top_k", "top_p", "seed"}
-    if decoding.max_batch_tokens:
-        relevant.add("max_batch_tokens")
-    if decoding.max_source_tokens != GenerateConfig().max_source_tokens:
-        relevant.add("max_source_tokens")
-    names = [k for k in shown if k in taken & relevant]
-    if names:
-        flags = {**_DECODING_FLAGS, "dtype": "--dtype", "seed": "--seed"}
-        used = ", ".join(f"{k} {shown[k]}" for k in names)
-        line = f"using {where}: {used} (override with {', '.join(flags[k] for k in names)})"
-        scored_with = rec.get("scored_with")
-        if isinstance(scored_with, str) and scored_with.split(" ")[0] != engine:
-            line += f"; it was scored with {scored_with}, not {engine}: expect small differences"
-        print(line, file=sys.stderr)
-    return decoding, dtype, seed
+def _flag(name: str) -> str:
+    """The command-line flag of a translate setting (``num_beams`` → ``--num-beams``)."""
+    return "--" + name.replace("_", "-")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from distillmt.data import read_hyps_and_refs
     from distillmt.metrics import evaluate
 
+    languages.check_code(args.tgt_lang, "--tgt-lang")
+    bleu_tokenize = languages.bleu_tokenizer(args.tgt_lang) if args.bleu_tokenize == "auto" else args.bleu_tokenize
     hyps, refs = read_hyps_and_refs(args.hyp, args.ref, hyp_what="--hyp", ref_what="--ref")
     scores = evaluate(
         hyps,
         refs,
-        bleu_tokenize=args.bleu_tokenize,
+        bleu_tokenize=bleu_tokenize,
         bertscore_model=None if args.no_bertscore else args.bertscore_model,
         bertscore_layer=args.bertscore_layer,
+        sources=_comet_sources(args, len(hyps)),
+        comet_model=args.comet_model,
+        comet_batch_size=args.comet_batch_size,
     )
     print(json.dumps(scores, ensure_ascii=False, indent=2))
     return 0
+
+
+def _comet_sources(args: argparse.Namespace, n: int) -> list[str] | None:
+    """COMET's source sentences: --src (plain text, or JSONL with 'src'), else the 'src' fields of a JSONL --hyp
+    (what `translate` writes); None without --comet-model, the only metric that reads them."""
+    from distillmt.data import _read_scored_file, _string_field
+
+    if not args.comet_model:
+        if args.src:
+            raise DistillmtError("--src is read by COMET only: give --comet-model too, or drop --src")
+        return None
+    path, what = (args.src, "--src") if args.src else (args.hyp, "--hyp")
+    lines, rows = _read_scored_file(path, what)
+    if rows is None and not args.src:
+        raise DistillmtError(
+            "COMET needs the source sentences: give them with --src FILE (one per line), or pass --hyp as JSONL "
+            "with 'src' fields (what `distillmt translate` writes)"
+        )
+    sources = lines if rows is None else _string_field(rows, path, "src")
+    if len(sources) != n:
+        raise DistillmtError(f"{what} {path} has {len(sources)} sources for {n} hypotheses: they must pair up")
+    return sources
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -453,7 +415,7 @@ def _add_translate_parser(sub: Any) -> None:
     tr = sub.add_parser(
         "translate",
         help="translate a file or stdin with a model (and optional LoRA adapter)",
-        description="Input: plain text, one English sentence per line, or JSONL with 'src' (and 'ref'). "
+        description="Input: plain text, one source sentence per line, or JSONL with 'src' (and 'ref'). "
         "Output: JSONL with src, ref, hyp.",
     )
     tr.add_argument(
@@ -464,10 +426,15 @@ def _add_translate_parser(sub: Any) -> None:
     )  # fmt: skip
     tr.add_argument("--adapter", help="LoRA adapter folder to load on top of --model")
     tr.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+    tr.add_argument(
+        "--src-lang", help="source language (BCP-47): the prompt names it (default: the prompt the model was scored "
+        "with, else English)",
+    )  # fmt: skip
+    tr.add_argument("--tgt-lang", help="target language (BCP-47), likewise (default: as scored, else Chinese)")
     tr.add_argument("--input", "-i", help="input file (default: stdin)")
     tr.add_argument("--output", "-o", help="output JSONL (default: stdout)")
     # No defaults here: a flag left out takes the setting the model was scored with, where a record says it (see
-    # _translate_settings), else GenerateConfig's default.
+    # api.translation_settings), else GenerateConfig's default.
     d = GenerateConfig()
     recorded = "default: as the model was scored, else"
     tr.add_argument("--batch-size", type=_int_at_least(1), help=f"{recorded} {d.batch_size}")
@@ -501,20 +468,29 @@ def _add_translate_parser(sub: Any) -> None:
 def _add_evaluate_parser(sub: Any) -> None:
     e = sub.add_parser(
         "evaluate",
-        help="score hypotheses against references (BLEU, chrF, BERTScore)",
+        help="score hypotheses against references (BLEU, chrF, BERTScore; COMET with --comet-model)",
         description="Either --hyp and --ref as plain text files (one sentence per line), or --hyp alone "
         "as JSONL with 'hyp' and 'ref' fields (what `translate` writes).",
     )
     e.add_argument("--hyp", required=True, help="plain text (one hypothesis per line) or JSONL with 'hyp'")
     e.add_argument("--ref", help="plain text (one reference per line) or JSONL with 'ref'")
+    e.add_argument("--tgt-lang", default="zh", help="target language, a BCP-47 code: picks BLEU's tokenizer (zh)")
     e.add_argument(
         "--bleu-tokenize",
-        default="zh",
+        default="auto",
         choices=BLEU_TOKENIZERS,
+        help="auto: the one sacrebleu picks for --tgt-lang (zh, ja-mecab, ko-mecab, else 13a)",
     )
-    e.add_argument("--bertscore-model", default="bert-base-chinese", help="hub id, local folder or store:NAME")
-    e.add_argument("--bertscore-layer", type=_int_at_least(1), default=8)
+    eval_default = EvalConfig()  # the experiment's encoder (multilingual, built offline), not bert_score's hub default
+    e.add_argument("--bertscore-model", default=eval_default.bertscore_model, help="hub id, local folder or store:NAME")
+    e.add_argument("--bertscore-layer", type=_int_at_least(1), default=eval_default.bertscore_layer)
     e.add_argument("--no-bertscore", action="store_true")
+    e.add_argument(
+        "--comet-model",
+        help="COMET checkpoint folder or hub id (e.g. Unbabel/wmt22-comet-da); needs pip install 'distillmt[comet]'",
+    )
+    e.add_argument("--comet-batch-size", type=_int_at_least(1), default=EvalConfig().comet_batch_size)
+    e.add_argument("--src", help="COMET's source sentences: plain text or JSONL with 'src' (default: --hyp's 'src')")
     e.set_defaults(fn=cmd_evaluate)
 
 

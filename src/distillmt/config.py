@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from distillmt import languages
 from distillmt import systems as systems_mod
+from distillmt.data import check_config as check_data_config
 from distillmt.errors import DistillmtError
 from distillmt.sections import (
     QWEN_LORA_TARGETS,
@@ -32,31 +34,38 @@ from distillmt.sections import (
     HardKDConfig,
     LoraConfig,
     ModelConfig,
+    PromptConfig,
     ScratchConfig,
     SoftKDConfig,
     TrainConfig,
     check_section,
     setting,
 )
+from distillmt.tracking import TRACKERS
 
 __all__ = [
     "QWEN_LORA_TARGETS", "DataConfig", "EvalConfig", "ExperimentConfig", "GenerateConfig", "GKDConfig",
-    "HardKDConfig", "LoraConfig", "ModelConfig", "ScratchConfig", "SoftKDConfig", "TrainConfig", "load_config",
+    "HardKDConfig", "LoraConfig", "ModelConfig", "PromptConfig", "ScratchConfig", "SoftKDConfig", "TrainConfig", "load_config",
 ]  # fmt: skip
 
-BLEU_TOKENIZERS = ["zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200"]
+BLEU_TOKENIZERS = ["auto", "zh", "13a", "intl", "char", "none", "ja-mecab", "ko-mecab", "spm", "flores101", "flores200"]
 SYSTEMS = systems_mod.NAMES
 
 
 @dataclass
 class EvalConfig:
     bertscore: bool = setting(True, "compute BERTScore (reported as unavailable when its model cannot be loaded)")
-    bertscore_model: str = setting("bert-base-chinese", "BERTScore encoder: hub id, local folder or store:NAME")
-    bertscore_layer: int = setting(8, "encoder layer used by BERTScore", range=(1, 64))
+    # multilingual-e5 covers the ~100 languages of XLM-R and is built offline from a PyPI package on first use (the
+    # study's bert-base-chinese needs the hub, and covers Chinese alone)
+    bertscore_model: str = setting(
+        "store:multilingual-e5-small", "BERTScore encoder: hub id, local folder or store:NAME"
+    )
+    bertscore_layer: int = setting(9, "encoder layer used by BERTScore", range=(1, 64))
     bertscore_batch_size: int = setting(64, "BERTScore batch size", range=(1, None))
     bleu_tokenize: str = setting(
-        "zh",
-        "sacrebleu tokenizer for BLEU ('zh' for Chinese; 13a gives ~0 on unspaced text)",
+        "auto",
+        "sacrebleu tokenizer for BLEU; auto = the one sacrebleu picks for data.tgt_lang (zh for Chinese, ja-mecab, "
+        "ko-mecab, else 13a, which gives ~0 on unspaced text such as Chinese)",
         choices=BLEU_TOKENIZERS,
     )
     baseline: str = setting(
@@ -68,6 +77,12 @@ class EvalConfig:
     bootstrap_samples: int = setting(
         1000, "bootstrap resamples for the CIs and the significance test", range=(100, None)
     )
+    comet_model: str | None = setting(
+        None,
+        "COMET checkpoint: a local folder (hparams.yaml, checkpoints/model.ckpt) or a hub id such as "
+        "Unbabel/wmt22-comet-da; unset = no COMET. Needs pip install 'distillmt[comet]'",
+    )
+    comet_batch_size: int = setting(16, "COMET batch size", range=(1, None))
 
 
 def _default_teacher() -> ModelConfig:
@@ -96,11 +111,6 @@ def _default_train_student() -> TrainConfig:
     return TrainConfig(epochs=1.0, batch_size=16, lr=3e-3)
 
 
-def _default_eval() -> EvalConfig:
-    # The study's bert-base-chinese needs the hub; the multilingual-e5 encoder is built from a PyPI package on first use.
-    return EvalConfig(bertscore_model="store:multilingual-e5-small", bertscore_layer=9)
-
-
 @dataclass
 class ExperimentConfig:
     """The default values are the default experiment: small Qwen2-architecture teacher and student trained from
@@ -116,19 +126,25 @@ class ExperimentConfig:
         "fewer threads than cores is much faster than oversubscribing them",
         range=(0, 1024),
     )
+    report_to: list[str] = setting(
+        [],
+        f"experiment trackers that also get the training losses and the final scores, from {list(TRACKERS)} (each "
+        "needs pip install 'distillmt[<name>]'); metrics.jsonl and results.json always have them",
+    )
     systems: list[str] = setting(["TEACHER", "STUDENT", "HLKD", "SLKD"], f"rows of the results table, from {SYSTEMS}")
     tokenizer_vocab_size: int = setting(
         4000, "BPE vocabulary trained on the training split when models are scratch", range=(100, None)
     )
-    data: DataConfig = setting(DataConfig, "corpus and splits")
+    data: DataConfig = setting(DataConfig, "language pair, corpus and splits")
+    prompt: PromptConfig = setting(PromptConfig, "the words around each source (chat instruction, plain template)")
     teacher: ModelConfig = setting(_default_teacher, "teacher model")
     student: ModelConfig = setting(_default_student, "student model")
     train_teacher: TrainConfig = setting(_default_train_teacher, "teacher fine-tuning (TEACHER / TEACHER_PEFT)")
     train_student: TrainConfig = setting(
-        _default_train_student, "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD"
+        _default_train_student, "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD, SFT_MORE"
     )
     generate: GenerateConfig = setting(GenerateConfig, "decoding of the test set")
-    eval: EvalConfig = setting(_default_eval, "metrics")
+    eval: EvalConfig = setting(EvalConfig, "metrics")
     hard_kd: HardKDConfig = setting(HardKDConfig, "sequence-level KD (HLKD)")
     soft_kd: SoftKDConfig = setting(SoftKDConfig, "logit KD (SLKD, GKD)")
     gkd: GKDConfig = setting(GKDConfig, "on-policy KD (GKD)")
@@ -243,7 +259,9 @@ class _Mapping(dict):
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` written over ``base`` (sections merged key by key), each key keeping how YAML wrote it."""
     out = _Mapping(base)
+    out.words.update({k: w for k, w in getattr(base, "words", {}).items() if k not in update})
     out.words.update(getattr(update, "words", {}))
     for k, v in update.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -258,8 +276,29 @@ def validate(cfg: ExperimentConfig) -> None:
     """Check every key against its range/choices (the error names the dotted key and what is allowed), then what
     involves several keys."""
     check_section(cfg)
+    _validate_languages(cfg)
+    check_data_config(cfg.data)
     _validate_experiment(cfg)
     _validate_paths(cfg)
+
+
+def _validate_languages(cfg: ExperimentConfig) -> None:
+    from distillmt.prompts import make_prompt
+
+    languages.check_code(cfg.data.src_lang, "data.src_lang")
+    languages.check_code(cfg.data.tgt_lang, "data.tgt_lang")
+    make_prompt(cfg.prompt, cfg.data.src_lang, cfg.data.tgt_lang)  # placeholders, and a name for each language
+
+
+def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the settings that follow the language pair made concrete (``eval.bleu_tokenize: auto``), so the
+    run's config.json and stage keys hold what ran; a missing optional BLEU tokenizer is an error now. The data
+    section's fields and ``simplified`` too (:meth:`DataConfig.resolved`)."""
+    cfg = dataclasses.replace(cfg, data=cfg.data.resolved())
+    if cfg.eval.bleu_tokenize != "auto":
+        return cfg
+    bleu = languages.bleu_tokenizer(cfg.data.tgt_lang)
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, bleu_tokenize=bleu))
 
 
 def _validate_paths(cfg: ExperimentConfig) -> None:
@@ -308,6 +347,11 @@ def check_run_folder(cfg: ExperimentConfig) -> None:
 
 
 def _validate_experiment(cfg: ExperimentConfig) -> None:
+    for name in cfg.report_to:  # (whether each is installed is checked before a run, not on every config read)
+        if name not in TRACKERS:
+            raise DistillmtError(
+                f"config key 'report_to' has unknown tracker {name!r}; choose from: {', '.join(TRACKERS)}"
+            )
     if not cfg.systems:
         raise DistillmtError("config key 'systems' is empty; name at least one of: " + ", ".join(SYSTEMS))
     for s in cfg.systems:
@@ -350,6 +394,56 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
             raise DistillmtError(f"{section}.engine=vllm does not do beam search: set {section}.num_beams=1")
     if cfg.hard_kd.selection != "score" and cfg.hard_kd.num_candidates < 2:
         raise DistillmtError(f"hard_kd.selection={cfg.hard_kd.selection} needs hard_kd.num_candidates >= 2")
+    _validate_uld(cfg)
+    _validate_phases(cfg)
+
+
+def _validate_phases(cfg: ExperimentConfig) -> None:
+    """What ``keep_best``, ``init_from`` (KD after fine-tuning) and the SFT_MORE row need from the other keys."""
+    for section in ("train_teacher", "train_student"):
+        if getattr(cfg, section).keep_best and not getattr(cfg, section).eval_every:
+            raise DistillmtError(
+                f"config key '{section}.keep_best' = true needs {section}.eval_every > 0: the best weights are picked "
+                "among the validations every eval_every steps"
+            )
+    scratch = cfg.teacher.model == "scratch"
+    for section in ("hard_kd", "soft_kd", "gkd"):
+        init = getattr(cfg, section).init_from
+        if init == "STUDENT_PEFT" and scratch:
+            raise DistillmtError(
+                f"config key '{section}.init_from' = STUDENT_PEFT needs pretrained models; with model=scratch use "
+                "STUDENT (train_student's weights)"
+            )
+        if init == "STUDENT" and not scratch:
+            raise DistillmtError(
+                f"config key '{section}.init_from' = STUDENT: with pretrained models STUDENT is the base model used "
+                "zero-shot; use STUDENT_PEFT (what train_student saved) or none (a fresh student)"
+            )
+    if "SFT_MORE" in cfg.systems and not cfg.train_student.max_steps:
+        raise DistillmtError(
+            "system SFT_MORE needs train_student.max_steps > 0: it takes as many optimizer steps as a KD phase, and "
+            "with epochs a KD row's steps would follow the size of its data (labels, extra sources)"
+        )
+
+
+def _validate_uld(cfg: ExperimentConfig) -> None:
+    """ULD (``soft_kd.cross_tokenizer=uld``) pairs the teacher's own encoding of a reference or label with the
+    student's: the rows it cannot serve are refused before any work."""
+    s = cfg.soft_kd
+    if s.cross_tokenizer != "uld":
+        return
+    if "GKD" in cfg.systems:
+        raise DistillmtError(
+            "soft_kd.cross_tokenizer=uld does not do GKD (the student's on-policy samples have no teacher encoding): "
+            "drop GKD from systems, or set soft_kd.cross_tokenizer=refuse"
+        )
+    if "SLKD" in cfg.systems and s.cache:
+        raise DistillmtError(
+            "soft_kd.cross_tokenizer=uld runs the teacher live (the logit cache holds its top-k over its own tokens, "
+            "position by position): set soft_kd.cache=false"
+        )
+    if s.fused and {"SLKD", "HLKD+SLKD"} & set(cfg.systems):
+        raise DistillmtError("soft_kd.fused has no ULD form: set soft_kd.fused=false with soft_kd.cross_tokenizer=uld")
 
 
 def parse_override(text: str) -> tuple[list[str], Any, str | None]:
@@ -453,8 +547,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_yaml(path) if path is not None else _Mapping()
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(ExperimentConfig, data)
+    cfg.data = cfg.data.resolved()  # config.json shows the fields and conversion the language pair implies
     validate(cfg)
-    return cfg
+    return resolved(cfg)
 
 
 def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:

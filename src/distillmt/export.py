@@ -19,6 +19,8 @@ cannot make the README describe a model that was never trained.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import shlex
 import shutil
@@ -253,6 +255,7 @@ def _readme_use(fmt: str, cfg: Any, section: dict[str, Any], scored: bool, token
     """The README's use and check sections: the command, the settings it takes from the manifest, and commands that
     translate the scored test sentences again and score them."""
     from distillmt.models import GENERIC_TOKENIZERS
+    from distillmt.prompts import has_chat_template
 
     # Beside a Qwen2 config.json, AutoTokenizer would load a tokenizer distillmt trained as Qwen2's own, whose
     # pre-tokenizer differs (see distillmt.models.load_tokenizer); a CTranslate2 folder's config.json names no model.
@@ -261,6 +264,14 @@ def _readme_use(fmt: str, cfg: Any, section: dict[str, Any], scored: bool, token
     why = " (AutoTokenizer would load it as Qwen2's own tokenizer, which splits numbers differently)" if generic else ""
     use = "distillmt translate --model THIS_FOLDER -i sources.txt -o translations.jsonl"
     lines = ["", "## Use", "", "```bash", use, "```", ""]
+    chat = has_chat_template(tokenizer)
+    words = json.dumps(section["prompt"]["chat" if chat else "plain"], ensure_ascii=False)
+    lines += [
+        f"Each source goes into the prompt it was trained with, which `{MARKER}` records under `translate.prompt`: "
+        f"{'inside the chat template, the user message' if chat else 'the text'} `{words}` with the source in place "
+        "of `{text}`.",
+        "",
+    ]
     if "batch_size" in section:
         g, precision = cfg.generate, "" if fmt == "ct2" else f"in {section['dtype']}, "
         lines += [
@@ -290,7 +301,7 @@ def _readme_use(fmt: str, cfg: Any, section: dict[str, Any], scored: bool, token
 
 def _readme_check(fmt: str, cfg: Any) -> list[str]:
     e = cfg.eval
-    metrics = ["--bleu-tokenize", e.bleu_tokenize]
+    metrics = ["--tgt-lang", cfg.data.tgt_lang, "--bleu-tokenize", e.bleu_tokenize]
     if e.bertscore:
         metrics += ["--bertscore-model", e.bertscore_model, "--bertscore-layer", str(e.bertscore_layer)]
     else:
@@ -325,11 +336,14 @@ def _translate_section(cfg: Any, row: dict[str, Any] | None, weights: str) -> di
     """The manifest's ``translate`` section, which `distillmt translate --model DIR` uses unless told otherwise: how
     the row was translated when it was scored (the dtype, the engine and every decoding setting, the seed, the engine
     with its precision as recorded); an export that was not scored records its weights' dtype alone."""
+    from distillmt.prompts import make_prompt
+
+    prompt = dataclasses.asdict(make_prompt(cfg.prompt, cfg.data.src_lang, cfg.data.tgt_lang))
     if row is None:
-        return {"dtype": weights}
+        return {"dtype": weights, "prompt": prompt}
     engine = (row.get("translation") or {}).get("engine")
     section = {"dtype": engine_dtype(engine) or weights, **cfg.generate.output_settings(), "seed": cfg.seed}
-    return {**section, "scored_with": engine}
+    return {**section, "prompt": prompt, "scored_with": engine}
 
 
 def _set_generation_config(model: Any, tokenizer: Any, g: Any) -> None:
@@ -397,7 +411,8 @@ def export_system(
                     run_dir, system)  # fmt: skip
 
     models = Models(cfg, run_dir, torch.device("cpu"), keys={})
-    tokenizer, model = models.tokenizer(), models.load_system(systems.get(system))
+    made_by = systems.get(system)
+    tokenizer, model = models.tokenizer(made_by.side), models.load_system(made_by)
     section = _translate_section(cfg, row, str(next(model.parameters()).dtype).removeprefix("torch."))
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -465,6 +480,7 @@ def _stage_translation(folder: Path) -> tuple[dict[str, Any] | None, str]:
         if settings.get("model") == {"stage": stage_dir.name, "key": trained.get("key")}:
             result = record.get("result") or {}
             section = {**(settings.get("generate") or {}), "seed": settings.get("seed"), "dtype": None}
+            section["prompt"] = settings.get("prompt")  # absent: the default prompt (not keyed)
             section.update(dtype=engine_dtype(result.get("engine")), scored_with=result.get("engine"))
             found[path.parent.name] = _checked({k: v for k, v in section.items() if v is not None}, path)
     if not found:
@@ -503,4 +519,11 @@ def _checked(section: Any, source: Path) -> dict[str, Any]:
         out["seed"] = section["seed"]
     if isinstance(section.get("scored_with"), str):
         out["scored_with"] = section["scored_with"]
+    prompt = section.get("prompt")
+    if prompt is not None:
+        if not (isinstance(prompt, dict) and set(prompt) == {"chat", "plain"} and all(
+            isinstance(v, str) and v.count("{text}") == 1 for v in prompt.values()
+        )):  # fmt: skip
+            raise DistillmtError(f"{source}: its prompt is not {{chat, plain}} texts that each hold {{text}} once")
+        out["prompt"] = prompt
     return out

@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 from distillmt.errors import DistillmtError
 from distillmt.forward import PrefixCache, common_prefix, prefix_cache
 from distillmt.io import file_lock
-from distillmt.prompts import CHARS_PER_TOKEN, build_prompt, cut_source, end_token_id, pad_left, strip_output
+from distillmt.prompts import (
+    CHARS_PER_TOKEN,
+    DEFAULT_PROMPT,
+    Prompt,
+    build_prompt,
+    cut_source,
+    pad_left,
+    stop_token_ids,
+    strip_output,
+)
 from distillmt.sections import GenerateConfig
 
 log = logging.getLogger("distillmt.generate")
@@ -64,8 +73,10 @@ def merge_shards(parts: list[TranslationResult]) -> TranslationResult:
     return TranslationResult(hyps, cands, sum(p.generated_tokens for p in parts), max(p.seconds for p in parts))
 
 
-def source_prompts(tokenizer: Any, sources: list[str], max_source_tokens: int, *, warn: bool = True) -> list[str]:
-    """The prompts of ``sources``, each source first cut to ``max_source_tokens`` tokens: a line of any length
+def source_prompts(
+    tokenizer: Any, sources: list[str], max_source_tokens: int, *, warn: bool = True, prompt: Prompt = DEFAULT_PROMPT
+) -> list[str]:
+    """The prompts (``prompt`` in the tokenizer's template) of ``sources``, each source first cut to ``max_source_tokens`` tokens: a line of any length
     asks for a bounded attention matrix, and the template around it stays whole, its generation prompt last. One
     warning counts the sources cut."""
     # One batched call clears the sources that fit (nearly all): cut_source, one call per source, only for the rest.
@@ -81,7 +92,7 @@ def source_prompts(tokenizer: Any, sources: list[str], max_source_tokens: int, *
             "%d of %d sources were longer than %d tokens and were cut to %d (max_source_tokens)",
             n, len(sources), max_source_tokens, max_source_tokens,
         )  # fmt: skip
-    return [build_prompt(tokenizer, s) for s, _ in cut]
+    return [build_prompt(tokenizer, s, prompt) for s, _ in cut]
 
 
 def process_shard(processes: Any) -> tuple[int, int]:
@@ -136,8 +147,9 @@ def translate(
     desc: str = "translate",
     shard: tuple[int, int] = (0, 1),
     share_prefix: bool = True,
+    prompt: Prompt = DEFAULT_PROMPT,
 ) -> TranslationResult:
-    """Translate ``sources`` with the decoding settings of ``cfg`` (its defaults when None); outputs come back in
+    """Translate ``sources``, each in ``prompt``, with the decoding settings of ``cfg`` (its defaults when None); outputs come back in
     input order whatever the batching did. Batches hold up to ``cfg.batch_size`` sources of similar length; with
     ``cfg.max_batch_tokens`` also at most that many tokens (each row counted at the batch's longest prompt plus
     ``max_new_tokens``, times the beams), so short sentences go in larger batches. ``num_return_sequences``
@@ -159,7 +171,7 @@ def translate(
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     rank, world = _check_shard(shard)
-    prompts = source_prompts(tokenizer, sources, g.max_source_tokens, warn=rank == 0)  # every rank sees all sources
+    prompts = source_prompts(tokenizer, sources, g.max_source_tokens, warn=rank == 0, prompt=prompt)  # all ranks: all
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in ids]
     prefix = PrefixCache(prompt_prefix(ids) if share_prefix else [])
@@ -167,7 +179,7 @@ def translate(
     order = sorted(
         range(len(prompts)), key=lambda i: -lengths[i]
     )  # longest first: OOM shows up at once, not at the end
-    stop_ids = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
+    stop_ids = stop_token_ids(tokenizer, model)
     gen_config = GenerationConfig(
         max_new_tokens=g.max_new_tokens,
         num_beams=g.num_beams,
@@ -273,6 +285,7 @@ def translate_ct2(
     desc: str = "translate (ct2)",
     shard: tuple[int, int] = (0, 1),
     share_prefix: bool = True,
+    prompt: Prompt = DEFAULT_PROMPT,
 ) -> TranslationResult:
     """:func:`translate` with a CTranslate2 model folder (``distillmt export --format ct2``): the same prompts, stop
     tokens and output cleaning, CTranslate2's own batching inside each group of ``batch_size`` sources; one
@@ -292,8 +305,8 @@ def translate_ct2(
     threads = {"intra_threads": torch.get_num_threads()} if device == "cpu" else {}
     generator = ctranslate2.Generator(str(model_dir), device=device, **threads)
     ctranslate2.set_random_seed(seed)
-    stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
-    prompt_texts = source_prompts(tokenizer, sources, g.max_source_tokens, warn=rank == 0)
+    stop = stop_token_ids(tokenizer)
+    prompt_texts = source_prompts(tokenizer, sources, g.max_source_tokens, warn=rank == 0, prompt=prompt)
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
     p = len(prompt_prefix(ids)) if share_prefix else 0
     prompts = [tokenizer.convert_ids_to_tokens(x[p:]) for x in ids]
@@ -419,6 +432,7 @@ def translate_vllm(
     progress: bool = True,
     desc: str = "translate (vllm)",
     shard: tuple[int, int] = (0, 1),
+    prompt: Prompt = DEFAULT_PROMPT,
 ) -> TranslationResult:
     """:func:`translate` with vLLM on a GPU (the engine TRL uses for on-policy generation): the same prompts, stop
     tokens and output cleaning; vLLM schedules the batches itself (``batch_size`` and ``max_batch_tokens`` are not
@@ -432,7 +446,7 @@ def translate_vllm(
         from vllm import LLM, SamplingParams
     except ImportError:
         raise DistillmtError("engine vllm needs vLLM and a GPU: pip install vllm (on a CUDA machine)") from None
-    stop = sorted({end_token_id(tokenizer), tokenizer.eos_token_id} - {None})
+    stop = stop_token_ids(tokenizer)
     params = SamplingParams(
         max_tokens=g.max_new_tokens,
         temperature=g.temperature if g.do_sample else 0.0,
@@ -455,7 +469,7 @@ def translate_vllm(
         _VLLM_ENGINE[key] = LLM(model=str(model_dir), dtype=dtype, seed=0, trust_remote_code=False, **lora)
     llm = _VLLM_ENGINE[key]
     mine = list(range(rank, len(sources), world))
-    prompts = source_prompts(tokenizer, [sources[i] for i in mine], g.max_source_tokens)
+    prompts = source_prompts(tokenizer, [sources[i] for i in mine], g.max_source_tokens, prompt=prompt)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=progress, **request)
     seconds = time.perf_counter() - start

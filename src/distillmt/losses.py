@@ -5,7 +5,9 @@ D terms of a micro-batch against an online teacher's full logits) and :func:`top
 a teacher known through its cached top-k). Neither mixes them: the objective ``alpha·CE + (1 − alpha)·T²·D`` is
 written once, in ``distillmt.train.loss_step``. Two faster forms of the online teacher's objective take its weights
 and return its gradient in closed form (``soft_kd.fused``): :func:`fused_kd_loss` from the logits and
-:func:`fused_linear_kd_loss` from the last hidden states and output weights, never holding the logits.
+:func:`fused_linear_kd_loss` from the last hidden states and output weights, never holding the logits. Between
+models whose tokenizers differ, :func:`uld_loss` (Universal Logit Distillation) compares the sorted distributions
+of the i-th target tokens of each side's own tokenization.
 
 Conventions used everywhere in this module:
 
@@ -52,6 +54,7 @@ Divergences (``divergence(p_logprobs, q_logprobs, kind, beta)``; every value is 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -624,3 +627,94 @@ def topk_kd_loss(
         ce_total = ce_total + ce
         d_total = d_total + d
     return {"ce": ce_total / n, "kd": d_total / n}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cross-tokenizer distillation: Universal Logit Distillation
+
+
+def aligned_rows(mask: Tensor, counts: Tensor) -> Tensor:
+    """Which of the target rows ``mask`` selects (``[B, T]`` bool; rows in row-major order, ``[mask.sum()]``) are
+    among the first ``counts[b]`` target rows of their sequence ``b``: the rows :func:`uld_loss` pairs up."""
+    rank = mask.long().cumsum(1) - 1  # the position of each target row among its sequence's target rows
+    return (rank < counts.to(mask.device)[:, None])[mask]
+
+
+def _uld_rows(mask: Tensor, counts: Tensor, logits: Tensor, name: str) -> Tensor:
+    """The aligned rows of one side's logits in either layout (``[B, T, V]`` with its mask, or the ``[N, V]`` target
+    rows the mask selects)."""
+    if logits.dim() == 3:
+        if tuple(logits.shape[:2]) != tuple(mask.shape):
+            raise ValueError(f"{name}_mask must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
+        rows = logits[mask.to(logits.device)]
+    elif logits.dim() == 2:
+        if logits.shape[0] != int(mask.sum()):
+            raise ValueError(f"{name}_logits has {logits.shape[0]} rows but {name}_mask selects {int(mask.sum())}")
+        rows = logits
+    else:
+        raise ValueError(f"{name}_logits must be [B, T, V] or target rows [N, V], got {tuple(logits.shape)}")
+    return rows[aligned_rows(mask, counts).to(rows.device)]
+
+
+def uld_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    student_vocab: int | None = None,
+    teacher_vocab: int | None = None,
+    chunk_size: int | None = 1024,
+) -> dict[str, Any]:
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030): soft-label KD between a teacher and a
+    student whose tokenizers differ, so that their vocabularies cannot be compared token by token.
+
+    Each model reads the example in its own tokenization; the i-th target token of the student is paired with the
+    i-th target token of the teacher, for ``i < min(student targets, teacher targets)`` per sequence (the later
+    targets of the longer side are left out). At each pair both distributions (``softmax(logits / T)``, fp32) are
+    sorted in decreasing order, the smaller vocabulary is padded with zero probabilities, and the distance is the
+    L1 distance between the sorted vectors: the paper's closed form of the Wasserstein-1 distance when moving mass
+    between any two tokens costs the same (as its authors' ``DistillationLoss`` in ``Nicolas-BZRD/llm-recipes``
+    and TRL's ``ULDLoss`` without GOLD's extensions compute it). It is symmetric, 0 exactly when the sorted
+    distributions agree (so a permutation of a vocabulary costs nothing: the loss never knows which token is
+    which, only how the mass is spread) and at most 2.
+
+    ``student_logits`` ``[B, Ts, Vs]`` and ``student_mask`` ``[B, Ts]`` (bool: ``True`` where the logits predict a
+    target token, i.e. ``forward.target_positions(labels)``; no causal shift is applied here), or only the rows the
+    mask selects (``[N, Vs]``, row-major, what training passes); the teacher likewise, with its own ``Tt``, ``Vt``
+    and row count, and the same batch size ``B``. ``student_vocab`` / ``teacher_vocab``: the real vocabularies
+    (default: every column; the padding rows of a padded embedding matrix are no tokens), each side renormalised
+    over its own. The teacher is detached. The aligned rows are processed ``chunk_size`` at a time (fewer at a large
+    vocabulary, :func:`rows_per_chunk`), each chunk in fp32 under activation checkpointing when a gradient is needed.
+
+    Returns ``{"uld": the mean over aligned target tokens (fp32 scalar; an exact 0 with a gradient path when there
+    are none), "aligned": their number (int)}``. The reduction differs from the paper's code (a mean per sequence,
+    then over sequences): every aligned token weighs the same, as everywhere in this module.
+    """
+    temperature = _check_temperature(temperature)
+    if student_mask.dim() != 2 or teacher_mask.dim() != 2 or student_mask.shape[0] != teacher_mask.shape[0]:
+        raise ValueError(
+            f"student_mask and teacher_mask must be [B, T] with the same B, got {tuple(student_mask.shape)} and "
+            f"{tuple(teacher_mask.shape)}"
+        )
+    s_mask, t_mask = student_mask.bool(), teacher_mask.bool()
+    counts = torch.minimum(s_mask.sum(1), t_mask.to(s_mask.device).sum(1))
+    vs = _resolve_vocab(student_vocab, student_logits.shape[-1])
+    vt = _resolve_vocab(teacher_vocab, teacher_logits.shape[-1])
+    s_rows = _uld_rows(s_mask, counts, student_logits, "student")
+    t_rows = _uld_rows(t_mask, counts.to(t_mask.device), teacher_logits.detach(), "teacher").to(s_rows.device)
+    n = s_rows.shape[0]
+    if n == 0:
+        return {"uld": _zero(student_logits), "aligned": 0}
+
+    def chunk_sum(s_chunk: Tensor, t_chunk: Tensor) -> Tensor:
+        q = F.softmax(s_chunk[:, :vs].float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+        p = F.softmax(t_chunk[:, :vt].float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+        v = min(vs, vt)  # past the smaller vocabulary the other side is 0: what is left of the larger one counts whole
+        return (q[:, :v] - p[:, :v]).abs().sum() + q[:, v:].sum() + p[:, v:].sum()
+
+    total = _zero(student_logits)
+    for a, b in _chunks(n, rows_per_chunk(max(vs, vt), chunk_size)):
+        total = total + _run(chunk_sum, s_rows[a:b], t_rows[a:b])
+    return {"uld": total / n, "aligned": n}

@@ -1,4 +1,5 @@
-"""Translation metrics through the libraries that define them: sacrebleu (BLEU, chrF) and bert_score (BERTScore).
+"""Translation metrics through the libraries that define them: sacrebleu (BLEU, chrF), bert_score (BERTScore) and
+unbabel-comet (COMET, opt-in: :mod:`distillmt.comet`).
 
 Every metric has one shape, as sacrebleu's Metric/Score/Signature but in plain dicts: a metric function returns its
 *entry*
@@ -18,8 +19,9 @@ not have, and gives ~0.
 
 Per-sentence scores (``sentences=True``, or :func:`evaluate_with_sentences`) sit next to the corpus scores for the
 significance tests (:mod:`distillmt.stats`): sentence chrF and sentence BLEU through sacrebleu's ``sentence_score``
-(BLEU with ``effective_order=True``, as sacrebleu recommends for single sentences), and BERTScore P/R/F1 per sentence
-as ``bert_score`` returns them (one computation for the mean and the sentences). A metric entry made with
+(BLEU with ``effective_order=True``, as sacrebleu recommends for single sentences), BERTScore P/R/F1 per sentence
+as ``bert_score`` returns them (one computation for the mean and the sentences), and COMET's segment scores (its
+corpus score is their mean, on the model's own scale, as ``comet-score`` reports it). A metric entry made with
 ``sentences=True`` carries them under ``"sentences"`` (column -> list); :func:`evaluate_with_sentences` moves them
 into one record per sentence, so the scores themselves stay small.
 """
@@ -104,8 +106,9 @@ class Metric:
 BERTSCORE_METRIC = Metric("bertscore", "BERTScore", "BERTScore F1", decimals=4, sentence_mean=True)
 CHRF_METRIC = Metric("chrf", "chrF", "chrF", decimals=2, scale="0–100")
 BLEU_METRIC = Metric("bleu", "BLEU", "BLEU", decimals=2, scale="0–100")
+COMET_METRIC = Metric("comet", "COMET", "COMET", decimals=4, sentence_mean=True)
 # in table column order, the order _evaluate stores them in
-METRICS = {m.key: m for m in (BERTSCORE_METRIC, CHRF_METRIC, BLEU_METRIC)}
+METRICS = {m.key: m for m in (BERTSCORE_METRIC, CHRF_METRIC, BLEU_METRIC, COMET_METRIC)}
 
 
 def sentence_scores(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float] | None]]:
@@ -311,6 +314,38 @@ def bertscore(
     return result
 
 
+def comet(
+    hyps: list[str],
+    refs: list[str],
+    sources: list[str] | None,
+    *,
+    model: str,
+    batch_size: int = 16,
+    device: str | None = None,
+    sentences: bool = False,
+) -> dict[str, Any]:
+    """COMET through unbabel-comet (:func:`distillmt.comet.score`): the mean of the segment scores, on the model's
+    own scale; with ``sentences`` the segment scores under ``entry["sentences"]``. COMET reads the source sentences
+    too. The signature names the model, its checkpoint's SHA-256 (first 16 hex digits; all of it under
+    ``checkpoint_sha256``), its encoder, the batch size and the unbabel-comet version."""
+    from distillmt import comet as comet_lib
+
+    _check(hyps, refs)
+    if sources is None:
+        raise DistillmtError("COMET needs the source sentences as well as the hypotheses and references")
+    result = comet_lib.score(sources, hyps, refs, model=model, batch_size=batch_size, device=device)
+    entry = COMET_METRIC.entry(
+        {"COMET": result.system},
+        score=result.system,
+        signature=result.signature,
+        note=f"mean of {len(hyps)} segment scores",
+    )
+    entry["checkpoint_sha256"] = result.checkpoint_sha256
+    if sentences:
+        entry["sentences"] = {"COMET": result.segments}
+    return entry
+
+
 def evaluate(
     hyps: list[str],
     refs: list[str],
@@ -320,12 +355,17 @@ def evaluate(
     bertscore_layer: int = 8,
     bertscore_batch_size: int = 64,
     device: str | None = None,
+    sources: list[str] | None = None,
+    comet_model: str | None = None,
+    comet_batch_size: int = 16,
 ) -> dict[str, Any]:
     """All metrics for one system: ``{"n", "refs_sha256", <metric key>: <entry>, ...}`` with the metric keys in table
-    column order (bertscore, chrf, bleu). BERTScore is left out when ``bertscore_model`` is None; when it cannot be
-    computed its entry says ``unavailable`` with the reason and holds no number."""
+    column order (bertscore, chrf, bleu, comet). BERTScore is left out when ``bertscore_model`` is None; when it cannot
+    be computed its entry says ``unavailable`` with the reason and holds no number. COMET runs only with a
+    ``comet_model``, and needs the ``sources``."""
     kwargs = {"bleu_tokenize": bleu_tokenize, "bertscore_model": bertscore_model, "bertscore_layer": bertscore_layer}
     kwargs.update(bertscore_batch_size=bertscore_batch_size, device=device)
+    kwargs.update(sources=sources, comet_model=comet_model, comet_batch_size=comet_batch_size)
     return _evaluate(hyps, refs, sentences=False, **kwargs)[0]
 
 
@@ -334,7 +374,7 @@ def evaluate_with_sentences(
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """:func:`evaluate` (same arguments and scores) plus one record per sentence, in input order: ``{column:
     sentence score}`` for the sentence-level columns (``BERTScore P``, ``BERTScore R``, ``BERTScore F1``, ``chrF``,
-    ``BLEU``); a metric that could not be computed has no keys there."""
+    ``BLEU``, ``COMET``); a metric that could not be computed has no keys there."""
     return _evaluate(hyps, refs, sentences=True, **kwargs)
 
 
@@ -348,8 +388,14 @@ def _evaluate(
     bertscore_layer: int = 8,
     bertscore_batch_size: int = 64,
     device: str | None = None,
+    sources: list[str] | None = None,
+    comet_model: str | None = None,
+    comet_batch_size: int = 16,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     _check(hyps, refs)
+    if comet_model and (sources is None or len(sources) != len(hyps)):  # before the slower metrics run
+        given = "none" if sources is None else str(len(sources))
+        raise DistillmtError(f"COMET needs one source sentence per hypothesis: {len(hyps)} hypotheses, {given} sources")
     measures: dict[str, Callable[[], dict[str, Any]]] = {}
     if bertscore_model:
         measures[BERTSCORE_METRIC.key] = lambda: bertscore(
@@ -363,6 +409,10 @@ def _evaluate(
         )
     measures[CHRF_METRIC.key] = lambda: chrf(hyps, refs, sentences=sentences)
     measures[BLEU_METRIC.key] = lambda: bleu(hyps, refs, tokenize=bleu_tokenize, sentences=sentences)
+    if comet_model:
+        measures[COMET_METRIC.key] = lambda: comet(
+            hyps, refs, sources, model=comet_model, batch_size=comet_batch_size, device=device, sentences=sentences
+        )
     scores: dict[str, Any] = {"n": len(hyps), "refs_sha256": refs_sha256(refs)}
     records: list[dict[str, float]] = [{} for _ in hyps] if sentences else []
     for key, measure in measures.items():

@@ -395,14 +395,27 @@ def saved_parameter_count(folder: str | Path) -> int | None:
     return total
 
 
-def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
-    """Logit KD compares distributions token by token: the two vocabularies must be identical."""
+def tokenizer_difference(teacher_tok: Any, student_tok: Any) -> str | None:
+    """How two tokenizers' vocabularies differ (token strings and ids), or None when they are the same. The
+    tokenizers are compared, not the models' embedding matrices: Qwen2.5-7B's 152,064 rows and 0.5B's 151,936
+    share one tokenizer, the padding rows being no tokens."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if tv != sv:
-        only_t = len(set(tv) - set(sv))
-        only_s = len(set(sv) - set(tv))
-        moved = sum(1 for k in set(tv) & set(sv) if tv[k] != sv[k])
+    if tv == sv:
+        return None
+    only_t = len(set(tv) - set(sv))
+    only_s = len(set(sv) - set(tv))
+    moved = sum(1 for k in set(tv) & set(sv) if tv[k] != sv[k])
+    return (
+        f"{len(tv)} vs {len(sv)} tokens; {only_t} only in the teacher, {only_s} only in the student, {moved} with "
+        "different ids"
+    )
+
+
+def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
+    """Logit KD compared token by token needs one vocabulary: the two tokenizers must be identical."""
+    difference = tokenizer_difference(teacher_tok, student_tok)
+    if difference is not None:
         raise DistillmtError(
-            f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens; {only_t} only in the teacher, "
-            f"{only_s} only in the student, {moved} with different ids): logit KD needs a shared tokenizer"
+            f"teacher and student tokenizers differ ({difference}): logit KD token by token needs a shared "
+            "tokenizer (soft_kd.cross_tokenizer=uld distils between different ones)"
         )

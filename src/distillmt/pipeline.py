@@ -1,17 +1,18 @@
 """The experiment as named stages in ``<output_dir>/<name>/<stage>/`` (see :mod:`distillmt.stages` for how a stage
 is keyed, skipped, resumed and replaced).
 
-:meth:`Experiment.run_all` is the table of contents: data → tokenizer → teacher and student fine-tuning → one stage
+:func:`run_stages` is the table of contents: data → tokenizer → teacher and student fine-tuning → one stage
 per KD method (with its teacher labels or teacher cache first) → translate and evaluate each system → significance
 against the baseline row → report. Each ``stage_*`` method states the settings that key its output and a function
 that makes it; the work itself lives in the library modules (``train``, ``teacher_labels``, ``logit_cache``,
 ``generate``, ``metrics``, ``stats``). :class:`Models` is the model side (tokenizer, loading, trainable models, the
 teacher of logit KD). Adding a KD method: a row in :mod:`distillmt.systems`, a ``stage_train_*`` here and a line in
-``run_all``, a description in ``report.describe_system``.
+``run_stages``, a description in ``report.describe_system``.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -30,11 +31,14 @@ import torch
 from distillmt import data as data_mod
 from distillmt import engines, systems
 from distillmt.config import (
+    DataConfig,
+    EvalConfig,
     ExperimentConfig,
     GenerateConfig,
     GKDConfig,
     ModelConfig,
     TrainConfig,
+    resolved,
     to_dict,
 )
 from distillmt.errors import DistillmtError
@@ -49,8 +53,11 @@ class Models:
     models, and the teacher side of logit KD. Reads trained models from the run folder; runs no stage."""
 
     def __init__(self, cfg: ExperimentConfig, root: Path, device: torch.device, keys: dict[str, str]):
+        from distillmt.prompts import make_prompt
+
         self.cfg, self.root, self.device, self.keys = cfg, root, device, keys
         self.scratch = cfg.teacher.model == "scratch"
+        self.prompt = make_prompt(cfg.prompt, cfg.data.src_lang, cfg.data.tgt_lang)
 
     def seed(self) -> None:
         from transformers import set_seed
@@ -62,10 +69,12 @@ class Models:
 
         return pick_dtype(m.dtype, self.device, scratch=self.scratch)
 
-    def tokenizer(self) -> Any:
+    def tokenizer(self, side: str = "student") -> Any:
+        """The tokenizer of ``side``'s model (``student`` or ``teacher``): each pretrained model's own, or the BPE
+        tokenizer that models built from scratch share."""
         from distillmt.models import load_tokenizer
 
-        return load_tokenizer(str(self.root / "tokenizer") if self.scratch else self.cfg.student.model)
+        return load_tokenizer(str(self.root / "tokenizer") if self.scratch else getattr(self.cfg, side).model)
 
     def encode(self, tokenizer: Any, pairs: list[data_mod.Pair]) -> list[dict]:
         """Training examples: prompt and target token ids, labels masked on the prompt, cut to the data limits."""
@@ -73,13 +82,20 @@ class Models:
 
         d = self.cfg.data
         encode = partial(encode_example, max_source_tokens=d.max_source_tokens, max_target_tokens=d.max_target_tokens)
-        return [encode(tokenizer, p.src, p.tgt) for p in pairs]
+        return [encode(tokenizer, p.src, p.tgt, prompt=self.prompt) for p in pairs]
 
-    def new_trainable(self, m: ModelConfig, tokenizer: Any) -> Any:
-        """A model ready to train: built from scratch, or a pretrained one with LoRA (or all weights) trainable."""
+    def prompt_settings(self) -> dict[str, Any]:
+        """What keys a stage that prompts a model: the prompt, unless it is the default (which keys nothing, as in 0.2)."""
+        return {"prompt": self.prompt.settings()} if self.prompt.settings() else {}
+
+    def new_trainable(self, m: ModelConfig, tokenizer: Any, start: Path | None = None) -> Any:
+        """A model ready to train: built from scratch, or a pretrained one with LoRA (or all weights) trainable; with
+        ``start``, the model a training stage saved there, to train further (:meth:`continued`)."""
         from distillmt.models import apply_lora, build_scratch_model, load_model
 
         self.seed()  # LoRA's random init must not depend on which stages ran before in this process
+        if start is not None:
+            return self.continued(m, start)
         if self.scratch:
             max_positions = self.cfg.data.max_source_tokens + self.cfg.data.max_target_tokens + 8
             model = build_scratch_model(tokenizer, **asdict(m.scratch), seed=self.cfg.seed, max_positions=max_positions)
@@ -91,6 +107,20 @@ class Models:
                 model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
             )
         return model.to(self.device)
+
+    def continued(self, m: ModelConfig, saved: Path) -> Any:
+        """What a training stage saved in ``saved``, ready to train further (KD after fine-tuning): its LoRA adapter
+        on the base model, trainable and not merged, or its whole weights (in fp32 for models built from scratch,
+        which train in fp32)."""
+        from distillmt.models import check_adapter_dir, load_model
+
+        if not (saved / "adapter_config.json").exists():
+            return load_model(str(saved), dtype=torch.float32 if self.scratch else self.dtype(m), device=self.device)
+        from peft import PeftModel
+
+        check_adapter_dir(saved)
+        base = load_model(m.model, dtype=self.dtype(m), device=self.device)
+        return PeftModel.from_pretrained(base, str(saved), is_trainable=True).to(self.device)
 
     def model_settings(self, m: ModelConfig) -> dict[str, Any]:
         """What a training stage depends on from its model section (and the tokenizer built for scratch models)."""
@@ -127,7 +157,7 @@ class Models:
         vllm = engine == "vllm"
 
         def load() -> tuple[Any, Any]:
-            tokenizer, model = self.tokenizer(), None if vllm else self.load_teacher(which)
+            tokenizer, model = self.tokenizer("teacher"), None if vllm else self.load_teacher(which)
             self.seed()
             return model, tokenizer
 
@@ -163,19 +193,28 @@ class Models:
         return load_trained(m.model, self.root / stage / "model", dtype=self.dtype(m), device=self.device, merge=True)
 
     def objective(
-        self, tokenizer: Any, examples: list[dict], gkd: GKDConfig | None = None, use_cache: bool = True
+        self,
+        tokenizer: Any,
+        examples: list[dict],
+        gkd: GKDConfig | None = None,
+        use_cache: bool = True,
+        pairs: list[data_mod.Pair] | None = None,
     ) -> Any:
         """The objective of logit KD with the settings of ``soft_kd`` (and ``gkd`` for on-policy targets): the
-        teacher live, or its top-k cache when ``soft_kd.cache`` and ``use_cache`` (never for on-policy targets)."""
+        teacher live, or its top-k cache when ``soft_kd.cache`` and ``use_cache`` (never for on-policy targets);
+        with ``soft_kd.cross_tokenizer=uld``, ULD against the teacher reading ``pairs`` (those ``examples`` encode)
+        in its own tokenizer. A token-by-token objective has the teacher read the student's ``examples``."""
         from distillmt.forward import PrefixCache, shared_prefix
         from distillmt.logit_cache import TeacherCache
-        from distillmt.models import check_same_tokenizer, load_tokenizer
+        from distillmt.models import check_same_tokenizer
         from distillmt.prompts import end_token_id
         from distillmt.train import Objective
 
         s = self.cfg.soft_kd
+        if s.cross_tokenizer == "uld":
+            return self.uld_objective(tokenizer, examples, pairs)
         if not self.scratch:  # logit KD compares token by token: refuse mismatched vocabularies before training
-            check_same_tokenizer(load_tokenizer(self.cfg.teacher.model), tokenizer)
+            check_same_tokenizer(self.tokenizer("teacher"), tokenizer)
         if s.cache and use_cache and gkd is None:
             cache = TeacherCache(self.root / "teacher_cache")
             cache.check(teacher_id=self.teacher_id(), k=s.cache_k, temperature=s.temperature,
@@ -190,6 +229,20 @@ class Models:
             teacher_prefix=PrefixCache(shared_prefix(examples)),
         )
 
+    def uld_objective(self, tokenizer: Any, examples: list[dict], pairs: list[data_mod.Pair] | None) -> Any:
+        """ULD: the live teacher reads the same ``pairs`` in its own tokenizer and prompt template, example by
+        example with the student's ``examples`` (:class:`distillmt.train.TeacherExamples`)."""
+        from distillmt.forward import PrefixCache, shared_prefix
+        from distillmt.train import Objective, TeacherExamples
+
+        if pairs is None or len(pairs) != len(examples):
+            raise ValueError("soft_kd.cross_tokenizer=uld needs the pairs the student's examples encode")
+        s, teacher_tok = self.cfg.soft_kd, self.tokenizer("teacher")
+        own = self.encode(teacher_tok, pairs)
+        side = TeacherExamples(examples, own, vocab_size=len(teacher_tok), pad_token_id=teacher_tok.pad_token_id)
+        return Objective(s, len(tokenizer), teacher=self.load_teacher(s.teacher), teacher_examples=side,
+                         teacher_prefix=PrefixCache(shared_prefix(own)))  # fmt: skip
+
 
 class Experiment:
     """The stages of one config. Heavy objects (models) are loaded inside stage functions and freed when they end."""
@@ -198,6 +251,7 @@ class Experiment:
         """``store``: a shared stage store (sweeps); stages whose key another run already computed are reused."""
         from distillmt.models import pick_device
 
+        cfg = resolved(cfg)
         self.cfg, self.progress = cfg, progress
         self.processes = processes_state(cfg.device)  # None for one process
         self.run = RunFolder(Path(cfg.output_dir) / cfg.name, store=store, processes=self.processes)
@@ -224,23 +278,33 @@ class Experiment:
         inputs: tuple[str, ...],
         m: ModelConfig | None = None,
         train_cfg: TrainConfig | None = None,
+        init: str = "none",
     ) -> dict[str, Any]:
         """A training stage of model section ``m`` (default: the student, with the student budget): ``data(tokenizer)``
-        gives its encoded examples and its KD objective (None: plain CE)."""
+        gives its encoded examples and its KD objective (None: plain CE), in that model's own tokenizer. ``init``
+        (an ``init_from`` value): none starts a fresh model, STUDENT_PEFT or STUDENT train_student's saved one, with
+        an optimizer and schedule of its own."""
         m, train_cfg = m or self.cfg.student, train_cfg or self.cfg.train_student
+        start = None if init == "none" else self.run.root / "train_student" / "model"
 
         def run(folder: Path) -> dict[str, Any]:
-            tokenizer = self.models.tokenizer()
-            model, (examples, objective) = self.models.new_trainable(m, tokenizer), data(tokenizer)
+            tokenizer = self.models.tokenizer("teacher" if m is self.cfg.teacher else "student")
+            model, (examples, objective) = self.models.new_trainable(m, tokenizer, start), data(tokenizer)
             self.models.seed()
             valid = self.models.encode(tokenizer, self.split("valid"))
             run = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
-            return train_and_save(model, tokenizer, (examples, valid), folder, train_cfg, objective,
-                                  processes=self.processes, **run)  # fmt: skip
+            with open_trackers(self.cfg, name, settings, self.is_main) as trackers:
+                return train_and_save(model, tokenizer, (examples, valid), folder, train_cfg, objective,
+                                      processes=self.processes, trackers=trackers, **run)  # fmt: skip
 
         d = self.cfg.data
-        settings = {"data": self.keys["data"], "model": self.models.model_settings(m), "train": asdict(train_cfg)}
+        settings = {"data": self.keys["data"], "model": self.models.model_settings(m)}
+        settings["train"] = train_cfg.key_settings()
         settings.update(seed=self.cfg.seed, max_tokens=[d.max_source_tokens, d.max_target_tokens], **extra)
+        settings.update(self.models.prompt_settings())
+        if start is not None:  # (absent otherwise: the key of a stage that starts fresh is unchanged)
+            settings["init_from"] = {"row": init, "train_student": self.keys["train_student"]}
+            inputs = (*inputs, "train_student")
         return self._stage(name, settings, run, inputs=("data", "tokenizer", *inputs), collective=True)
 
     # --- stages ------------------------------------------------------------------------------------------------------
@@ -248,19 +312,12 @@ class Experiment:
         d = self.cfg.data
 
         def fn(folder: Path) -> dict[str, Any]:
-            fields = ("path", "src_field", "tgt_field", "hf_split", "max_chars", "simplified")
-            pairs, stats = data_mod.load_pairs(d.source, **{k: getattr(d, k) for k in fields})
-            sizes = {"train_size": d.train_size, "valid_size": d.valid_size, "test_size": d.test_size}
-            splits = data_mod.split_pairs(pairs, **sizes, seed=self.cfg.seed)
+            splits, result = data_mod.build_splits(d, self.cfg.seed)
             for name, split in splits.items():
                 data_mod.write_pairs(folder / f"{name}.jsonl", split)
-            return {"load": stats.as_dict(), "sizes": {k: len(v) for k, v in splits.items()}}
+            return result
 
-        settings = {k: v for k, v in asdict(d).items() if k not in ("max_source_tokens", "max_target_tokens")}
-        settings["seed"] = self.cfg.seed
-        if d.source in ("jsonl", "tsv") and d.path:  # a local file can change under the same name
-            settings["file_sha256"] = hashlib.sha256(Path(d.path).read_bytes()).hexdigest()
-        return self._stage("data", settings, fn)
+        return self._stage("data", data_settings(d, self.cfg.seed), fn)
 
     def stage_tokenizer(self) -> dict[str, Any]:
         from distillmt.models import train_bpe_tokenizer
@@ -278,8 +335,9 @@ class Experiment:
 
     def kd_data(self, tokenizer: Any, gkd: GKDConfig | None = None) -> tuple[list[dict], Any]:
         """Training data of logit KD: the references, and the objective (see ``Models.objective``)."""
-        examples = self.models.encode(tokenizer, self.split("train"))
-        return examples, self.models.objective(tokenizer, examples, gkd)
+        pairs = self.split("train")
+        examples = self.models.encode(tokenizer, pairs)
+        return examples, self.models.objective(tokenizer, examples, gkd, pairs=pairs)
 
     def stage_train_teacher(self) -> dict[str, Any]:
         """The fine-tuned teacher (TEACHER_PEFT; TEACHER itself when built from scratch), on the references."""
@@ -288,6 +346,13 @@ class Experiment:
     def stage_train_student(self) -> dict[str, Any]:
         """The student fine-tuned on the references (STUDENT_PEFT; STUDENT when built from scratch)."""
         return self._train_stage("train_student", {}, self.references, ())
+
+    def stage_train_sft_more(self) -> dict[str, Any]:
+        """SFT_MORE: train_student's model fine-tuned on the references for as many more steps as a KD phase that
+        starts from it takes (the student budget; an optimizer and schedule of its own): KD after fine-tuning
+        against fine-tuning alone, at equal compute."""
+        init = "STUDENT" if self.scratch else "STUDENT_PEFT"
+        return self._train_stage("train_sft_more", {}, self.references, (), init=init)
 
     def stage_teacher_labels(self) -> dict[str, Any]:
         """Sequence-level KD data: the teacher translates every training source, shard by shard."""
@@ -300,41 +365,51 @@ class Experiment:
             load, saved = self.models.label_teacher(h.teacher, h.decoding.engine)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
             run = {"identity": identity, "progress": self.progress, "processes": self.processes, "saved": saved}
-            return build_teacher_labels(load, sources, folder, h, seed=self.cfg.seed, **run)
+            run["prompt"] = self.models.prompt
+            result = build_teacher_labels(load, sources, folder, h, seed=self.cfg.seed, **run)
+            return {**result, "label_length": label_length(folder, result["shards"], log_it=self.is_main)}
 
         settings = {"data": self.keys["data"], "teacher": identity, "decoding": h.decoding.output_settings()}
         settings.update(num_candidates=h.num_candidates, selection=h.selection, seed=self.cfg.seed)
-        settings["shard_size"] = h.shard_size
+        settings.update(shard_size=h.shard_size, **self.models.prompt_settings())
         if h.extra_sources or h.extra_sources_file:  # (absent otherwise: the key of a run without them is unchanged)
             settings["extra_sources"] = {"n": h.extra_sources, "file": _sha256(h.extra_sources_file)}
         inputs = ("data", *teacher_stage(h.teacher))
         return self._stage("teacher_labels", settings, fn, inputs=inputs, collective=True)
 
-    def label_data(self, tokenizer: Any) -> tuple[list[dict], None]:
-        """Training data of sequence-level KD: the teacher's labels (a seeded share of references mixed in)."""
+    def label_pairs(self) -> list[data_mod.Pair]:
+        """The pairs of sequence-level KD: the teacher's labels (a seeded share of references mixed in), as text."""
         from distillmt.teacher_labels import read_label_pairs
 
         h, shards = self.cfg.hard_kd, self.run.result("teacher_labels")["shards"]
-        labels = read_label_pairs(self.run.root / "teacher_labels", shards, h.mix_references, seed=self.cfg.seed)
-        return self.models.encode(tokenizer, labels), None
+        return read_label_pairs(self.run.root / "teacher_labels", shards, h.mix_references, seed=self.cfg.seed)
+
+    def label_data(self, tokenizer: Any) -> tuple[list[dict], None]:
+        """Training data of sequence-level KD: :meth:`label_pairs` in the student's tokenizer."""
+        return self.models.encode(tokenizer, self.label_pairs()), None
 
     def stage_train_hlkd(self) -> dict[str, Any]:
-        """HLKD: a fresh student trained with CE on the teacher's labels (sequence-level KD)."""
+        """HLKD: a student (fresh, or ``hard_kd.init_from``) trained with CE on the teacher's labels (sequence-level
+        KD)."""
         extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
-        return self._train_stage("train_hlkd", extra, self.label_data, ("teacher_labels",))
+        init = start_of(self.cfg, "HLKD")
+        return self._train_stage("train_hlkd", extra, self.label_data, ("teacher_labels",), init=init)
 
     def stage_train_hlkd_slkd(self) -> dict[str, Any]:
-        """HLKD+SLKD (sequence- plus word-level KD, Kim & Rush 2016): a fresh student trained on the teacher's labels
-        with the soft-label objective. The teacher runs live: a logit cache holds the references' positions."""
+        """HLKD+SLKD (sequence- plus word-level KD, Kim & Rush 2016): a student (fresh, or ``soft_kd.init_from``)
+        trained on the teacher's labels with the soft-label objective. The teacher runs live: a logit cache holds the
+        references' positions."""
         s = self.cfg.soft_kd
 
         def data(tokenizer: Any) -> tuple[list[dict], Any]:
-            examples, _ = self.label_data(tokenizer)
-            return examples, self.models.objective(tokenizer, examples, use_cache=False)
+            pairs = self.label_pairs()
+            examples = self.models.encode(tokenizer, pairs)
+            return examples, self.models.objective(tokenizer, examples, use_cache=False, pairs=pairs)
 
         extra = {"labels": self.keys["teacher_labels"], "mix_references": self.cfg.hard_kd.mix_references}
         extra.update(kd=s.objective_settings(), teacher=self.models.teacher_identity(s.teacher))
-        return self._train_stage("train_hlkd_slkd", extra, data, ("teacher_labels", *teacher_stage(s.teacher)))
+        inputs, init = ("teacher_labels", *teacher_stage(s.teacher)), start_of(self.cfg, "HLKD+SLKD")
+        return self._train_stage("train_hlkd_slkd", extra, data, inputs, init=init)
 
     def stage_teacher_cache(self) -> dict[str, Any]:
         """Soft-label KD data: the teacher's top-k log-probs per target token, so SLKD trains without the teacher."""
@@ -343,6 +418,7 @@ class Experiment:
         s = self.cfg.soft_kd
 
         def fn(folder: Path) -> dict[str, Any]:
+            # top-k by token id, position by position of the student's examples: one vocabulary (see preflight)
             tokenizer, teacher = self.models.tokenizer(), self.models.load_teacher(s.teacher)
             args = {"teacher_id": self.models.teacher_id(), "k": s.cache_k, "temperature": s.temperature}
             args.update(vocab_size=len(tokenizer), batch_size=self.cfg.train_student.batch_size, device=self.device)
@@ -354,27 +430,29 @@ class Experiment:
         d = self.cfg.data
         settings = {"data": self.keys["data"], "teacher": self.models.teacher_identity(s.teacher), "k": s.cache_k}
         settings.update(temperature=s.temperature, max_tokens=[d.max_source_tokens, d.max_target_tokens])
-        settings["shard_size"] = s.cache_shard_size
+        settings.update(shard_size=s.cache_shard_size, **self.models.prompt_settings())
         if self.scratch:
             settings["tokenizer"] = self.keys["tokenizer"]
         inputs = ("data", "tokenizer", *teacher_stage(s.teacher))
         return self._stage("teacher_cache", settings, fn, inputs=inputs, collective=True)
 
     def stage_train_slkd(self) -> dict[str, Any]:
-        """SLKD: a fresh student trained on the references with alpha·CE + (1 − alpha)·T²·D against the teacher."""
+        """SLKD: a student (fresh, or ``soft_kd.init_from``) trained on the references with alpha·CE + (1 − alpha)·T²·D
+        against the teacher."""
         s = self.cfg.soft_kd
         extra = {"kd": s.objective_settings(), "teacher": self.models.teacher_identity(s.teacher)}
         if s.cache:
             extra["cache"] = self.keys["teacher_cache"]
         inputs = ("teacher_cache",) if s.cache else teacher_stage(s.teacher)
-        return self._train_stage("train_slkd", extra, self.kd_data, inputs)
+        return self._train_stage("train_slkd", extra, self.kd_data, inputs, init=start_of(self.cfg, "SLKD"))
 
     def stage_train_gkd(self) -> dict[str, Any]:
-        """GKD: like SLKD, but with probability lambda a step's targets are sampled by the student itself."""
-        s, data = self.cfg.soft_kd, partial(self.kd_data, gkd=self.cfg.gkd)
-        extra = {"kd": s.objective_settings(), "teacher": self.models.teacher_identity(s.teacher)}
-        extra["gkd"] = asdict(self.cfg.gkd)
-        return self._train_stage("train_gkd", extra, data, teacher_stage(s.teacher))
+        """GKD: like SLKD (with ``gkd.divergence``, ``gkd.beta`` and ``gkd.init_from``), but with probability lambda
+        a step's targets are sampled by the student itself."""
+        s, g, data = self.cfg.soft_kd, self.cfg.gkd, partial(self.kd_data, gkd=self.cfg.gkd)
+        extra = {"kd": g.objective(s).objective_settings(), "teacher": self.models.teacher_identity(s.teacher)}
+        extra["gkd"] = g.key_settings()
+        return self._train_stage("train_gkd", extra, data, teacher_stage(s.teacher), init=start_of(self.cfg, "GKD"))
 
     def stage_translate(self, name: str) -> dict[str, Any]:
         """The test set translated by one system; with several processes, each translates its share of the batches."""
@@ -382,10 +460,11 @@ class Experiment:
         g = self.cfg.generate
 
         def fn(folder: Path) -> dict[str, Any]:
-            tokenizer, test = self.models.tokenizer(), self.split("test")
+            tokenizer, test = self.models.tokenizer(system.side), self.split("test")
             model, saved = self.models.system_for(system, g.engine)
             self.models.seed()
             run = {"seed": self.cfg.seed, "progress": self.progress, "desc": f"translate {name}"}
+            run["prompt"] = self.models.prompt
             return {
                 **translate_split(model, tokenizer, test, folder, g, self.processes, saved=saved, **run),
                 "device": str(self.device),
@@ -395,7 +474,7 @@ class Experiment:
         m = getattr(self.cfg, system.side)
         source = {"base": m.model, "dtype": m.dtype} if stage is None else {"stage": stage, "key": self.keys[stage]}
         settings = {"system": name, "model": source, "generate": g.output_settings(), "data": self.keys["data"]}
-        settings["seed"] = self.cfg.seed
+        settings.update(seed=self.cfg.seed, **self.models.prompt_settings())
         inputs = ("data", "tokenizer", *([stage] if stage else []))
         return self._stage(f"translate_{name}", settings, fn, inputs=inputs, collective=True)
 
@@ -410,17 +489,13 @@ class Experiment:
             rows, test = read_jsonl(source), self.split("test")
             if [r["ref"] for r in rows] != [p.tgt for p in test]:  # every row must be scored on the whole test set
                 raise DistillmtError(f"{source} does not hold the {len(test)} test sentences; delete {source.parent}")
-            bertscore = {"bertscore_model": e.bertscore_model if e.bertscore else None, "device": str(self.device)}
-            bertscore.update(bertscore_layer=e.bertscore_layer, bertscore_batch_size=e.bertscore_batch_size)
-            scores, sentences = evaluate_with_sentences(
-                [r["hyp"] for r in rows], [r["ref"] for r in rows], bleu_tokenize=e.bleu_tokenize, **bertscore
-            )
+            options = metric_options(e, str(self.device), rows)
+            scores, sentences = evaluate_with_sentences([r["hyp"] for r in rows], [r["ref"] for r in rows], **options)
             write_json(folder / "scores.json", scores)
             write_jsonl(folder / "sentences.jsonl", sentences)
             return scores
 
-        metric_settings = {k: v for k, v in asdict(e).items() if k not in ("baseline", "bootstrap_samples")}
-        settings = {"translations": self.keys[f"translate_{name}"], "eval": metric_settings}
+        settings = {"translations": self.keys[f"translate_{name}"], "eval": evaluate_settings(e)}
         return self._stage(f"evaluate_{name}", settings, fn, inputs=(f"translate_{name}",))
 
     def stage_significance(self) -> dict[str, Any]:
@@ -449,71 +524,137 @@ class Experiment:
     def run_all(self, command: str | None = None) -> dict[str, Any]:
         """Every stage the config needs, then the report, with the run folder held throughout (:func:`hold`)."""
         with hold(self):
-            return self._run_all(command)
+            return run_stages(self, command)
 
-    def _run_all(self, command: str | None) -> dict[str, Any]:
-        from distillmt.report import describe_system, write_report
 
-        cfg = self.cfg
-        preflight(cfg)
-        started, needed = time.perf_counter(), needed_stages(cfg)
-        if self.is_main:  # config.json stays the last finished run's until this one has its report
-            write_json(self.run.root / ATTEMPT_CONFIG, to_dict(cfg))
-        self.stage_data()
-        if self.scratch:
-            self.stage_tokenizer()
-        if "train_teacher" in needed:
-            self.stage_train_teacher()
-        if "train_student" in needed:
-            self.stage_train_student()
-        if needed & {"train_hlkd", "train_hlkd_slkd"}:
-            self.stage_teacher_labels()
-        if "train_hlkd" in needed:
-            self.stage_train_hlkd()
-        if "train_slkd" in needed and cfg.soft_kd.cache:
-            self.stage_teacher_cache()
-        if "train_slkd" in needed:
-            self.stage_train_slkd()
-        if "train_gkd" in needed:
-            self.stage_train_gkd()
-        if "train_hlkd_slkd" in needed:
-            self.stage_train_hlkd_slkd()
-        rows = {}
-        for name in cfg.systems:
-            translation, scores = self.stage_translate(name), self.stage_evaluate(name)
-            rows[name] = {"scores": scores, "translation": translation, "settings": describe_system(cfg, name)}
-        report = {"name": cfg.name, "command": command, "systems": rows, "significance": self.stage_significance()}
-        report["stages"] = self.run.timings
-        report.update(wall_seconds=time.perf_counter() - started, machine=_machine(self.device), config=to_dict(cfg))
-        if self.is_main:
-            write_report(self.run.root, report)
-            write_json(self.run.root / RUN_CONFIG, report["config"])
-            (self.run.root / ATTEMPT_CONFIG).unlink(missing_ok=True)
-        return report
+def run_stages(exp: Experiment, command: str | None) -> dict[str, Any]:
+    """The table of contents of an experiment: every stage its config needs, in order, then the report."""
+    from distillmt.report import describe_system, write_report
+
+    cfg = exp.cfg
+    preflight(cfg)
+    started, needed = time.perf_counter(), needed_stages(cfg)
+    if exp.is_main:  # config.json stays the last finished run's until this one has its report
+        write_json(exp.run.root / ATTEMPT_CONFIG, to_dict(cfg))
+    exp.stage_data()
+    if exp.scratch:
+        exp.stage_tokenizer()
+    if "train_teacher" in needed:
+        exp.stage_train_teacher()
+    if "train_student" in needed:
+        exp.stage_train_student()
+    if "train_sft_more" in needed:
+        exp.stage_train_sft_more()
+    if needed & {"train_hlkd", "train_hlkd_slkd"}:
+        exp.stage_teacher_labels()
+    if "train_hlkd" in needed:
+        exp.stage_train_hlkd()
+    if "train_slkd" in needed and cfg.soft_kd.cache:
+        exp.stage_teacher_cache()
+    if "train_slkd" in needed:
+        exp.stage_train_slkd()
+    if "train_gkd" in needed:
+        exp.stage_train_gkd()
+    if "train_hlkd_slkd" in needed:
+        exp.stage_train_hlkd_slkd()
+    rows = {}
+    for name in cfg.systems:
+        translation, scores = exp.stage_translate(name), exp.stage_evaluate(name)
+        rows[name] = {"scores": scores, "translation": translation, "settings": describe_system(cfg, name)}
+    report = {"name": cfg.name, "command": command, "systems": rows, "significance": exp.stage_significance()}
+    report["stages"] = exp.run.timings
+    report.update(wall_seconds=time.perf_counter() - started, machine=_machine(exp.device), config=to_dict(cfg))
+    if exp.is_main:
+        write_report(exp.run.root, report)
+        write_json(exp.run.root / RUN_CONFIG, report["config"])
+        (exp.run.root / ATTEMPT_CONFIG).unlink(missing_ok=True)
+    return report
 
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail in seconds, before any stage, on what can be checked up front: a pretrained model that cannot be
-    reached (e.g. a hub id offline), a missing local data file, a BERTScore layer the encoder lacks."""
+    reached (e.g. a hub id offline), a missing local data file, a BERTScore layer the encoder lacks, a tracker
+    that is not installed."""
     from distillmt.metrics import check_bertscore
     from distillmt.models import check_loadable, resolve_ref
+    from distillmt.tracking import check_trackers
 
-    d = cfg.data
-    if d.source in ("jsonl", "tsv", "hf") and not d.path:
-        what = "a dataset name" if d.source == "hf" else "a file"
-        raise DistillmtError(f"data.source={d.source} needs data.path ({what})")
-    if d.source in ("jsonl", "tsv", "tatoeba") and d.path:
-        _check_file(d.path, "data.path", f" (data.source={d.source})")
+    check_trackers(cfg.report_to)
+    check_data_files(cfg.data)
     extra = cfg.hard_kd.extra_sources_file
     if extra:
         _check_file(extra, "hard_kd.extra_sources_file")
     if cfg.eval.bertscore:
         check_bertscore(cfg.eval.bertscore_model, cfg.eval.bertscore_layer)
+    if cfg.eval.comet_model:
+        from distillmt import comet
+
+        comet.check(cfg.eval.comet_model)
     for key, g in (("generate", cfg.generate), ("hard_kd.decoding", cfg.hard_kd.decoding)):
         check_engine(g.engine, key)
     if cfg.teacher.model != "scratch":
         for m in (cfg.teacher, cfg.student):
             check_loadable(resolve_ref(m.model))
+        check_soft_label_tokenizers(cfg)
+
+
+SOFT_LABEL_ROWS = ("SLKD", "HLKD+SLKD", "GKD")
+
+
+def check_soft_label_tokenizers(cfg: ExperimentConfig) -> None:
+    """Soft labels compared token by token need one vocabulary: a soft-label row between pretrained models whose
+    tokenizers differ is refused now (only the tokenizers are loaded), unless ``soft_kd.cross_tokenizer=uld``."""
+    from distillmt.models import load_tokenizer, tokenizer_difference
+
+    rows = [r for r in cfg.systems if r in SOFT_LABEL_ROWS]
+    if cfg.teacher.model == "scratch" or not rows or cfg.soft_kd.cross_tokenizer == "uld":
+        return
+    difference = tokenizer_difference(load_tokenizer(cfg.teacher.model), load_tokenizer(cfg.student.model))
+    if difference is not None:
+        raise DistillmtError(
+            f"teacher.model and student.model have different tokenizers ({difference}), and {', '.join(rows)} "
+            "compare their distributions token by token. Between these two models TEACHER, TEACHER_PEFT, STUDENT, "
+            "STUDENT_PEFT and HLKD work (labels are text); for SLKD and HLKD+SLKD set soft_kd.cross_tokenizer=uld "
+            "(Universal Logit Distillation; GKD has no cross-tokenizer form here)"
+        )
+
+
+def metric_options(e: EvalConfig, device: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``evaluate_with_sentences``'s options from the eval section, for these translations.jsonl rows (COMET also
+    reads their sources)."""
+    options = {"bleu_tokenize": e.bleu_tokenize, "bertscore_model": e.bertscore_model if e.bertscore else None}
+    options.update(bertscore_layer=e.bertscore_layer, bertscore_batch_size=e.bertscore_batch_size, device=device)
+    if e.comet_model:
+        sources = [r.get("src") for r in rows]
+        if not all(isinstance(src, str) for src in sources):
+            raise DistillmtError("COMET needs the source sentences: translations.jsonl rows without 'src'")
+        options.update(sources=sources, comet_model=e.comet_model, comet_batch_size=e.comet_batch_size)
+    return options
+
+
+def evaluate_settings(e: EvalConfig) -> dict[str, Any]:
+    """What keys an evaluate stage: the metric settings (not the significance test's); the COMET ones only when
+    COMET is on, so the keys of runs without it stay what they were before COMET existed."""
+    skip = {"baseline", "bootstrap_samples"} | ({"comet_model", "comet_batch_size"} if e.comet_model is None else set())
+    return {k: v for k, v in asdict(e).items() if k not in skip}
+
+
+def check_data_files(d: DataConfig) -> None:
+    """Every file the data section names exists (a hub name of source=hf cannot be checked here), naming its key."""
+    if d.source in data_mod.FILE_SOURCES and not d.path:
+        what = "a dataset name" if d.source == "hf" else "a file"
+        raise DistillmtError(f"data.source={d.source} needs data.path ({what})")
+    if d.source == "text" and not d.tgt_path:
+        raise DistillmtError("data.source=text needs data.tgt_path (the target-side file, line by line with data.path)")
+    for key in ("path", *_GIVEN_FILES):
+        path = getattr(d, key)
+        if not path or (key == "path" and d.source == "hsk"):
+            continue
+        if d.source == "hf" and key in ("path", "valid_path", "test_path"):
+            looks_local = Path(path).suffix.lower() in data_mod.HF_BUILDERS and not glob.has_magic(path)
+            if not looks_local:  # a folder, a glob, or a hub name: the loader says what is wrong
+                continue
+        _check_file(path, f"data.{key}", f" (data.source={d.source})")
 
 
 def _check_file(path: str, key: str, note: str = "") -> None:
@@ -544,7 +685,15 @@ def needed_stages(cfg: ExperimentConfig) -> set[str]:
     needed = {s.trained_stage(cfg.teacher.model == "scratch") for s in rows} - {None}
     if any(getattr(cfg, section).teacher == "finetuned" for s in rows for section in s.teacher_from):
         needed.add("train_teacher")
+    if "train_sft_more" in needed or any(start_of(cfg, s.name) != "none" for s in rows):
+        needed.add("train_student")  # the model they start from, even when STUDENT_PEFT is not a row
     return needed
+
+
+def start_of(cfg: ExperimentConfig, row: str) -> str:
+    """Where a KD row's student starts: its section's ``init_from`` (none for rows without one: a fresh model)."""
+    section = systems.get(row).init_from
+    return getattr(cfg, section).init_from if section else "none"
 
 
 def hold(exp: Experiment) -> AbstractContextManager:
@@ -603,6 +752,30 @@ def _sha256(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
 
+_GIVEN_FILES = ("tgt_path", "valid_path", "valid_tgt_path", "test_path", "test_tgt_path")
+
+
+def data_settings(d: DataConfig, seed: int) -> dict[str, Any]:
+    """What keys the data stage: the data section as resolved, less the token limits (they key the stages that
+    encode) and the languages (they act through the fields and ``simplified`` here, and the prompt where a model is
+    prompted; tatoeba and hsk read their direction from them: keyed when it is not en→zh); each local file by its
+    sha256, since it can change under the same name; the paths added since 0.2 only when set."""
+    d = d.resolved()
+    unkeyed = ("max_source_tokens", "max_target_tokens", "src_lang", "tgt_lang", *_GIVEN_FILES)
+    settings = {k: v for k, v in asdict(d).items() if k not in unkeyed}
+    settings["seed"] = seed
+    if d.source in ("tatoeba", "hsk") and (d.src_lang, d.tgt_lang) != ("en", "zh"):
+        settings["languages"] = [d.src_lang, d.tgt_lang]
+    if d.path and d.source != "tatoeba":  # (a tatoeba path was never hashed: keys of 0.2 runs stay)
+        sha = data_mod.fingerprint(d.path)
+        if sha is not None:
+            settings["file_sha256"] = sha
+    for key in _GIVEN_FILES:
+        if getattr(d, key):
+            settings[key] = {"path": getattr(d, key), "sha256": data_mod.fingerprint(getattr(d, key))}
+    return settings
+
+
 def extra_label_sources(cfg: ExperimentConfig) -> list[str]:
     """The extra source sentences of sequence-level KD (``hard_kd.extra_sources``): the first N lines of
     ``extra_sources_file``, or the first N corpus sources that the data split leaves out of every split."""
@@ -613,16 +786,26 @@ def extra_label_sources(cfg: ExperimentConfig) -> list[str]:
         return sources[: h.extra_sources] if h.extra_sources else sources
     if not h.extra_sources:
         return []
-    fields = ("path", "src_field", "tgt_field", "hf_split", "max_chars", "simplified")
-    pairs, _ = data_mod.load_pairs(d.source, **{k: getattr(d, k) for k in fields})
-    sizes = {"train_size": d.train_size, "valid_size": d.valid_size, "test_size": d.test_size}
-    unused = data_mod.unused_sources(pairs, **sizes, seed=cfg.seed)
+    pairs, given, _ = data_mod.load_corpus(d)
+    unused = data_mod.unused_sources(pairs, **data_mod.cut_sizes(d, given), seed=cfg.seed)
     if len(unused) < h.extra_sources:
         raise DistillmtError(
             f"hard_kd.extra_sources = {h.extra_sources}, but the corpus has only {len(unused)} sources left out of "
             "every split; lower it, lower data.train_size, or give hard_kd.extra_sources_file"
         )
     return unused[: h.extra_sources]
+
+
+def label_length(folder: Path, shards: list[str], log_it: bool = True) -> dict[str, Any]:
+    """How long the teacher's labels are against the references, on the sources that have one: the mean characters
+    of each, their ratio and the number of sources (students trained on short labels translate short)."""
+    rows = [r for name in shards for r in read_jsonl(folder / name) if r.get("ref") is not None]
+    label, ref = (sum(len(r[k]) for r in rows) / len(rows) if rows else None for k in ("label", "ref"))
+    ratio = label / ref if rows and ref else None
+    if log_it and ratio is not None:
+        log.info("teacher labels: on the %d sources with a reference they average %.2f characters, the references "
+                 "%.2f (ratio %.3f)", len(rows), label, ref, ratio)  # fmt: skip
+    return {"sources": len(rows), "label_chars": label, "reference_chars": ref, "ratio": ratio}
 
 
 def teacher_stage(which: str) -> tuple[str, ...]:
@@ -694,9 +877,37 @@ def run_experiment(
     cfg: ExperimentConfig, *, progress: bool = True, command: str | None = None, store: Path | None = None
 ) -> dict[str, Any]:
     try:
-        return Experiment(cfg, progress=progress, store=store).run_all(command)
+        exp = Experiment(cfg, progress=progress, store=store)
+        report = exp.run_all(command)
     except FileNotFoundError as e:
         raise DistillmtError(f"missing file: {e.filename}") from None
+    if exp.is_main:
+        log_results(cfg, report)
+    return report
+
+
+def open_trackers(
+    cfg: ExperimentConfig, run_name: str, config: dict[str, Any], is_main: bool = True
+) -> AbstractContextManager[list[Any]]:
+    """The started trackers of ``report_to`` (none by default) for the tracker run ``run_name`` of this experiment
+    (see :mod:`distillmt.tracking`): the experiment's name is the project, TensorBoard writes
+    ``<run folder>/tensorboard/<run_name>/``. Processes other than the main one get none."""
+    from distillmt.tracking import tracker_run
+
+    if not cfg.report_to or not is_main:
+        return nullcontext([])
+    root = Path(cfg.output_dir) / cfg.name
+    return tracker_run(cfg.report_to, cfg.name, run_name, root / "tensorboard", config, device=cfg.device)
+
+
+def log_results(cfg: ExperimentConfig, report: dict[str, Any]) -> None:
+    """Every row's corpus scores (``<metric>/<ROW>``, at step 0) to the trackers of ``report_to``, as the tracker run
+    ``results`` with the whole config as its hyperparameters; every run logs them, even one whose stages were all
+    done before."""
+    from distillmt.tracking import log_values, score_values
+
+    with open_trackers(cfg, "results", report["config"]) as trackers:
+        log_values(trackers, score_values(report["systems"]), step=0)
 
 
 def train_role(cfg: ExperimentConfig, role: str, *, progress: bool = True) -> tuple[dict[str, Any], Path]:

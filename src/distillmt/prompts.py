@@ -1,44 +1,128 @@
-"""One prompt format for every model, and the label mask that goes with it.
+"""The prompt every model sees before its translation, and the label mask that goes with it.
 
-A tokenizer with a chat template (Qwen's) gets its own template; one without gets a plain two-line template. Labels
-are -100 on the prompt and on padding, so the loss (CE or KD) only ever sees the target tokens and the EOS.
+The words come from the config's ``prompt`` section with the language pair filled in (:func:`make_prompt`): a
+tokenizer with a chat template gets the instruction inside its own template; one without gets the plain template.
+Labels are -100 on the prompt and on padding, so the loss (CE or KD) only ever sees the target tokens and the end of
+the turn (:func:`end_token_id`: the chat template's end-of-turn token, else EOS).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from distillmt import languages
+from distillmt.errors import DistillmtError
+from distillmt.sections import PromptConfig
+
 IGNORE_INDEX = -100
-DEFAULT_INSTRUCTION = "Translate the following English text into Chinese. Reply with the translation only."
-PLAIN_TEMPLATE = "English: {src}\nChinese:\n"
 # Characters the tokenizer is shown per token wanted: more than ordinary text of any language spends per token, so
 # a line of hundreds of kilobytes is never tokenised whole to keep its first few hundred tokens.
 CHARS_PER_TOKEN = 8
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt with its languages filled in: ``chat`` is the user message of chat models, ``plain`` the text before
+    the translation for the others; each still holds ``{text}``, where the source goes."""
+
+    chat: str
+    plain: str
+
+    def settings(self) -> dict[str, str]:
+        """What keys a stage that encodes or translates with this prompt: nothing for the default English→Chinese
+        prompt (the keys of runs made before prompts were configurable stay valid), else both texts."""
+        return {} if self == DEFAULT_PROMPT else {"chat": self.chat, "plain": self.plain}
+
+
+def make_prompt(cfg: PromptConfig, src_lang: str, tgt_lang: str) -> Prompt:
+    """The prompt of ``cfg`` for a language pair given as BCP-47 codes (names from :mod:`distillmt.languages` unless
+    ``cfg`` names them); a placeholder other than {src_lang}, {tgt_lang} and {text}, or no {text}, is an error."""
+    names = {
+        "src_lang": languages.name(src_lang, cfg.src_name, "data.src_lang"),
+        "tgt_lang": languages.name(tgt_lang, cfg.tgt_name, "data.tgt_lang"),
+    }
+    texts = {}
+    for key in ("instruction", "template"):
+        text = getattr(cfg, key)
+        for found in _PLACEHOLDER.findall(text):
+            if found not in ("src_lang", "tgt_lang", "text"):
+                raise DistillmtError(
+                    f"config key 'prompt.{key}' has the placeholder {{{found}}}; allowed: {{src_lang}}, {{tgt_lang}}, "
+                    "{text}"
+                )
+        if text.count("{text}") != 1:
+            raise DistillmtError(f"config key 'prompt.{key}' must hold {{text}} (where the source goes) exactly once")
+        texts[key] = text.replace("{src_lang}", names["src_lang"]).replace("{tgt_lang}", names["tgt_lang"])
+    return Prompt(chat=texts["instruction"], plain=texts["template"])
+
+
+DEFAULT_PROMPT = make_prompt(PromptConfig(), "en", "zh")
 
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(tokenizer: Any, src: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+def build_prompt(tokenizer: Any, src: str, prompt: Prompt = DEFAULT_PROMPT) -> str:
     """The text the model sees before its translation, generation prompt included."""
     if has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": f"{instruction}\n\n{src}"}]
+        messages = [{"role": "user", "content": prompt.chat.replace("{text}", src)}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return PLAIN_TEMPLATE.format(src=src)
+    return prompt.plain.replace("{text}", src)
+
+
+_MARK = "DISTILLMTANSWERMARK"
 
 
 def end_token_id(tokenizer: Any) -> int:
-    """The token that ends a translation: the chat template's end-of-turn for chat models, else EOS."""
-    if has_chat_template(tokenizer):
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end is not None:
-            return im_end
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no EOS token; set one before training")
-    return tokenizer.eos_token_id
+    """The token that ends a translation: for a chat model, the first special token its chat template writes after an
+    assistant answer (Qwen ``<|im_end|>``, Llama 3 ``<|eot_id|>``, Gemma ``<end_of_turn>``, Mistral ``</s>``);
+    else EOS."""
+    # encode_example asks once per example: remember the answer per template and EOS (tests change them in place)
+    memo = getattr(tokenizer, "_distillmt_end_token_ids", None)
+    if memo is None:
+        memo = {}
+        try:
+            tokenizer._distillmt_end_token_ids = memo
+        except AttributeError:  # a tokenizer that refuses new attributes is asked again each time
+            pass
+    key = (getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id)
+    if key not in memo:
+        end = _end_of_turn(tokenizer) if has_chat_template(tokenizer) else None
+        if end is None and tokenizer.eos_token_id is None:
+            raise ValueError(
+                "tokenizer has no EOS token and no chat template that ends a turn; set one before training"
+            )
+        memo[key] = end if end is not None else tokenizer.eos_token_id
+    return memo[key]
+
+
+def _end_of_turn(tokenizer: Any) -> int | None:
+    """The first special token the chat template writes after an assistant answer, or None."""
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that cannot render an assistant turn (raise_exception in Jinja, ...)
+        return None
+    if _MARK not in text:
+        return None
+    tail = text.split(_MARK, 1)[1]
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    return next((i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every token that ends a translation in generation: the end of the turn, EOS, and the model's generation config
+    EOS ids (a list for some chat models)."""
+    ids = {end_token_id(tokenizer), tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(ids - {None})
 
 
 def encode_example(
@@ -48,7 +132,7 @@ def encode_example(
     *,
     max_source_tokens: int = 128,
     max_target_tokens: int = 128,
-    instruction: str = DEFAULT_INSTRUCTION,
+    prompt: Prompt = DEFAULT_PROMPT,
 ) -> dict[str, list[int]]:
     """Token ids and labels for one pair: labels are IGNORE_INDEX on the prompt, the target ids plus EOS after it.
 
@@ -57,7 +141,7 @@ def encode_example(
     limits can keep (``CHARS_PER_TOKEN`` characters per token), so a line of any length costs the same.
     """
     src, tgt = _head_and_tail(src, max_source_tokens), tgt[: max_target_tokens * CHARS_PER_TOKEN]
-    prompt_ids = tokenizer(build_prompt(tokenizer, src, instruction), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(build_prompt(tokenizer, src, prompt), add_special_tokens=False)["input_ids"]
     if len(prompt_ids) > max_source_tokens:
         # Cut the middle of the source, not the template's tail: the generation prompt must stay intact.
         prompt_ids = prompt_ids[: max_source_tokens // 2] + prompt_ids[-(max_source_tokens - max_source_tokens // 2) :]

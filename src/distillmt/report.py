@@ -269,10 +269,33 @@ def rewrite_run_report(run_root: str | Path) -> Path:
 # Row descriptions ("## Systems")
 
 
+def _soft_loss(s: Any) -> str:
+    """The soft-label loss as a formula: token by token, or ULD between tokenizers."""
+    if s.cross_tokenizer == "uld":
+        return f"CE+{s.uld_weight:g}*ULD (cross-tokenizer)"
+    return f"{s.alpha}*CE+{1 - s.alpha:g}*T^2*{s.divergence}"
+
+
 def describe_system(cfg: ExperimentConfig, name: str) -> str:
-    """One line saying what a row is: the model and how it was trained (its KD settings for the KD rows)."""
+    """One line saying what a row is: the model and how it was trained (its KD settings for the KD rows, and where
+    a KD row's student started when not fresh)."""
     if name not in systems.BY_NAME:
         raise DistillmtError(f"unknown system {name!r}; known: {', '.join(systems.NAMES)}")
+    section = systems.get(name).init_from
+    init = getattr(cfg, section).init_from if section else "none"
+    if init != "none":
+        return f"{_describe(cfg, name)}; starting from {init} (train_student's model), a fresh optimizer and schedule"
+    return _describe(cfg, name)
+
+
+def _describe(cfg: ExperimentConfig, name: str) -> str:
+    if name == "SFT_MORE":
+        start = "STUDENT" if cfg.teacher.model == "scratch" else "STUDENT_PEFT"
+        t = cfg.train_student
+        return (
+            f"{start} (train_student's model) fine-tuned on the references for {t.max_steps} more steps (a fresh "
+            "optimizer and schedule): the equal-compute baseline of the KD rows that start from it"
+        )
     if name == "HLKD":
         h = cfg.hard_kd
         return (
@@ -283,18 +306,20 @@ def describe_system(cfg: ExperimentConfig, name: str) -> str:
     if name == "SLKD":
         s = cfg.soft_kd
         return (
-            f"{s.teacher} teacher, loss={s.alpha}*CE+{1 - s.alpha:g}*T^2*{s.divergence}, "
-            f"T={s.temperature}"
-            + (f", beta={s.beta}" if s.divergence in ("jsd", "skew_kl") else "")
+            f"{s.teacher} teacher, loss={_soft_loss(s)}, T={s.temperature}"
+            + (f", beta={s.beta}" if s.divergence in ("jsd", "skew_kl") and s.cross_tokenizer != "uld" else "")
             + (f", top-{s.cache_k} cache" if s.cache else "")
         )
     if name == "GKD":
-        return f"on-policy lambda={cfg.gkd.lmbda}, {cfg.soft_kd.divergence}, T={cfg.soft_kd.temperature}"
+        g, s = cfg.gkd, cfg.gkd.objective(cfg.soft_kd)
+        own = g.divergence != "soft_kd" or g.beta is not None  # (the line of a GKD without them is unchanged)
+        beta = f" beta={s.beta}" if own and s.divergence in ("jsd", "skew_kl") else ""
+        return f"on-policy lambda={cfg.gkd.lmbda}, {s.divergence}{beta}, T={s.temperature}"
     if name == "HLKD+SLKD":
         s = cfg.soft_kd
         return (
             f"labels from the {cfg.hard_kd.teacher} teacher (as HLKD), trained with "
-            f"{s.alpha}*CE+{1 - s.alpha:g}*T^2*{s.divergence} against the live {s.teacher} teacher, T={s.temperature}"
+            f"{_soft_loss(s)} against the live {s.teacher} teacher, T={s.temperature}"
         )
     system = systems.get(name)
     m = getattr(cfg, system.side)

