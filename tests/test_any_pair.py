@@ -13,10 +13,26 @@ from distillmt.config import load_config
 from distillmt.io import read_jsonl
 from distillmt.pipeline import run_experiment
 
-SUBJECTS = [("the cat", "die Katze"), ("the dog", "der Hund"), ("the child", "das Kind"), ("my friend", "mein Freund"),
-            ("the teacher", "der Lehrer"), ("the woman", "die Frau"), ("the man", "der Mann"), ("the bird", "der Vogel")]
-VERBS = [("sleeps", "schläft"), ("eats", "isst"), ("sings", "singt"), ("reads", "liest"), ("waits", "wartet"),
-         ("laughs", "lacht"), ("runs", "läuft"), ("works", "arbeitet")]
+SUBJECTS = [
+    ("the cat", "die Katze"),
+    ("the dog", "der Hund"),
+    ("the child", "das Kind"),
+    ("my friend", "mein Freund"),
+    ("the teacher", "der Lehrer"),
+    ("the woman", "die Frau"),
+    ("the man", "der Mann"),
+    ("the bird", "der Vogel"),
+]
+VERBS = [
+    ("sleeps", "schläft"),
+    ("eats", "isst"),
+    ("sings", "singt"),
+    ("reads", "liest"),
+    ("waits", "wartet"),
+    ("laughs", "lacht"),
+    ("runs", "läuft"),
+    ("works", "arbeitet"),
+]
 WHEN = [("", ""), (" today", " heute"), (" at home", " zu Hause"), (" now", " jetzt")]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from distillmt.errors import DistillmtError
 from distillmt.export import export_system, exported_format
 from distillmt.io import read_jsonl
 from distillmt.pipeline import run_experiment
+from distillmt.prompts import DEFAULT_PROMPT
 from distillmt.sections import GenerateConfig
 
 
@@ -469,7 +470,8 @@ def test_an_export_translates_and_scores_as_its_row_did(run_dir, tmp_path, capsy
     manifest = json.loads((folder / "distillmt-export.json").read_text())
     section = manifest["translate"]
     assert section == {**GenerateConfig(max_new_tokens=6, batch_size=4).output_settings(), "dtype": "float32",
-                       "seed": 0, "scored_with": "hf float32"}  # fmt: skip
+                       "seed": 0, "scored_with": "hf float32",
+                       "prompt": {"chat": DEFAULT_PROMPT.chat, "plain": DEFAULT_PROMPT.plain}}  # fmt: skip
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["max_new_tokens"] == 6 and generation["num_beams"] == 1 and generation["do_sample"] is False
     assert "temperature" not in generation and "length_penalty" not in generation  # greedy, one beam

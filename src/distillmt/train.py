@@ -560,6 +560,7 @@ def train(
     metrics.jsonl at its step, from the main process; the caller finishes them."""
     if not train_examples:
         raise DistillmtError("no training examples")
+    best = _best_of(cfg)
     ckpt_dir = Path(out_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -581,7 +582,6 @@ def train(
 
     measure = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
                       device=dev, share_prefix=share_prefix)  # fmt: skip
-    best = _best_of(cfg)
     valid_ce = _Validation(measure, best, unwrapped, optimizer)
     prefix = PrefixCache(shared_prefix(train_examples) if share_prefix else [], frozen=False)
 
