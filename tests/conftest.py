@@ -226,3 +226,15 @@ def planned_keys(cfg) -> dict[str, str]:
         exp.stage_evaluate(name)
     exp.stage_significance()
     return dict(exp.keys)
+
+
+def random_examples(n: int = 8, seed: int = 0, vocab: int = 40) -> list[dict]:
+    """Random prompt and target ids (each target ends with id 1, the tiny models' EOS) with their label masks: a model
+    fitting one set gets worse on another after a few steps at a high lr."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(3, vocab, (3 + i % 3,), generator=g).tolist()
+        t = torch.randint(3, vocab, (2 + i % 4,), generator=g).tolist() + [1]
+        out.append({"input_ids": p + t, "labels": [-100] * len(p) + t})
+    return out

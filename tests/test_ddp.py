@@ -137,8 +137,16 @@ ENGINES = {"fsdp": FSDP_ENV, "deepspeed": DEEPSPEED_ENV}
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize(
+    ("engine", "lora"),
+    [
+        pytest.param("fsdp", False, id="fsdp-full"),
+        pytest.param("fsdp", True, id="fsdp-lora"),
+        # ZeRO-2 with whole weights: also covered by the bf16 checkpoint test below; ~50 s, so with -m slow
+        pytest.param("deepspeed", False, id="deepspeed-full", marks=pytest.mark.slow),
+        pytest.param("deepspeed", True, id="deepspeed-lora"),
+    ],
+)
 def test_sharded_engines_on_two_processes_match_one_and_resume(tmp_path, engine, lora):
     """FSDP2 (each process holds half of every parameter) and DeepSpeed ZeRO-2 (half of the optimizer state and of
     the gradients; its engine steps inside backward) through accelerate on 2 CPU processes: the losses and the final

@@ -332,6 +332,7 @@ def test_bench_train_compares_trl_and_distillmt_on_the_same_data(run_dir, tmp_pa
     assert "--student and --teacher together" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~50 s of child processes; the same tables as the test above, from saved models with LoRA
 def test_bench_train_on_saved_models_trains_a_lora_student(run_dir, capsys):
     """The real-model path (--student/--teacher): saved model folders, a LoRA student, the models' own dtype."""
     student, teacher = run_dir / "train_student" / "model", run_dir / "train_teacher" / "model"

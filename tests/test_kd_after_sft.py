@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_qwen, micro_cfg
+from conftest import build_tiny_qwen, micro_cfg, random_examples
 
 import distillmt.train as train_mod
 from distillmt.config import load_config
@@ -23,18 +23,7 @@ from distillmt.train import Objective, evaluate_loss, train
 VOCAB = 40
 
 
-def examples(n: int, seed: int) -> list[dict]:
-    """Random prompts and targets: a model fitting one set gets worse on another after a few steps at a high lr."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(3, VOCAB, (3 + i % 3,), generator=g).tolist()
-        t = torch.randint(3, VOCAB, (2 + i % 4,), generator=g).tolist() + [1]
-        out.append({"input_ids": p + t, "labels": [-100] * len(p) + t})
-    return out
-
-
-TRAIN, VALID = examples(12, 0), examples(4, 1)
+TRAIN, VALID = random_examples(12, 0), random_examples(4, 1)
 # lr 0.1 on random targets: the validation CE falls for three steps, then rises well above its best
 OVERSHOOT = dict(lr=0.1, warmup_ratio=0.0, schedule="constant", weight_decay=0.0, max_grad_norm=0.0, max_steps=8,
                  batch_size=4, eval_every=1, keep_best=True, save_every=0)  # fmt: skip

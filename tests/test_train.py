@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_qwen
+from conftest import build_tiny_qwen, random_examples
 
 import distillmt.forward as forward_mod
 import distillmt.train as train_mod
@@ -16,16 +16,6 @@ VOCAB = 40
 
 def tiny_model(seed: int = 0, hidden: int = 16, vocab: int = VOCAB):
     return build_tiny_qwen(vocab, hidden_size=hidden, seed=seed, pad_token_id=0)
-
-
-def examples(n: int = 8, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(3, VOCAB, (3 + i % 3,), generator=g).tolist()
-        t = torch.randint(3, VOCAB, (2 + i % 4,), generator=g).tolist() + [1]
-        out.append({"input_ids": p + t, "labels": [-100] * len(p) + t})
-    return out
 
 
 def params(model) -> torch.Tensor:
@@ -54,7 +44,7 @@ def test_make_batches_deterministic_and_complete():
 @pytest.mark.unit
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     # Sequences of different lengths: a mean of per-micro-batch means would differ from the token-weighted mean.
-    ex = examples(8)
+    ex = random_examples(8)
     big, acc = tiny_model(), tiny_model()
     fit(big, ex, [], tmp_path / "a", max_steps=1, batch_size=8, grad_accum=1, max_grad_norm=0)
     fit(acc, ex, [], tmp_path / "b", max_steps=1, batch_size=2, grad_accum=4, max_grad_norm=0)
@@ -78,7 +68,7 @@ def die_after_save(monkeypatch, n: int):
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
-    ex = examples(12)
+    ex = random_examples(12)
     straight = tiny_model()
     fit(straight, ex, ex[:2], tmp_path / "straight", max_steps=6, batch_size=4)
 
@@ -97,7 +87,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_logit_kd_moves_student_towards_teacher(tmp_path):
-    ex = examples(8)
+    ex = random_examples(8)
     teacher = tiny_model(seed=5, hidden=32)
     student = tiny_model(seed=1)
     kd = SoftKDConfig(alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=7)
@@ -110,7 +100,7 @@ def test_logit_kd_moves_student_towards_teacher(tmp_path):
 
 @pytest.mark.unit
 def test_on_policy_kd_runs_and_logs(tmp_path):
-    ex = examples(4)
+    ex = random_examples(4)
     kd = SoftKDConfig(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, chunk_size=64)
     gkd = GKDConfig(lmbda=1.0, max_new_tokens=4)
     objective = Objective(kd, VOCAB, teacher=tiny_model(seed=5), gkd=gkd, end_token_id=1)
@@ -137,7 +127,7 @@ def _kd(fused: bool = False, **kw) -> Objective:
 def test_loss_step_mixes_ce_and_divergence_once():
     from distillmt.losses import kd_loss
 
-    ex = examples(4)
+    ex = random_examples(4)
     batch = _batch(ex)
     student, teacher = tiny_model(seed=1), tiny_model(seed=5, hidden=32)
     n = int(batch["labels"][:, 1:].ne(-100).sum())
@@ -160,7 +150,7 @@ def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_stude
     embedding matrix has padding rows gets the same loss from a top-k cache with k = vocabulary as from the teacher."""
     from distillmt.logit_cache import build_teacher_cache
 
-    ex = examples(6)
+    ex = random_examples(6)
     batch = _batch(ex)
     teacher = tiny_model(seed=5, hidden=32)
     student = tiny_model(seed=1, vocab=VOCAB + 8)  # 8 padding rows
@@ -188,7 +178,7 @@ def test_cached_teacher_with_full_vocab_gives_the_online_loss_for_a_padded_stude
 
 @pytest.mark.parametrize("damaged", ["trainable.safetensors", "state.json", "optimizer.pt"])
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, monkeypatch, damaged):
-    ex = examples(12)
+    ex = random_examples(12)
     straight = tiny_model()
     fit(straight, ex, [], tmp_path / "straight", max_steps=6, batch_size=4)
     args = dict(max_steps=6, batch_size=4, save_every=2)
@@ -212,7 +202,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog
 
 
 def test_no_usable_checkpoint_restarts_the_stage_and_says_so(tmp_path, caplog):
-    ex = examples(8)
+    ex = random_examples(8)
     straight = tiny_model()
     fit(straight, ex, [], tmp_path / "straight", max_steps=3, batch_size=4)
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
@@ -232,7 +222,7 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(DistillmtError, match=r"training loss is nan at step 1.*last good checkpoint: none"):
-        fit(model, examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4)
+        fit(model, random_examples(4), [], tmp_path / "nan", max_steps=2, batch_size=4)
 
 
 @pytest.mark.unit
@@ -244,7 +234,7 @@ def test_fused_loss_step_equals_the_autograd_one(on_policy, lora):
     LoRA one (frozen output layer)."""
     from peft import LoraConfig, get_peft_model
 
-    ex = examples(4)
+    ex = random_examples(4)
     batch = _batch(ex)
     teacher = tiny_model(seed=5, hidden=32)
     grads = []
@@ -288,7 +278,7 @@ def test_target_logits_are_the_full_logits_at_target_rows():
 
     from distillmt.forward import target_logits, target_positions
 
-    ex = examples(5)
+    ex = random_examples(5)
     batch = _batch(ex)
     rows = target_positions(batch["labels"])
     assert rows.sum() == int(batch["labels"][:, 1:].ne(-100).sum()) and not rows[:, -1].any()
@@ -306,7 +296,7 @@ def test_target_logits_are_the_full_logits_at_target_rows():
 def test_target_hidden_skips_the_output_layer_and_matches_its_input():
     from distillmt.forward import target_hidden, target_positions
 
-    ex = examples(5)
+    ex = random_examples(5)
     batch = _batch(ex)
     rows = target_positions(batch["labels"])
     model = tiny_model(seed=2)
@@ -321,7 +311,7 @@ def test_target_hidden_skips_the_output_layer_and_matches_its_input():
 def test_stages_of_one_process_may_train_at_different_precisions(tmp_path):
     """A bf16-autocast teacher then an fp32 student in one process (accelerate keeps one precision per process and
     refused the second); the fp32 stage after the bf16 one gives what it gives alone."""
-    ex = examples(8)
+    ex = random_examples(8)
     alone = tiny_model()
     fit(alone, ex, [], tmp_path / "alone", max_steps=2, batch_size=4, mixed_precision="no")
     bf16, fp32 = tiny_model(seed=1), tiny_model()
@@ -337,7 +327,9 @@ def test_stages_of_one_process_may_train_at_different_precisions(tmp_path):
 def _prefixed(n: int = 5, prefix_len: int = 10) -> list[dict]:
     """Examples that all start with the same prompt prefix (a chat template's system prompt and instruction)."""
     prefix = list(range(3, 3 + prefix_len))
-    return [{"input_ids": prefix + e["input_ids"], "labels": [-100] * prefix_len + e["labels"]} for e in examples(n)]
+    return [
+        {"input_ids": prefix + e["input_ids"], "labels": [-100] * prefix_len + e["labels"]} for e in random_examples(n)
+    ]
 
 
 @pytest.mark.unit
@@ -351,7 +343,7 @@ def test_shared_prefix_stops_before_the_first_target_row():
     first_target = next(i for i, y in enumerate(same[0]["labels"]) if y != -100)
     assert len(shared_prefix(same)) == first_target - 1
     assert shared_prefix(_prefixed(prefix_len=MIN_SHARED_PREFIX - 2)) == []  # too short to be worth a cache
-    assert shared_prefix(examples(5)) == []  # nothing shared: no cache
+    assert shared_prefix(random_examples(5)) == []  # nothing shared: no cache
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -377,7 +369,7 @@ def test_teacher_prefix_cache_gives_the_same_loss_and_gradient(fused):
     cached = kd.teacher_prefix.kv
     loss_step(tiny_model(seed=1), batch, ex, kd)
     assert kd.teacher_prefix.kv is cached  # computed once
-    other = examples(4)  # rows that do not start with the prefix: the whole forward, the same loss as without
+    other = random_examples(4)  # rows that do not start with the prefix: the whole forward, the same loss as without
     plain, _ = loss_step(tiny_model(seed=1), _batch(other), other, _kd(teacher=teacher, fused=fused))
     with_prefix, _ = loss_step(tiny_model(seed=1), _batch(other), other, kd)
     assert with_prefix.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -438,7 +430,7 @@ def test_training_with_the_shared_prefix_run_once_equals_the_whole_forward(tmp_p
 def test_training_on_a_cpu_runs_sdpa_in_fp32_then_restores_sdpa(tmp_path, monkeypatch):
     """On a CPU the training forwards run SDPA in fp32 (forward.sdpa_in_fp32); the model keeps SDPA afterwards, and an
     fp32 model's weights equal a plain SDPA run's."""
-    ex, valid = examples(8), examples(3, seed=1)
+    ex, valid = random_examples(8), random_examples(3, seed=1)
     model, seen = tiny_model(), []
     assert model.config._attn_implementation == "sdpa"
     model.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
@@ -465,7 +457,7 @@ def test_sdpa_in_fp32_masks_padding_and_is_closer_to_fp32_under_bf16_autocast():
     """The padding mask reaches the fp32 attention (a registered attention without its mask type gets none), and under
     bf16 autocast its logits are at least as close to the fp32 model's as bf16 SDPA's."""
     model = tiny_model(hidden=32)
-    batch = _batch(examples(4))
+    batch = _batch(random_examples(4))
     assert int(batch["attention_mask"].eq(0).sum()) > 0  # padded rows
 
     def logits(attention, autocast):
