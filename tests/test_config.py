@@ -412,3 +412,12 @@ def test_plain_run_names_and_missing_output_dir_are_fine(tmp_path, name):
     cfg = load_config(None, [f"name={name}", f"output_dir={tmp_path / 'not' / 'yet'}"])
     assert cfg.name == name
     assert not (tmp_path / "not").exists()  # validation creates nothing
+
+
+def test_the_readmes_own_pair_config_validates(tmp_path):
+    """The config the README's "Distil your own pair" tells users to copy loads as written."""
+    readme = (CONFIGS.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```yaml\n# distillmt run configs/mine.yaml") + len("```yaml\n")
+    cfg = load_config(_write(tmp_path / "mine.yaml", readme[start : readme.index("```", start)]))
+    assert (cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.source) == ("en", "de", "text")
+    assert cfg.eval.bleu_tokenize == "13a" and cfg.teacher.lora.enabled and cfg.student.lora.enabled
