@@ -25,7 +25,6 @@ done here, and why:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import logging
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from distillmt.errors import DistillmtError
+from distillmt.io import file_sha256
 
 log = logging.getLogger("distillmt.comet")
 
@@ -200,11 +200,7 @@ def checkpoint_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        _SHA256[key] = digest.hexdigest()
+        _SHA256[key] = file_sha256(path)
     return _SHA256[key]
 
 

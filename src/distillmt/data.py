@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distillmt.errors import DistillmtError
-from distillmt.io import write_jsonl
+from distillmt.io import file_sha256, write_jsonl
 from distillmt.languages import NAMES as LANGUAGE_NAMES
 from distillmt.languages import is_chinese, is_simplified_chinese, primary
 
@@ -737,21 +737,13 @@ def fingerprint(path: str) -> str | None:
     keyed by it reruns when the data changes under the same name; None for what is not local (a hub name)."""
     p = Path(path)
     if p.is_file():
-        return _file_sha256(p)
+        return file_sha256(p)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else sorted(map(Path, glob.glob(path)))
     if not files:
         return None
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(p) if p.is_dir() else f}\0{_file_sha256(f)}\n".encode())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        h.update(f"{f.relative_to(p) if p.is_dir() else f}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

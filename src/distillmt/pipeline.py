@@ -13,7 +13,6 @@ teacher of logit KD). Adding a KD method: a row in :mod:`distillmt.systems`, a `
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import platform
@@ -42,7 +41,7 @@ from distillmt.config import (
     to_dict,
 )
 from distillmt.errors import DistillmtError
-from distillmt.io import read_jsonl, write_json, write_jsonl
+from distillmt.io import file_sha256, read_jsonl, write_json, write_jsonl
 from distillmt.stages import ATTEMPT_CONFIG, RUN_CONFIG, RunFolder, run_folder_lock, stage_key
 
 log = logging.getLogger("distillmt.pipeline")
@@ -749,7 +748,7 @@ def translate_split(
 
 
 def _sha256(path: str | None) -> str | None:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    return file_sha256(path) if path else None
 
 
 _GIVEN_FILES = ("tgt_path", "valid_path", "valid_tgt_path", "test_path", "test_tgt_path")
