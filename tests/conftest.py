@@ -60,7 +60,7 @@ MICRO = [
     "train_teacher={max_steps: 4, batch_size: 8, save_every: 2, log_every: 2}",
     "train_student={max_steps: 3, batch_size: 8, save_every: 2, log_every: 1}",
     "generate={max_new_tokens: 6, batch_size: 4}",
-    "hard_kd={shard_size: 16, decoding: {max_new_tokens: 6}}",
+    "hard_kd={shard_size: 16, workers: 1, decoding: {max_new_tokens: 6}}",  # workers: test_label_workers
     "gkd.max_new_tokens=6",
     "eval.bertscore=false",
 ]

@@ -47,6 +47,12 @@ from distillmt.stages import ATTEMPT_CONFIG, RUN_CONFIG, RunFolder, run_folder_l
 log = logging.getLogger("distillmt.pipeline")
 
 
+def _load_label_teacher(models: Models, which: str, vllm: bool) -> tuple[Any, Any]:
+    tokenizer, model = models.tokenizer("teacher"), None if vllm else models.load_teacher(which)
+    models.seed()
+    return model, tokenizer
+
+
 class Models:
     """The model side of one experiment: its tokenizer, the base and trained models behind each row, fresh trainable
     models, and the teacher side of logit KD. Reads trained models from the run folder; runs no stage."""
@@ -77,11 +83,11 @@ class Models:
 
     def encode(self, tokenizer: Any, pairs: list[data_mod.Pair]) -> list[dict]:
         """Training examples: prompt and target token ids, labels masked on the prompt, cut to the data limits."""
-        from distillmt.prompts import encode_example
+        from distillmt.prompts import encode_examples
 
         d = self.cfg.data
-        encode = partial(encode_example, max_source_tokens=d.max_source_tokens, max_target_tokens=d.max_target_tokens)
-        return [encode(tokenizer, p.src, p.tgt, prompt=self.prompt) for p in pairs]
+        limits = {"max_source_tokens": d.max_source_tokens, "max_target_tokens": d.max_target_tokens}
+        return encode_examples(tokenizer, [(p.src, p.tgt) for p in pairs], **limits, prompt=self.prompt)
 
     def prompt_settings(self) -> dict[str, Any]:
         """What keys a stage that prompts a model: the prompt, unless it is the default (which keys nothing, as in 0.2)."""
@@ -154,12 +160,7 @@ class Models:
         gives no model, and ``saved`` is None for the other engines."""
 
         vllm = engine == "vllm"
-
-        def load() -> tuple[Any, Any]:
-            tokenizer, model = self.tokenizer("teacher"), None if vllm else self.load_teacher(which)
-            self.seed()
-            return model, tokenizer
-
+        load = partial(_load_label_teacher, self, which, vllm)  # a function of its arguments: label workers unpickle it
         return load, self.saved(self.cfg.teacher, next(iter(teacher_stage(which)), None)) if vllm else None
 
     def system_for(self, system: systems.System, engine: str) -> tuple[Any, Any]:
@@ -355,7 +356,7 @@ class Experiment:
 
     def stage_teacher_labels(self) -> dict[str, Any]:
         """Sequence-level KD data: the teacher translates every training source, shard by shard."""
-        from distillmt.teacher_labels import build_teacher_labels
+        from distillmt.teacher_labels import build_teacher_labels, label_workers
 
         h = self.cfg.hard_kd
         identity = self.models.teacher_identity(h.teacher)
@@ -364,7 +365,11 @@ class Experiment:
             load, saved = self.models.label_teacher(h.teacher, h.decoding.engine)
             sources = self.split("train") + [data_mod.Pair(src, "") for src in extra_label_sources(self.cfg)]
             run = {"identity": identity, "progress": self.progress, "processes": self.processes, "saved": saved}
-            run["prompt"] = self.models.prompt
+            cpu, engine = self.device.type == "cpu", h.decoding.engine
+            run.update(
+                prompt=self.models.prompt,
+                workers=label_workers(h.workers, cpu=cpu, scratch=self.scratch, engine=engine),
+            )
             result = build_teacher_labels(load, sources, folder, h, seed=self.cfg.seed, **run)
             return {**result, "label_length": label_length(folder, result["shards"], log_it=self.is_main)}
 
@@ -538,10 +543,12 @@ def run_stages(exp: Experiment, command: str | None) -> dict[str, Any]:
     exp.stage_data()
     if exp.scratch:
         exp.stage_tokenizer()
-    if "train_teacher" in needed:
-        exp.stage_train_teacher()
+    # the student first: it needs no teacher, and a stage after the teacher's training in the same process runs
+    # slower (docs/benchmarks/default-run-cpu.md)
     if "train_student" in needed:
         exp.stage_train_student()
+    if "train_teacher" in needed:
+        exp.stage_train_teacher()
     if "train_sft_more" in needed:
         exp.stage_train_sft_more()
     if needed & {"train_hlkd", "train_hlkd_slkd"}:

@@ -273,6 +273,13 @@ class HardKDConfig:
     )
     decoding: GenerateConfig = setting(GenerateConfig, "decoding settings for the labels")
     shard_size: int = setting(256, "sources per label shard (the resume unit)", range=(1, None))
+    workers: int = setting(
+        0,
+        "processes that write the label shards side by side, each with its share of the threads (the same labels): "
+        "0 = auto, one per core on a CPU for a teacher built from scratch (a small model's generation uses threads "
+        "poorly), else 1; vLLM and several accelerate processes always use 1",
+        range=(0, 256),
+    )
     extra_sources: int = setting(
         0,
         "extra source sentences the teacher also translates for HLKD (no references needed): taken from the corpus "

@@ -46,6 +46,8 @@ def build_teacher_labels(
     processes: Any = None,
     saved: SavedModel | None = None,
     prompt: Prompt = DEFAULT_PROMPT,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Translate the sources of ``pairs`` with the teacher, in ``prompt``, and write them as label shards into ``out_dir``.
 
@@ -64,6 +66,9 @@ def build_teacher_labels(
     ``r, r + P, ...``; every process returns once all shards are written, with the figures summed over the
     processes. A shard's content does not depend on which process wrote it (its seed is its index), so the labels
     equal one process's.
+
+    ``workers`` > 1 (one process only): that many fresh processes write the missing shards side by side (worker
+    ``w``: shards ``w, w + W, ...``, with ``shard=(w, W)``), each with its share of the threads; the same labels.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,11 +87,17 @@ def build_teacher_labels(
     loaded = False
     shards = []
     n_shards = (len(pairs) + shard_size - 1) // shard_size
-    rank, world = process_shard(processes)
+    rank, world = shard or process_shard(processes)
     for i in range(n_shards):
         chunk = pairs[i * shard_size : (i + 1) * shard_size]
-        path = out_dir / f"shard-{i:05d}-{_digest({'src': [p.src for p in chunk], **settings})}.jsonl"
-        shards.append(path.name)
+        shards.append(f"shard-{i:05d}-{_digest({'src': [p.src for p in chunk], **settings})}.jsonl")
+    missing = [out_dir / name for name in shards if not (out_dir / name).exists()]
+    if workers > 1 and processes is None and shard is None and len(missing) > 1:
+        job = {"load_teacher": load_teacher, "pairs": pairs, "out_dir": out_dir, "cfg": cfg, "identity": identity}
+        job.update(seed=seed, saved=saved, prompt=prompt)
+        _write_in_workers(job, min(workers, len(missing)), missing, progress)
+    for i, name in enumerate(shards):
+        chunk, path = pairs[i * shard_size : (i + 1) * shard_size], out_dir / name
         if path.exists() or i % world != rank:
             continue
         if not loaded:
@@ -115,11 +126,64 @@ def build_teacher_labels(
                                       "engine": engine})  # fmt: skip
         write_jsonl(path, rows)
     release_vllm()
+    if shard is not None:  # a worker: the caller sums the figures once every worker is done
+        return {"shards": shards}
     if processes is not None:  # wait for every shard
         from accelerate.utils import gather_object
 
         gather_object([rank])
-    return {"shards": shards, **_shard_figures(out_dir, shards, world)}
+    return {"shards": shards, **_shard_figures(out_dir, shards, max(world, workers))}
+
+
+def label_workers(workers: int, *, cpu: bool, scratch: bool, engine: str) -> int:
+    """How many processes write label shards: ``workers`` as set, or for 0 (auto) one per core on a CPU when the
+    teacher was built from scratch (a small model's matmuls use threads poorly: its generation runs about as fast on
+    one thread as on two, so two processes of one thread each run nearly twice as fast), else 1. vLLM: always 1."""
+    from distillmt.engines import available_cores
+
+    if engine == "vllm":
+        return 1
+    if workers:
+        return workers
+    return available_cores() if cpu and scratch else 1
+
+
+def _write_in_workers(job: dict[str, Any], workers: int, missing: list[Path], progress: bool) -> None:
+    """Run :func:`build_teacher_labels` on ``job`` in ``workers`` fresh processes, worker ``w`` with ``shard=(w, W)``;
+    returns when every shard in ``missing`` is written, and raises the first worker's error."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    import torch
+    from tqdm.auto import tqdm
+
+    threads = max(1, torch.get_num_threads() // workers)
+    log.info("teacher labels: %d shards in %d processes of %d thread(s)", len(missing), workers, threads)
+    # spawn: a new interpreter, which neither copies this process's threads (fork would) nor inherits the allocator
+    # state of the training that ran before in it
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    bar = tqdm(total=len(missing), desc="teacher labels", unit="shard", disable=not progress, leave=False)
+    try:
+        pending = {pool.submit(_label_worker, job, (w, workers), threads) for w in range(workers)}
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            bar.update(sum(p.exists() for p in missing) - bar.n)
+            for future in done:
+                future.result()  # a worker's error, here
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):  # the others stop too
+            process.terminate()
+        raise
+    finally:
+        bar.close()
+        pool.shutdown(cancel_futures=True)
+
+
+def _label_worker(job: dict[str, Any], shard: tuple[int, int], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    build_teacher_labels(**job, shard=shard, progress=False)
 
 
 def _meta_path(shard: Path) -> Path:

@@ -1,0 +1,51 @@
+"""Teacher labels written by several worker processes (``hard_kd.workers``): the same shards as one process writes,
+and a worker's error reaches the caller."""
+
+import pytest
+from conftest import micro_cfg
+
+from distillmt.errors import DistillmtError
+from distillmt.pipeline import run_experiment
+from distillmt.teacher_labels import label_workers
+
+
+def _shards(root):
+    return {p.name: p.read_bytes() for p in sorted((root / "teacher_labels").glob("shard-*.jsonl"))}
+
+
+def test_two_workers_write_the_labels_one_process_writes(tmp_path):
+    one = run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,HLKD]", "name=one"), progress=False)
+    two = run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,HLKD]", "name=two", "hard_kd.workers=2"), progress=False)
+    labels = _shards(tmp_path / "one")
+    assert len(labels) >= 2 and _shards(tmp_path / "two") == labels  # byte for byte, shard names (keys) included
+    assert two["stages"]["teacher_labels"]["key"] == one["stages"]["teacher_labels"]["key"]  # workers key nothing
+    assert two["systems"]["HLKD"]["scores"] == one["systems"]["HLKD"]["scores"]
+    meta = list((tmp_path / "two" / "teacher_labels").glob("*.meta.json"))
+    assert len(meta) == len(labels)  # every worker's shard has its figures
+
+
+def test_a_workers_error_reaches_the_caller(tmp_path):
+    from functools import partial
+
+    import torch
+
+    from distillmt.data import Pair
+    from distillmt.models import load_model
+    from distillmt.sections import HardKDConfig
+    from distillmt.teacher_labels import build_teacher_labels
+
+    missing = tmp_path / "no-such-model"
+    load = partial(load_model, str(missing), dtype=torch.float32, device=torch.device("cpu"))  # picklable, fails
+    pairs = [Pair("a b", ""), Pair("c d", ""), Pair("e f", "")]
+    with pytest.raises(DistillmtError, match="no-such-model"):
+        build_teacher_labels(load, pairs, tmp_path / "labels", HardKDConfig(shard_size=1), identity={}, workers=2)
+    assert not list((tmp_path / "labels").glob("shard-*"))
+
+
+def test_auto_uses_one_worker_per_core_only_for_a_scratch_teacher_on_a_cpu(monkeypatch):
+    monkeypatch.setattr("distillmt.engines.available_cores", lambda: 4)
+    assert label_workers(0, cpu=True, scratch=True, engine="hf") == 4
+    assert label_workers(0, cpu=True, scratch=False, engine="hf") == 1
+    assert label_workers(0, cpu=False, scratch=True, engine="hf") == 1
+    assert label_workers(3, cpu=False, scratch=False, engine="hf") == 3
+    assert label_workers(3, cpu=True, scratch=True, engine="vllm") == 1
