@@ -1,6 +1,8 @@
 """Teacher labels written by several worker processes (``hard_kd.workers``): the same shards as one process writes,
 and a worker's error reaches the caller."""
 
+from pathlib import Path
+
 import pytest
 from conftest import micro_cfg
 
@@ -49,3 +51,21 @@ def test_auto_uses_one_worker_per_core_only_for_a_scratch_teacher_on_a_cpu(monke
     assert label_workers(0, cpu=False, scratch=True, engine="hf") == 1
     assert label_workers(3, cpu=False, scratch=False, engine="hf") == 3
     assert label_workers(3, cpu=True, scratch=True, engine="vllm") == 1
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
+    """Workers start by importing the caller's script: one whose code runs at import (no ``__main__`` guard) would
+    start the experiment again in each worker. The user is told what to change."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    overrides = ", ".join(repr(o) for o in ["systems=[TEACHER,HLKD]", "hard_kd.workers=2"])
+    here = str(Path(__file__).parent)
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {here!r})\nfrom conftest import micro_cfg\nimport distillmt\n"
+        f"distillmt.run(micro_cfg({str(tmp_path)!r}, {overrides}), progress=False)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert 'if __name__ == "__main__":' in done.stderr and "hard_kd.workers=1" in done.stderr

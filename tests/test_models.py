@@ -64,7 +64,40 @@ def test_bpe_training_waits_interruptibly_and_passes_on_the_workers_error(tmp_pa
             raise KeyboardInterrupt
         return real_join(self, timeout)
 
+    real_alive = threading.Thread.is_alive
     monkeypatch.setattr(threading.Thread, "join", interrupted)
+    # still running when the wait starts, however fast this machine trains 50 words (else no join, no interrupt)
+    monkeypatch.setattr(threading.Thread, "is_alive", lambda self: self.name == "BPE training" or real_alive(self))
     with pytest.raises(KeyboardInterrupt):
         train_bpe_tokenizer(["hello world"] * 50, 300, tmp_path / "stopped")
     assert not (tmp_path / "stopped").exists()  # nothing saved from an interrupted training
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),  # AMD EPYC of this project's machines
+        ("fpu avx512f amx_bf16 amx_int8 amx_tile", True),  # Intel Xeon with AMX
+        ("fpu avx2 fma", False),  # an older x86 CPU: bf16 would be emulated
+        ("fp asimd bf16 i8mm", True),  # arm64 (Graviton 3, Apple M2)
+    ],
+)
+def test_auto_dtype_gives_pretrained_models_bf16_only_on_cpus_that_compute_it(monkeypatch, flags, native):
+    import torch
+
+    from distillmt import engines
+    from distillmt.models import pick_dtype
+
+    monkeypatch.setattr(engines, "_cpuinfo", lambda: ("some CPU", set(flags.split())))
+    cpu = torch.device("cpu")
+    assert engines.cpu_has_bf16() is native
+    assert pick_dtype("auto", cpu, scratch=False) == (torch.bfloat16 if native else torch.float32)
+    assert pick_dtype("auto", cpu, scratch=True) == torch.float32
+    assert pick_dtype("bfloat16", cpu, scratch=False) == torch.bfloat16  # a dtype set by hand is kept
+
+
+def test_cpu_flags_are_read_from_this_machine():
+    from distillmt.engines import _cpuinfo, cpu_name
+
+    model, flags = _cpuinfo()
+    assert model and cpu_name().startswith(model)

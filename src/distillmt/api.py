@@ -94,7 +94,9 @@ def run(config: str | Path | ExperimentConfig | None = None, *, progress: bool =
     ``overrides``: config keys, either dotted (``**{"train_student.lr": 3e-4}``) or a section as a dict
     (``train_student={"lr": 3e-4}``, merged into the section), plain keys as they are (``name="t1"``,
     ``systems=["TEACHER", "SLKD"]``). Stages already done in the run folder with the same settings are reused, so
-    running a finished experiment again only reads its results."""
+    running a finished experiment again only reads its results. The label stage may start worker processes
+    (``hard_kd.workers``), which import the calling script: keep a script's code under
+    ``if __name__ == "__main__":``."""
     from distillmt.config import check_run_folder
     from distillmt.engines import available_cores
     from distillmt.models import pick_device

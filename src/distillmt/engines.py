@@ -41,9 +41,8 @@ def available_cores() -> int:
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8")  # what decides bf16 and int8 speed on a CPU
 
 
-def cpu_name() -> str:
-    """The CPU model with the flags that decide its bf16/int8 speed, e.g. ``AMD EPYC (avx512_bf16)``: timings and
-    rounding differ between kinds of CPU, so every figure names it."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and flags from ``/proc/cpuinfo`` (not Linux: the platform's name, no flags)."""
     import platform
 
     model, flags = platform.processor() or platform.machine(), set()
@@ -53,13 +52,27 @@ def cpu_name() -> str:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name" and value.strip():
                     model = value.strip()
-                elif key.strip() == "flags":
+                elif key.strip() in ("flags", "Features"):  # x86, arm64
                     flags = set(value.split())
                     break
-    except OSError:  # not Linux: the platform's own name
+    except OSError:
         pass
+    return model, flags
+
+
+def cpu_name() -> str:
+    """The CPU model with the flags that decide its bf16/int8 speed, e.g. ``AMD EPYC (avx512_bf16)``: timings and
+    rounding differ between kinds of CPU, so every figure names it."""
+    model, flags = _cpuinfo()
     present = [f for f in CPU_FLAGS if f in flags]
     return f"{model} ({', '.join(present)})" if present else model
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 avx512_bf16 or AMX, arm64 bf16); elsewhere bf16 matmuls are
+    emulated, slower than fp32. A CPU whose flags cannot be read counts as having it (the earlier default)."""
+    _, flags = _cpuinfo()
+    return not flags or bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def process_group(device: str) -> tuple[bool, str | None]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distillmt.data import Pair
+from distillmt.errors import DistillmtError
 from distillmt.generate import SavedModel, process_shard, reference_select, release_vllm, translate_with_engine
 from distillmt.io import read_json, read_jsonl, write_json, write_jsonl
 from distillmt.prompts import DEFAULT_PROMPT, Prompt
@@ -153,6 +154,7 @@ def _write_in_workers(job: dict[str, Any], workers: int, missing: list[Path], pr
     returns when every shard in ``missing`` is written, and raises the first worker's error."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
     from tqdm.auto import tqdm
@@ -170,13 +172,25 @@ def _write_in_workers(job: dict[str, Any], workers: int, missing: list[Path], pr
             bar.update(sum(p.exists() for p in missing) - bar.n)
             for future in done:
                 future.result()  # a worker's error, here
+    except BrokenProcessPool as e:  # a worker died without an error of its own: most often at its start
+        _stop(pool)
+        raise DistillmtError(
+            "a label worker process stopped without finishing. Run from a Python script, the script's own code must "
+            'sit under `if __name__ == "__main__":` (each worker starts by importing the script); or set '
+            "hard_kd.workers=1 to write the labels in this process"
+        ) from e
     except BaseException:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):  # the others stop too
-            process.terminate()
+        _stop(pool)
         raise
     finally:
         bar.close()
         pool.shutdown(cancel_futures=True)
+
+
+def _stop(pool: Any) -> None:
+    """Stop the workers still running (after another's error or an interrupt)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def _label_worker(job: dict[str, Any], shard: tuple[int, int], threads: int) -> None:
