@@ -51,6 +51,8 @@ def test_auto_uses_one_worker_per_core_only_for_a_scratch_teacher_on_a_cpu(monke
     assert label_workers(0, cpu=False, scratch=True, engine="hf") == 1
     assert label_workers(3, cpu=False, scratch=False, engine="hf") == 3
     assert label_workers(3, cpu=True, scratch=True, engine="vllm") == 1
+    monkeypatch.setattr("distillmt.engines.available_cores", lambda: 96)
+    assert label_workers(0, cpu=True, scratch=True, engine="hf") == 8  # not 96 copies of torch
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):

@@ -276,8 +276,8 @@ class HardKDConfig:
     workers: int = setting(
         0,
         "processes that write the label shards side by side, each with its share of the threads (the same labels): "
-        "0 = auto, one per core on a CPU for a teacher built from scratch (a small model's generation uses threads "
-        "poorly), else 1; vLLM and several accelerate processes always use 1",
+        "0 = auto, one per core (at most 8) on a CPU for a teacher built from scratch (a small model's generation "
+        "uses threads poorly), else 1; vLLM and several accelerate processes always use 1",
         range=(0, 256),
     )
     extra_sources: int = setting(

@@ -136,17 +136,21 @@ def build_teacher_labels(
     return {"shards": shards, **_shard_figures(out_dir, shards, max(world, workers))}
 
 
+AUTO_WORKERS_MAX = 8  # each worker imports torch and transformers (a few hundred MB): not one per core on a big host
+
+
 def label_workers(workers: int, *, cpu: bool, scratch: bool, engine: str) -> int:
-    """How many processes write label shards: ``workers`` as set, or for 0 (auto) one per core on a CPU when the
-    teacher was built from scratch (a small model's matmuls use threads poorly: its generation runs about as fast on
-    one thread as on two, so two processes of one thread each run nearly twice as fast), else 1. vLLM: always 1."""
+    """How many processes write label shards: ``workers`` as set, or for 0 (auto) one per core (at most
+    :data:`AUTO_WORKERS_MAX`) on a CPU when the teacher was built from scratch (a small model's matmuls use threads
+    poorly: its generation runs nearly as fast on one thread as on two, so two processes of one thread each run
+    nearly twice as fast), else 1. vLLM: always 1."""
     from distillmt.engines import available_cores
 
     if engine == "vllm":
         return 1
     if workers:
         return workers
-    return available_cores() if cpu and scratch else 1
+    return min(available_cores(), AUTO_WORKERS_MAX) if cpu and scratch else 1
 
 
 def _write_in_workers(job: dict[str, Any], workers: int, missing: list[Path], progress: bool) -> None:
