@@ -157,11 +157,13 @@ def encode_examples(
     go to the tokenizer in one call, all targets in another: a fast tokenizer then encodes them in Rust, not one
     Python call per string (the same ids).
     """
+    if not pairs:
+        return []
     prompts = [build_prompt(tokenizer, _head_and_tail(src, max_source_tokens), prompt) for src, _ in pairs]
     targets = [tgt[: max_target_tokens * CHARS_PER_TOKEN] for _, tgt in pairs]
     end = end_token_id(tokenizer)
-    all_prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if pairs else []
-    all_target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if pairs else []
+    all_prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    all_target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     out = []
     for prompt_ids, target_ids in zip(all_prompt_ids, all_target_ids, strict=True):
         if len(prompt_ids) > max_source_tokens:

@@ -162,8 +162,9 @@ class ModelConfig:
     dtype: str = setting(
         "auto",
         "dtype the model is loaded in: auto (fp32 for scratch models; bf16 for pretrained ones, fp32 on a CPU "
-        "without native bf16, fp16 on GPUs without bf16) | float32 | bfloat16 | float16. A scratch model trains in fp32 whatever this says "
-        "(see mixed_precision) and is loaded in this dtype afterwards (labels, live teacher, translation)",
+        "without native bf16, fp16 on GPUs without bf16) | float32 | bfloat16 | float16. A scratch model trains in "
+        "fp32 whatever this says (see mixed_precision) and is loaded in this dtype afterwards (labels, live teacher, "
+        "translation)",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
     scratch: ScratchConfig = setting(ScratchConfig, "architecture when model=scratch")
