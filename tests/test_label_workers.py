@@ -71,3 +71,31 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert 'if __name__ == "__main__":' in done.stderr and "hard_kd.workers=1" in done.stderr
+
+
+def test_a_resumed_stage_splits_the_missing_shards_evenly(tmp_path, monkeypatch):
+    """An interrupted label stage whose missing shards are every other one: each of two workers gets half of them
+    (not all of them to one worker, as a split by shard index would), and the labels are still byte-identical. The
+    workers run in this process here (the split is what is tested; the spawned processes are tested above)."""
+    from distillmt import teacher_labels
+
+    run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,HLKD]", "name=r"), progress=False)
+    folder = tmp_path / "r" / "teacher_labels"
+    labels = _shards(tmp_path / "r")
+    names = sorted(labels)
+    assert len(names) >= 3  # missing: 0 and 2, which a split by index would both give to worker 0
+    (folder / "stage.json").unlink()  # interrupted: no record of a finished stage
+    for name in names[::2]:
+        (folder / name).unlink()
+    shares = []
+
+    def in_process(job, workers, paths, indices, progress):
+        for w in range(workers):
+            shares.append(indices[w::workers])
+            teacher_labels.build_teacher_labels(**job, only=indices[w::workers], progress=False)
+
+    monkeypatch.setattr(teacher_labels, "_write_in_workers", in_process)
+    run_experiment(micro_cfg(tmp_path, "systems=[TEACHER,HLKD]", "name=r", "hard_kd.workers=2"), progress=False)
+    missing = list(range(0, len(names), 2))
+    assert shares == [missing[0::2], missing[1::2]]
+    assert _shards(tmp_path / "r") == labels

@@ -543,8 +543,7 @@ def run_stages(exp: Experiment, command: str | None) -> dict[str, Any]:
     exp.stage_data()
     if exp.scratch:
         exp.stage_tokenizer()
-    # the student first: it needs no teacher, and a stage after the teacher's training in the same process runs
-    # slower (docs/benchmarks/default-run-cpu.md)
+    # the student first: it needs no teacher, so its row exists even when the teacher's training fails or is stopped
     if "train_student" in needed:
         exp.stage_train_student()
     if "train_teacher" in needed:

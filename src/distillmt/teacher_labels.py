@@ -48,7 +48,7 @@ def build_teacher_labels(
     saved: SavedModel | None = None,
     prompt: Prompt = DEFAULT_PROMPT,
     workers: int = 1,
-    shard: tuple[int, int] | None = None,
+    only: list[int] | None = None,
 ) -> dict[str, Any]:
     """Translate the sources of ``pairs`` with the teacher, in ``prompt``, and write them as label shards into ``out_dir``.
 
@@ -69,7 +69,8 @@ def build_teacher_labels(
     equal one process's.
 
     ``workers`` > 1 (one process only): that many fresh processes write the missing shards side by side (worker
-    ``w``: shards ``w, w + W, ...``, with ``shard=(w, W)``), each with its share of the threads; the same labels.
+    ``w`` of ``W``: the missing shards ``w, w + W, ...`` in order, with ``only=`` their indices, so a resumed stage
+    splits what is left evenly), each with its share of the threads; the same labels.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,18 +89,19 @@ def build_teacher_labels(
     loaded = False
     shards = []
     n_shards = (len(pairs) + shard_size - 1) // shard_size
-    rank, world = shard or process_shard(processes)
+    rank, world = process_shard(processes)
     for i in range(n_shards):
         chunk = pairs[i * shard_size : (i + 1) * shard_size]
         shards.append(f"shard-{i:05d}-{_digest({'src': [p.src for p in chunk], **settings})}.jsonl")
-    missing = [out_dir / name for name in shards if not (out_dir / name).exists()]
-    if workers > 1 and processes is None and shard is None and len(missing) > 1:
+    missing = [i for i, name in enumerate(shards) if not (out_dir / name).exists()]
+    if workers > 1 and processes is None and only is None and len(missing) > 1:
         job = {"load_teacher": load_teacher, "pairs": pairs, "out_dir": out_dir, "cfg": cfg, "identity": identity}
         job.update(seed=seed, saved=saved, prompt=prompt)
-        _write_in_workers(job, min(workers, len(missing)), missing, progress)
+        _write_in_workers(job, min(workers, len(missing)), [out_dir / shards[i] for i in missing], missing, progress)
+    mine = set(missing if only is None else only)
     for i, name in enumerate(shards):
         chunk, path = pairs[i * shard_size : (i + 1) * shard_size], out_dir / name
-        if path.exists() or i % world != rank:
+        if path.exists() or i not in mine or i % world != rank:
             continue
         if not loaded:
             (model, tokenizer), loaded = load_teacher(), True
@@ -127,7 +129,7 @@ def build_teacher_labels(
                                       "engine": engine})  # fmt: skip
         write_jsonl(path, rows)
     release_vllm()
-    if shard is not None:  # a worker: the caller sums the figures once every worker is done
+    if only is not None:  # a worker: the caller sums the figures once every worker is done
         return {"shards": shards}
     if processes is not None:  # wait for every shard
         from accelerate.utils import gather_object
@@ -153,9 +155,10 @@ def label_workers(workers: int, *, cpu: bool, scratch: bool, engine: str) -> int
     return min(available_cores(), AUTO_WORKERS_MAX) if cpu and scratch else 1
 
 
-def _write_in_workers(job: dict[str, Any], workers: int, missing: list[Path], progress: bool) -> None:
-    """Run :func:`build_teacher_labels` on ``job`` in ``workers`` fresh processes, worker ``w`` with ``shard=(w, W)``;
-    returns when every shard in ``missing`` is written, and raises the first worker's error."""
+def _write_in_workers(job: dict[str, Any], workers: int, paths: list[Path], indices: list[int], progress: bool) -> None:
+    """Run :func:`build_teacher_labels` on ``job`` in ``workers`` fresh processes, worker ``w`` with the shards
+    ``indices[w::workers]``; returns when every shard in ``paths`` (those of ``indices``) is written, and raises the
+    first worker's error."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -164,16 +167,16 @@ def _write_in_workers(job: dict[str, Any], workers: int, missing: list[Path], pr
     from tqdm.auto import tqdm
 
     threads = max(1, torch.get_num_threads() // workers)
-    log.info("teacher labels: %d shards in %d processes of %d thread(s)", len(missing), workers, threads)
+    log.info("teacher labels: %d shards in %d processes of %d thread(s)", len(indices), workers, threads)
     # spawn: a new interpreter, which neither copies this process's threads (fork would) nor inherits the allocator
     # state of the training that ran before in it
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    bar = tqdm(total=len(missing), desc="teacher labels", unit="shard", disable=not progress, leave=False)
+    bar = tqdm(total=len(paths), desc="teacher labels", unit="shard", disable=not progress, leave=False)
     try:
-        pending = {pool.submit(_label_worker, job, (w, workers), threads) for w in range(workers)}
+        pending = {pool.submit(_label_worker, job, indices[w::workers], threads) for w in range(workers)}
         while pending:
             done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-            bar.update(sum(p.exists() for p in missing) - bar.n)
+            bar.update(sum(p.exists() for p in paths) - bar.n)
             for future in done:
                 future.result()  # a worker's error, here
     except BrokenProcessPool as e:  # a worker died without an error of its own: most often at its start
@@ -197,11 +200,11 @@ def _stop(pool: Any) -> None:
         process.terminate()
 
 
-def _label_worker(job: dict[str, Any], shard: tuple[int, int], threads: int) -> None:
+def _label_worker(job: dict[str, Any], only: list[int], threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    build_teacher_labels(**job, shard=shard, progress=False)
+    build_teacher_labels(**job, only=only, progress=False)
 
 
 def _meta_path(shard: Path) -> Path:
@@ -211,7 +214,8 @@ def _meta_path(shard: Path) -> Path:
 def _shard_figures(out_dir: Path, shards: list[str], world: int) -> dict[str, Any]:
     """The generation figures of every shard, whichever invocation made it, so a resumed stage reports what the
     whole labelling cost: tokens summed; seconds summed per process (shards ``r, r + P, ...``), the slowest one
-    counting, since the processes generate side by side."""
+    counting, since the processes generate side by side (for label workers that resumed a stage, whose shares are
+    the missing shards in turn, this split is an estimate)."""
     generated, per_process, engines, unknown = 0, [0.0] * world, set(), 0
     for i, name in enumerate(shards):
         try:
