@@ -37,7 +37,8 @@ def save_checkpoint(
     previous one is kept too, so a checkpoint damaged after the fact still leaves one to resume from. With several
     processes the main one writes it and the others wait (under DDP they hold the same state; under FSDP and
     DeepSpeed they first gather their shards, and the optimizer state is keyed by parameter name). ``best``
-    (``keep_best``): the best weights so far go with it (``best.safetensors``), their step and CE into state.json."""
+    (``keep_best``): the best weights so far go with it (``best.safetensors``), their step and measures into
+    state.json."""
     main = accelerator is None or accelerator.is_main_process
     gathered = engines.gathered(model)
     if gathered or main:  # under FSDP and DeepSpeed every process takes part in gathering
@@ -112,7 +113,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, best
     engines.load_trained_state(model, optimizer, trainable, opt_state)
     scheduler.load_state_dict(sched_state)
     if best is not None and best_weights is not None:
-        best.step, best.valid_ce, best.weights = int(state["best_step"]), float(state["best_valid_ce"]), best_weights
+        best.step, best.weights = int(state["best_step"]), best_weights
+        best.scores = {k[5:]: float(v) for k, v in state.items() if k.startswith("best_valid_") and v is not None}
     return state
 
 
@@ -121,22 +123,34 @@ BEST_FILE = "best.safetensors"
 
 @dataclass
 class Best:
-    """``TrainConfig.keep_best``: the lowest validation CE so far, its step, and the trainable weights (or LoRA
-    adapter) it was measured on, by name on the CPU. Every checkpoint carries them, so a resumed run remembers them;
-    at the end they go back into the model, which is then what the stage saves."""
+    """``TrainConfig.keep_best``: the best validation so far by ``metric`` (``valid_ce``: the lowest; ``valid_chrf``:
+    the highest), its step, what was measured there (``scores``), and the trainable weights (or LoRA adapter) it was
+    measured on, by name on the CPU. Every checkpoint carries them, so a resumed run remembers them; at the end they
+    go back into the model, which is then what the stage saves."""
 
+    metric: str = "valid_ce"
     step: int | None = None
-    valid_ce: float | None = None
+    scores: dict[str, float] | None = None
     weights: dict[str, torch.Tensor] | None = None
 
-    def offer(self, step: int, valid_ce: float | None, model: Any, optimizer: Any) -> bool:
-        """Keep the model's weights if ``valid_ce`` is lower than every one before (the first of equal ones wins).
+    @property
+    def valid_ce(self) -> float | None:
+        return None if self.scores is None else self.scores.get("valid_ce")
+
+    def offer(self, step: int, scores: dict[str, float | None], model: Any, optimizer: Any) -> bool:
+        """Keep the model's weights if ``scores[metric]`` beats every one before (the first of equal ones wins).
         Under FSDP and DeepSpeed every process must call it (they gather the weights)."""
-        if valid_ce is None or not math.isfinite(valid_ce) or (self.valid_ce is not None and valid_ce >= self.valid_ce):
+        value = scores.get(self.metric)
+        if value is None or not math.isfinite(value):
             return False
+        if self.scores is not None:
+            before = self.scores[self.metric]
+            if (value <= before) if self.metric == "valid_chrf" else (value >= before):
+                return False
         trainable, _ = engines.trained_state(model, optimizer)
         # a copy: on the CPU the gathered tensors are the parameters themselves, which training goes on changing
-        self.step, self.valid_ce, self.weights = step, valid_ce, {n: t.clone() for n, t in trainable.items()}
+        self.step, self.weights = step, {n: t.clone() for n, t in trainable.items()}
+        self.scores = {k: float(v) for k, v in scores.items() if v is not None}
         return True
 
     def restore(self, model: Any, optimizer: Any) -> None:
@@ -146,11 +160,13 @@ class Best:
             engines.load_trained_state(model, optimizer, self.weights, opt_state)
 
     def state(self) -> dict[str, Any]:
-        return {"best_step": self.step, "best_valid_ce": self.valid_ce}
+        """``best_step`` and ``best_<measure>`` for each measure taken at that step (None before any)."""
+        scores = self.scores if self.scores is not None else {self.metric: None}
+        return {"best_step": self.step, **{f"best_{k}": v for k, v in scores.items()}}
 
     def summary(self, final_ce: float | None) -> dict[str, Any]:
-        """What a stage result records: the saved model's validation CE (the best; the final one when none was
-        measured), the best step and CE, and the final CE."""
+        """What a stage result records: the saved model's validation CE (the best's; the final one when none was
+        measured), the best step and its measures, and the final CE."""
         valid_ce = self.valid_ce if self.step is not None else final_ce
         return {"valid_ce": valid_ce, **self.state(), "final_valid_ce": final_ce}
 

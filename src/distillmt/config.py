@@ -401,11 +401,18 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
 def _validate_phases(cfg: ExperimentConfig) -> None:
     """What ``keep_best``, ``init_from`` (KD after fine-tuning) and the SFT_MORE row need from the other keys."""
     for section in ("train_teacher", "train_student"):
-        if getattr(cfg, section).keep_best and not getattr(cfg, section).eval_every:
+        t = getattr(cfg, section)
+        if t.keep_best and not t.eval_every:
             raise DistillmtError(
                 f"config key '{section}.keep_best' = true needs {section}.eval_every > 0: the best weights are picked "
                 "among the validations every eval_every steps"
             )
+        for key, value, default in (("select_by", t.select_by, "valid_ce"), ("patience", t.patience, 0)):
+            if value != default and not t.keep_best:
+                raise DistillmtError(
+                    f"config key '{section}.{key}' = {value} needs {section}.keep_best=true (it decides which "
+                    "validation is the best one)"
+                )
     scratch = cfg.teacher.model == "scratch"
     for section in ("hard_kd", "soft_kd", "gkd"):
         init = getattr(cfg, section).init_from

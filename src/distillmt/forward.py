@@ -206,7 +206,11 @@ class TrainingAttention:
             self.before = None  # not a transformers model, or nothing to switch
             return
         register_fp32_sdpa()
-        model.set_attn_implementation(FP32_SDPA)
+        self.apply()
+
+    def apply(self) -> None:
+        if self.before is not None:
+            self.model.set_attn_implementation(FP32_SDPA)
 
     def restore(self) -> None:
         if self.before is not None:

@@ -293,6 +293,9 @@ class Experiment:
             self.models.seed()
             valid = self.models.encode(tokenizer, self.split("valid"))
             run = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
+            if train_cfg.select_by == "valid_chrf":
+                run["score_valid"] = partial(valid_chrf, tokenizer, self.split("valid"), self.cfg.generate,
+                                             self.models.prompt, seed=self.cfg.seed)  # fmt: skip
             with open_trackers(self.cfg, name, settings, self.is_main) as trackers:
                 return train_and_save(model, tokenizer, (examples, valid), folder, train_cfg, objective,
                                       processes=self.processes, trackers=trackers, **run)  # fmt: skip
@@ -830,6 +833,19 @@ def compare_run_rows(
     sentences = {name: read_jsonl(root / f"evaluate_{name}" / "sentences.jsonl") for name in rows}
     return stats.compare_to_baseline(hyps, refs, baseline, sentence_scores=sentence_scores(sentences),
                                      bleu_tokenize=bleu_tokenize, n_samples=n_samples)  # fmt: skip
+
+
+def valid_chrf(
+    tokenizer: Any, pairs: list[data_mod.Pair], g: GenerateConfig, prompt: Any, model: Any, *, seed: int
+) -> float:
+    """chrF (sacrebleu's corpus chrF) of ``pairs``' sources translated by ``model`` as the test set will be (the
+    ``generate`` settings, in transformers whatever ``g.engine`` says: the model is the one in memory, mid-training):
+    the ``select_by=valid_chrf`` measure."""
+    from distillmt.generate import translate
+    from distillmt.metrics import chrf
+
+    hyps = translate(model, tokenizer, [p.src for p in pairs], g, seed=seed, progress=False, prompt=prompt).hypotheses
+    return chrf(hyps, [p.tgt for p in pairs])["score"]
 
 
 def train_and_save(

@@ -193,13 +193,29 @@ class TrainConfig:
         "keep the weights (or LoRA adapter) of the lowest validation CE, measured at the start, every eval_every "
         "steps and at the end, instead of the last ones (needs eval_every > 0)",
     )
+    select_by: str = setting(
+        "valid_ce",
+        "what keep_best and patience compare: valid_ce (validation cross-entropy, lower is better) or valid_chrf "
+        "(chrF of the validation split translated greedily with the generate settings, higher is better; one "
+        "translation of that split per validation). A student trained on a teacher's translations can score a "
+        "higher CE on the references while it translates better (Kim & Rush 2016): valid_chrf judges what is used",
+        choices=["valid_ce", "valid_chrf"],
+    )
+    patience: int = setting(
+        0,
+        "with keep_best: stop once this many validations in a row have not beaten the best so far (early stopping; "
+        "the schedule is not shortened); 0 = train the whole budget",
+        range=(0, None),
+    )
 
     def key_settings(self) -> dict[str, Any]:
-        """The fields that decide the trained model (what keys a training stage): all of them, ``keep_best`` only
-        when on (the key of a stage without it is unchanged by it)."""
+        """The fields that decide the trained model (what keys a training stage): all of them, ``keep_best``,
+        ``select_by`` and ``patience`` only when not at their defaults (the key of a stage without them is unchanged
+        by them)."""
         settings = dataclasses.asdict(self)
-        if not self.keep_best:
-            del settings["keep_best"]
+        for key, default in (("keep_best", False), ("select_by", "valid_ce"), ("patience", 0)):
+            if settings[key] == default:
+                del settings[key]
         return settings
 
 

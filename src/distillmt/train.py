@@ -189,14 +189,13 @@ class _MetricsLog:
         self.running, self.running_n = {}, 0
         return out
 
-    def log_step(self, step: int, *, summary: bool, valid_ce: float | None, **extra: Any) -> None:
+    def log_step(self, step: int, *, summary: bool, valid: dict[str, float | None] | None, **extra: Any) -> None:
         """One optimizer step's line, if it has anything to say: the running means (every ``log_every`` steps and
-        at the end, with ``extra``) and/or the validation loss."""
+        at the end, with ``extra``) and/or the validation measures (``valid_ce``, ``valid_chrf``)."""
         record: dict[str, Any] = {"step": step}
         if summary:
             record.update(self.means(), **extra)
-        if valid_ce is not None:
-            record["valid_ce"] = valid_ce
+        record.update({k: v for k, v in (valid or {}).items() if v is not None})
         if len(record) > 1:
             self.log(record)
 
@@ -479,7 +478,7 @@ def _prefix_shareable(model: Any, examples: list[dict], share_prefix: bool, desc
     return share_prefix
 
 
-def _best_of(cfg: TrainConfig) -> Best | None:
+def _best_of(cfg: TrainConfig, score_valid: Callable[[Any], float] | None) -> Best | None:
     """The record of the best weights so far when ``cfg.keep_best`` (None otherwise)."""
     if not cfg.keep_best:
         return None
@@ -487,30 +486,55 @@ def _best_of(cfg: TrainConfig) -> Best | None:
         raise DistillmtError(
             "keep_best needs eval_every > 0: the best weights are picked among the validations every eval_every steps"
         )
-    return Best()
+    if cfg.select_by == "valid_chrf" and score_valid is None:
+        raise DistillmtError("select_by=valid_chrf needs score_valid: a function that translates the validation split")
+    return Best(metric=cfg.select_by)
 
 
 class _Validation:
-    """The validation CE at a step; with ``best`` (``keep_best``) the weights of the lowest one so far are kept, and
-    :meth:`finish` puts them back into the model. The start is a candidate too: a second training phase (KD after
-    fine-tuning) may only make the model worse."""
+    """The validation measures at a step: the CE, and with ``score`` the chrF of the validation split's translations
+    (``score(model)``, run in eval mode with the model's own attention). With ``best`` (``keep_best``) the weights
+    of the best one so far are kept, and :meth:`finish` puts them back into the model. The start is a candidate too:
+    a second training phase (KD after fine-tuning) may only make the model worse."""
 
-    def __init__(self, measure: Callable[[], float | None], best: Best | None, model: Any, optimizer: Any):
-        self.measure, self.best, self.model, self.optimizer = measure, best, model, optimizer
+    def __init__(
+        self,
+        measure: Callable[[], float | None],
+        best: Best | None,
+        model: Any,
+        optimizer: Any,
+        score: Callable[[], float] | None = None,
+    ):
+        self.measure, self.best, self.model, self.optimizer, self.score = measure, best, model, optimizer, score
+        self.last: tuple[int, dict[str, float | None]] | None = None
 
-    def __call__(self, step: int) -> float | None:
-        ce = self.measure()
+    def __call__(self, step: int) -> dict[str, float | None]:
+        if self.last is not None and self.last[0] == step:  # the end of training, just validated
+            return self.last[1]
+        measured = {"valid_ce": self.measure()}
+        if self.score is not None:
+            measured["valid_chrf"] = self.score()
         if self.best is not None:
-            self.best.offer(step, ce, self.model, self.optimizer)
-        return ce
+            self.best.offer(step, measured, self.model, self.optimizer)
+        self.last = (step, measured)
+        return measured
 
     def start(self, step: int, metrics: _MetricsLog) -> None:
-        """With ``keep_best``, the validation CE of the starting weights, logged at step 0 (not again on resume)."""
+        """With ``keep_best``, the validation of the starting weights, logged at step 0 (not again on resume)."""
         if self.best is not None and step == 0:
-            metrics.log({"step": 0, "valid_ce": self(0)})
+            metrics.log({"step": 0, **self(0)})
+
+    def stalled(self, step: int, patience_steps: int) -> bool:
+        """Early stopping: the best is ``patience_steps`` or more behind ``step`` (never without ``patience``)."""
+        return (
+            bool(patience_steps)
+            and self.best is not None
+            and self.best.step is not None
+            and (step - self.best.step >= patience_steps)
+        )
 
     def record(self) -> dict[str, Any]:
-        """The best step and its CE for the last line of metrics.jsonl (nothing without ``keep_best``)."""
+        """The best step and its measures for the last line of metrics.jsonl (nothing without ``keep_best``)."""
         return self.best.state() if self.best is not None else {}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -551,16 +575,20 @@ def train(
     desc: str = "train",
     share_prefix: bool = True,
     trackers: Sequence[Any] = (),
+    score_valid: Callable[[Any], float] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenised examples ({"input_ids", "labels"}) with the budget and optimizer of
     ``cfg``: CE on the labels, or logit KD with ``objective``. Resumes from the newest usable checkpoint in
     ``out_dir``, where checkpoints and metrics go; returns a summary (steps, losses, tokens/s). ``share_prefix``: the
     prompt prefix all examples share runs once per micro-batch (:class:`distillmt.forward.PrefixCache`).
     ``trackers``: started accelerate trackers (:func:`distillmt.tracking.tracker_run`) that also get every record of
-    metrics.jsonl at its step, from the main process; the caller finishes them."""
+    metrics.jsonl at its step, from the main process; the caller finishes them. ``score_valid(model)``: the chrF of
+    the validation split translated by the (unwrapped) model, measured at every validation when given; needed by
+    ``cfg.select_by=valid_chrf``. With ``cfg.patience``, training stops once the best validation is that many
+    validations behind (the summary then says ``stopped_early``)."""
     if not train_examples:
         raise DistillmtError("no training examples")
-    best = _best_of(cfg)
+    best = _best_of(cfg, score_valid)
     ckpt_dir = Path(out_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -582,14 +610,28 @@ def train(
 
     measure = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
                       device=dev, share_prefix=share_prefix)  # fmt: skip
-    valid_ce = _Validation(measure, best, unwrapped, optimizer)
+    if score_valid is not None and engines.sharded(model):
+        raise DistillmtError("translating the validation split while training is not supported under FSDP or DeepSpeed")
+
+    def score() -> float:
+        # the model as it translates after training: eval mode (no dropout), its own attention
+        attention.restore()
+        unwrapped.eval()
+        try:
+            return score_valid(unwrapped)
+        finally:
+            unwrapped.train()
+            attention.apply()
+
+    validate = _Validation(measure, best, unwrapped, optimizer, score if score_valid is not None else None)
     prefix = PrefixCache(shared_prefix(train_examples) if share_prefix else [], frozen=False)
 
     # --- resume
     p, resumed_from = resume(ckpt_dir, unwrapped, optimizer, scheduler, total_steps, best)
     metrics = _MetricsLog(ckpt_dir.parent, p.step, write=accelerator.is_main_process, trackers=trackers)
     save = partial(save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler, accelerator=accelerator, best=best)
-    valid_ce.start(p.step, metrics)
+    validate.start(p.step, metrics)
+    stopped_early = False
 
     # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()
@@ -611,14 +653,20 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{p.tokens_per_s:.0f}")
             metrics.add(stats)
+            valid = validate(p.step) if cfg.eval_every and p.step % cfg.eval_every == 0 else None
             metrics.log_step(
                 p.step,
                 summary=p.step % cfg.log_every == 0 or p.step == total_steps,
-                valid_ce=valid_ce(p.step) if cfg.eval_every and p.step % cfg.eval_every == 0 else None,
+                valid=valid,
                 lr=scheduler.get_last_lr()[0],
                 tokens_per_s=p.tokens_per_s,
                 on_policy=on_policy,
             )
+            if valid is not None and p.step < total_steps and validate.stalled(p.step, cfg.patience * cfg.eval_every):
+                log.info("%s: stopped early at step %d of %d: no better validation since step %d", desc, p.step,
+                         total_steps, best.step)  # fmt: skip
+                stopped_early = True
+                break
             if cfg.save_every and p.step % cfg.save_every == 0 and p.step < total_steps:
                 save(asdict(p))
     except KeyboardInterrupt:
@@ -627,7 +675,10 @@ def train(
     finally:
         bar.close()
         attention.restore()
-    final_ce = valid_ce(p.step)
-    metrics.log({"step": p.step, "valid_ce": final_ce, **valid_ce.record()})
+    final = validate(p.step)
+    metrics.log({"step": p.step, **final, **validate.record()})
     save(asdict(p))
-    return valid_ce.finish(p.summary(final_ce, resumed_from))
+    summary = p.summary(final["valid_ce"], resumed_from)
+    if stopped_early:
+        summary.update(stopped_early=True, planned_steps=total_steps)
+    return validate.finish(summary)
