@@ -110,7 +110,7 @@ def test_a_pipeline_student_selected_by_the_chrf_of_its_validation_translations(
     sacrebleu's chrF), keeps the best chrF's weights, and records it in its stage result."""
     every = "train_student={max_steps: 3, batch_size: 8, save_every: 0, log_every: 1, eval_every: 1, keep_best: true, "
     cfg = micro_cfg(tmp_path, "systems=[STUDENT]", every + "select_by: valid_chrf, patience: 5}")
-    run_experiment(cfg, progress=False)
+    report = run_experiment(cfg, progress=False)
     stage = tmp_path / "micro" / "train_student"
     result = read_json(stage / "stage.json")["result"]
     chrfs = {r["step"]: r["valid_chrf"] for r in records(stage) if "valid_chrf" in r}
@@ -118,3 +118,6 @@ def test_a_pipeline_student_selected_by_the_chrf_of_its_validation_translations(
     best = max(chrfs, key=lambda s: (chrfs[s], -s))  # the first of equal ones wins
     assert result["best_step"] == best and result["best_valid_chrf"] == chrfs[best]
     assert read_json(stage / "stage.json")["settings"]["train"]["select_by"] == "valid_chrf"
+    assert report["systems"]["STUDENT"]["settings"].endswith(
+        "; the weights of its highest validation chrF, stopped once the best was 5 validations behind"
+    )

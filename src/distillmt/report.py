@@ -39,6 +39,7 @@ from distillmt.plots import (
 
 if TYPE_CHECKING:
     from distillmt.config import ExperimentConfig
+    from distillmt.sections import TrainConfig
 
 PLOTS_FOLDER = "plots"
 
@@ -281,11 +282,24 @@ def describe_system(cfg: ExperimentConfig, name: str) -> str:
     a KD row's student started when not fresh)."""
     if name not in systems.BY_NAME:
         raise DistillmtError(f"unknown system {name!r}; known: {', '.join(systems.NAMES)}")
-    section = systems.get(name).init_from
+    system = systems.get(name)
+    section = system.init_from
     init = getattr(cfg, section).init_from if section else "none"
+    line = _describe(cfg, name)
     if init != "none":
-        return f"{_describe(cfg, name)}; starting from {init} (train_student's model), a fresh optimizer and schedule"
-    return _describe(cfg, name)
+        line += f"; starting from {init} (train_student's model), a fresh optimizer and schedule"
+    if not system.base or cfg.teacher.model == "scratch":  # a trained row
+        line += _selection(cfg.train_teacher if system.side == "teacher" else cfg.train_student)
+    return line
+
+
+def _selection(t: TrainConfig) -> str:
+    """How a trained row's weights were chosen, when not by the default rule (the line is unchanged otherwise)."""
+    if not t.keep_best or (t.select_by == "valid_ce" and not t.patience):
+        return ""
+    what = {"valid_ce": "lowest validation CE", "valid_chrf": "highest validation chrF"}[t.select_by]
+    stop = f", stopped once the best was {t.patience} validations behind" if t.patience else ""
+    return f"; the weights of its {what}{stop}"
 
 
 def _describe(cfg: ExperimentConfig, name: str) -> str:
@@ -293,7 +307,8 @@ def _describe(cfg: ExperimentConfig, name: str) -> str:
         start = "STUDENT" if cfg.teacher.model == "scratch" else "STUDENT_PEFT"
         t = cfg.train_student
         return (
-            f"{start} (train_student's model) fine-tuned on the references for {t.max_steps} more steps (a fresh "
+            f"{start} (train_student's model) fine-tuned on the references for {'up to ' if t.patience else ''}"
+            f"{t.max_steps} more steps (a fresh "
             "optimizer and schedule): the equal-compute baseline of the KD rows that start from it"
         )
     if name == "HLKD":
