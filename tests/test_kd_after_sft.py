@@ -163,6 +163,18 @@ def test_gkd_trains_with_its_own_divergence_where_set():
     assert Objective(kd, VOCAB, teacher=object(), gkd=GKDConfig()).divergence_args()["divergence"] == "forward_kl"
     rkl = Objective(kd, VOCAB, teacher=object(), gkd=GKDConfig(divergence="reverse_kl")).divergence_args()
     assert (rkl["divergence"], rkl["beta"]) == ("reverse_kl", 0.5)
+    hot = SoftKDConfig(temperature=2.0)
+    assert Objective(hot, VOCAB, teacher=object(), gkd=GKDConfig()).divergence_args()["temperature"] == 2.0
+    own_t = Objective(hot, VOCAB, teacher=object(), gkd=GKDConfig(kd_temperature=1.0))
+    assert own_t.divergence_args()["temperature"] == 1.0 and own_t.weights(on_policy=True) == (0.0, 1.0)
+
+
+@pytest.mark.unit
+def test_gkds_own_kd_temperature_keys_only_gkd(tmp_path):
+    default = keys_of(micro_cfg(tmp_path), *KD_STAGES)
+    assert keys_of(micro_cfg(tmp_path, "gkd.kd_temperature=null"), *KD_STAGES) == default
+    own = keys_of(micro_cfg(tmp_path, "gkd.kd_temperature=1.0"), *KD_STAGES)
+    assert {k for k in default if own[k] != default[k]} == {"train_gkd"}
 
 
 @pytest.mark.unit

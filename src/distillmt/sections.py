@@ -385,14 +385,24 @@ class GKDConfig:
         choices=["soft_kd", *DIVERGENCES],
     )
     beta: float | None = setting(None, "GKD's jsd / skew_kl coefficient; unset: soft_kd.beta", range=(0.0, 1.0))
+    kd_temperature: float | None = setting(
+        None, "GKD's KD softmax temperature; unset: soft_kd.temperature", range=(1e-4, 100.0)
+    )
     init_from: str = init_from_setting("GKD")
 
     def objective(self, kd: SoftKDConfig) -> SoftKDConfig:
-        """The soft-label settings GKD trains with: ``kd`` with this section's divergence and beta where set."""
+        """The soft-label settings GKD trains with: ``kd`` with this section's divergence, beta and KD temperature
+        where set (on-policy steps drop the CE term whatever ``kd.alpha`` says: see ``Objective.weights``)."""
         divergence = kd.divergence if self.divergence == "soft_kd" else self.divergence
-        return dataclasses.replace(kd, divergence=divergence, beta=kd.beta if self.beta is None else self.beta)
+        return dataclasses.replace(
+            kd,
+            divergence=divergence,
+            beta=kd.beta if self.beta is None else self.beta,
+            temperature=kd.temperature if self.kd_temperature is None else self.kd_temperature,
+        )
 
     def key_settings(self) -> dict[str, Any]:
         """The fields that key the GKD stage besides its objective (:meth:`objective`, keyed on its own) and its
         start (keyed with the stage it starts from): those of the first GKD, so its key is unchanged."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("divergence", "beta", "init_from")}
+        own = ("divergence", "beta", "kd_temperature", "init_from")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
