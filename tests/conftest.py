@@ -238,3 +238,21 @@ def random_examples(n: int = 8, seed: int = 0, vocab: int = 40) -> list[dict]:
         t = torch.randint(3, vocab, (2 + i % 4,), generator=g).tolist() + [1]
         out.append({"input_ids": p + t, "labels": [-100] * len(p) + t})
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_folder(tmp_path_factory) -> str:
+    """A tiny Qwen2 model saved with its tokenizer, as a pretrained model's folder is."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from distillmt.models import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrained")
+    texts = ["I like tea.", "我喜欢茶。", "The sea is big.", "大海很大。", "English: Chinese:"] * 4
+    tok = train_bpe_tokenizer(texts, 300, root / "model")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(str(root / "model"), safe_serialization=True)
+    return str(root / "model")

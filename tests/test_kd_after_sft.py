@@ -238,24 +238,6 @@ def test_label_length_counts_only_sources_with_a_reference(tmp_path):
     assert label_length(tmp_path, ["extra.jsonl"])["ratio"] is None
 
 
-@pytest.fixture(scope="module")
-def pretrained_folder(tmp_path_factory) -> str:
-    """A tiny Qwen2 model saved with its tokenizer, as a pretrained model's folder is."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from distillmt.models import train_bpe_tokenizer
-
-    root = tmp_path_factory.mktemp("pretrained")
-    texts = ["I like tea.", "我喜欢茶。", "The sea is big.", "大海很大。", "English: Chinese:"] * 4
-    tok = train_bpe_tokenizer(texts, 300, root / "model")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(str(root / "model"), safe_serialization=True)
-    return str(root / "model")
-
-
 def test_a_lora_student_continues_train_students_adapter(tmp_path, pretrained_folder):
     """Pretrained models with LoRA: SLKD with soft_kd.init_from=STUDENT_PEFT loads the adapter train_student saved
     as a trainable adapter (not merged), starts at its validation CE and saves an adapter again."""

@@ -121,3 +121,41 @@ def test_a_pipeline_student_selected_by_the_chrf_of_its_validation_translations(
     assert report["systems"]["STUDENT"]["settings"].endswith(
         "; the weights of its highest validation chrF, stopped once the best was 5 validations behind"
     )
+
+
+def test_a_lora_models_validation_translates_as_its_row_will(tmp_path, pretrained_folder):
+    """A LoRA model in training is scored with its adapter merged into a plain copy of the base model: the chrF equals
+    that of the saved adapter loaded as a row is (merged), and the model in training is left untouched."""
+    from functools import partial
+
+    from distillmt.generate import translate
+    from distillmt.metrics import chrf
+    from distillmt.models import load_trained, save_trained
+    from distillmt.pipeline import Experiment, ValidChrF, hold
+
+    lora = "student.lora={enabled: true, r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}"
+    models = [f"teacher.model={pretrained_folder}", f"student.model={pretrained_folder}", "teacher.dtype=float32",
+              "student.dtype=float32", lora]  # fmt: skip
+    cfg = micro_cfg(tmp_path, *models, "systems=[STUDENT_PEFT]")
+    exp = Experiment(cfg, progress=False)
+    with hold(exp):
+        exp.stage_data()
+    tok, valid = exp.models.tokenizer(), exp.split("valid")
+    model = exp.models.new_trainable(cfg.student, tok)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter is zero: give it something to merge
+            p.data.normal_(0.0, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = cfg.generate
+    score = ValidChrF(tok, valid, g, exp.models.prompt, seed=0, base=partial(exp.models.base_model, cfg.student))
+    measured = score(model)
+    assert hasattr(model, "merge_and_unload")  # still the peft model, adapter unmerged, weights unchanged
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+    save_trained(model, tok, tmp_path / "adapter")
+    row = load_trained(pretrained_folder, tmp_path / "adapter", dtype=torch.float32, device="cpu", merge=True)
+    hyps = translate(row, tok, [p.src for p in valid], g, seed=0, progress=False, prompt=exp.models.prompt)
+    assert sum(map(len, hyps.hypotheses)) > 0  # something was translated
+    assert measured == chrf(hyps.hypotheses, [p.tgt for p in valid])["score"]
+    assert score(model) == measured  # the second call reuses the plain copy

@@ -74,6 +74,12 @@ class Models:
 
         return pick_dtype(m.dtype, self.device, scratch=self.scratch)
 
+    def base_model(self, m: ModelConfig) -> Any:
+        """Model section ``m``'s pretrained model as it is (no adapter), in its dtype, on the device."""
+        from distillmt.models import load_model
+
+        return load_model(m.model, dtype=self.dtype(m), device=self.device)
+
     def tokenizer(self, side: str = "student") -> Any:
         """The tokenizer of ``side``'s model (``student`` or ``teacher``): each pretrained model's own, or the BPE
         tokenizer that models built from scratch share."""
@@ -96,7 +102,7 @@ class Models:
     def new_trainable(self, m: ModelConfig, tokenizer: Any, start: Path | None = None) -> Any:
         """A model ready to train: built from scratch, or a pretrained one with LoRA (or all weights) trainable; with
         ``start``, the model a training stage saved there, to train further (:meth:`continued`)."""
-        from distillmt.models import apply_lora, build_scratch_model, load_model
+        from distillmt.models import apply_lora, build_scratch_model
 
         self.seed()  # LoRA's random init must not depend on which stages ran before in this process
         if start is not None:
@@ -105,7 +111,7 @@ class Models:
             max_positions = self.cfg.data.max_source_tokens + self.cfg.data.max_target_tokens + 8
             model = build_scratch_model(tokenizer, **asdict(m.scratch), seed=self.cfg.seed, max_positions=max_positions)
         else:
-            model = load_model(m.model, dtype=self.dtype(m), device=self.device)
+            model = self.base_model(m)
         if m.lora.enabled:
             lora = m.lora
             model = apply_lora(
@@ -124,7 +130,7 @@ class Models:
         from peft import PeftModel
 
         check_adapter_dir(saved)
-        base = load_model(m.model, dtype=self.dtype(m), device=self.device)
+        base = self.base_model(m)
         return PeftModel.from_pretrained(base, str(saved), is_trainable=True).to(self.device)
 
     def model_settings(self, m: ModelConfig) -> dict[str, Any]:
@@ -184,12 +190,12 @@ class Models:
 
     def load_system(self, system: systems.System) -> Any:
         """The model behind a results row: a base model, or what a training stage saved (adapter or full weights)."""
-        from distillmt.models import load_model, load_trained
+        from distillmt.models import load_trained
 
         m = getattr(self.cfg, system.side)
         stage = system.trained_stage(self.scratch)
         if stage is None:
-            return load_model(m.model, dtype=self.dtype(m), device=self.device)
+            return self.base_model(m)
         return load_trained(m.model, self.root / stage / "model", dtype=self.dtype(m), device=self.device, merge=True)
 
     def objective(
@@ -294,8 +300,8 @@ class Experiment:
             valid = self.models.encode(tokenizer, self.split("valid"))
             run = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
             if train_cfg.select_by == "valid_chrf":
-                run["score_valid"] = partial(valid_chrf, tokenizer, self.split("valid"), self.cfg.generate,
-                                             self.models.prompt, seed=self.cfg.seed)  # fmt: skip
+                run["score_valid"] = ValidChrF(tokenizer, self.split("valid"), self.cfg.generate, self.models.prompt,
+                                               seed=self.cfg.seed, base=partial(self.models.base_model, m))  # fmt: skip
             with open_trackers(self.cfg, name, settings, self.is_main) as trackers:
                 return train_and_save(model, tokenizer, (examples, valid), folder, train_cfg, objective,
                                       processes=self.processes, trackers=trackers, **run)  # fmt: skip
@@ -835,17 +841,34 @@ def compare_run_rows(
                                      bleu_tokenize=bleu_tokenize, n_samples=n_samples)  # fmt: skip
 
 
-def valid_chrf(
-    tokenizer: Any, pairs: list[data_mod.Pair], g: GenerateConfig, prompt: Any, model: Any, *, seed: int
-) -> float:
-    """chrF (sacrebleu's corpus chrF) of ``pairs``' sources translated by ``model`` as the test set will be (the
-    ``generate`` settings, in transformers whatever ``g.engine`` says: the model is the one in memory, mid-training):
-    the ``select_by=valid_chrf`` measure."""
-    from distillmt.generate import translate
-    from distillmt.metrics import chrf
+class ValidChrF:
+    """The ``select_by=valid_chrf`` measure of a model in training: sacrebleu's corpus chrF of ``pairs``' sources
+    translated as the test set will be (the ``generate`` settings, in transformers whatever ``g.engine`` says: the
+    model is the one in memory). A LoRA model translates as its row will, its adapter merged into a plain copy of the
+    base model (``base()`` loads it, once), since the peft-wrapped object decodes several times slower on a CPU (see
+    :func:`distillmt.models.load_model`); the model in training is left as it is."""
 
-    hyps = translate(model, tokenizer, [p.src for p in pairs], g, seed=seed, progress=False, prompt=prompt).hypotheses
-    return chrf(hyps, [p.tgt for p in pairs])["score"]
+    def __init__(
+        self, tokenizer: Any, pairs: list[data_mod.Pair], g: GenerateConfig, prompt: Any, *, seed: int, base: Callable
+    ):
+        self.tokenizer, self.pairs, self.g, self.prompt, self.seed, self.base = tokenizer, pairs, g, prompt, seed, base
+        self.plain: Any = None
+
+    def __call__(self, model: Any) -> float:
+        import copy
+
+        from distillmt.generate import translate
+        from distillmt.metrics import chrf
+
+        if hasattr(model, "merge_and_unload"):  # a peft model
+            merged = copy.deepcopy(model).merge_and_unload().state_dict()
+            self.plain = self.plain if self.plain is not None else self.base()
+            self.plain.load_state_dict(merged)
+            del merged
+            model = self.plain
+        sources = [p.src for p in self.pairs]
+        hyps = translate(model, self.tokenizer, sources, self.g, seed=self.seed, progress=False, prompt=self.prompt)
+        return chrf(hyps.hypotheses, [p.tgt for p in self.pairs])["score"]
 
 
 def train_and_save(
