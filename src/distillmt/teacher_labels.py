@@ -68,9 +68,8 @@ def build_teacher_labels(
     processes. A shard's content does not depend on which process wrote it (its seed is its index), so the labels
     equal one process's.
 
-    ``workers`` > 1 (one process only): that many fresh processes write the missing shards side by side (worker
-    ``w`` of ``W``: the missing shards ``w, w + W, ...`` in order, with ``only=`` their indices, so a resumed stage
-    splits what is left evenly), each with its share of the threads; the same labels.
+    ``workers`` > 1 (one process only): that many fresh processes write the missing shards side by side, each its
+    turn of them (``only=`` their indices) with its share of the threads; the same labels.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
