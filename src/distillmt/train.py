@@ -503,16 +503,33 @@ class _Validation:
         best: Best | None,
         model: Any,
         optimizer: Any,
-        score: Callable[[], float] | None = None,
+        score_valid: Callable[[Any], float] | None = None,
+        attention: TrainingAttention | None = None,
     ):
-        self.measure, self.best, self.model, self.optimizer, self.score = measure, best, model, optimizer, score
+        if score_valid is not None and engines.sharded(model):
+            raise DistillmtError("translating the validation split while training is not supported under FSDP")
+        self.measure, self.best, self.model, self.optimizer = measure, best, model, optimizer
+        self.score_valid, self.attention = score_valid, attention
         self.last: tuple[int, dict[str, float | None]] | None = None
+        self.planned_steps: int | None = None  # set when training stopped early
+
+    def score(self) -> float:
+        # the model as it translates after training: eval mode (no dropout), its own attention
+        if self.attention is not None:
+            self.attention.restore()
+        self.model.eval()
+        try:
+            return self.score_valid(self.model)
+        finally:
+            self.model.train()
+            if self.attention is not None:
+                self.attention.apply()
 
     def __call__(self, step: int) -> dict[str, float | None]:
         if self.last is not None and self.last[0] == step:  # the end of training, just validated
             return self.last[1]
         measured = {"valid_ce": self.measure()}
-        if self.score is not None:
+        if self.score_valid is not None:
             measured["valid_chrf"] = self.score()
         if self.best is not None:
             self.best.offer(step, measured, self.model, self.optimizer)
@@ -524,14 +541,16 @@ class _Validation:
         if self.best is not None and step == 0:
             metrics.log({"step": 0, **self(0)})
 
-    def stalled(self, step: int, patience_steps: int) -> bool:
+    def stalled(self, step: int, patience_steps: int, total_steps: int, desc: str) -> bool:
         """Early stopping: the best is ``patience_steps`` or more behind ``step`` (never without ``patience``)."""
-        return (
-            bool(patience_steps)
-            and self.best is not None
-            and self.best.step is not None
-            and (step - self.best.step >= patience_steps)
+        best = self.best.step if self.best is not None else None
+        if not patience_steps or best is None or step - best < patience_steps or step >= total_steps:
+            return False
+        log.info(
+            "%s: stopped early at step %d of %d: no better validation since step %d", desc, step, total_steps, best
         )
+        self.planned_steps = total_steps
+        return True
 
     def record(self) -> dict[str, Any]:
         """The best step and its measures for the last line of metrics.jsonl (nothing without ``keep_best``)."""
@@ -539,7 +558,10 @@ class _Validation:
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The training summary; with ``keep_best`` the best weights back in the model, and the figures of
-        :meth:`Best.summary` (``valid_ce`` is then the saved model's)."""
+        :meth:`Best.summary` (``valid_ce`` is then the saved model's); ``stopped_early`` and ``planned_steps`` when it
+        stopped early."""
+        if self.planned_steps is not None:
+            summary = {**summary, "stopped_early": True, "planned_steps": self.planned_steps}
         if self.best is None:
             return summary
         self.best.restore(self.model, self.optimizer)
@@ -583,9 +605,7 @@ def train(
     prompt prefix all examples share runs once per micro-batch (:class:`distillmt.forward.PrefixCache`).
     ``trackers``: started accelerate trackers (:func:`distillmt.tracking.tracker_run`) that also get every record of
     metrics.jsonl at its step, from the main process; the caller finishes them. ``score_valid(model)``: the chrF of
-    the validation split translated by the (unwrapped) model, measured at every validation when given; needed by
-    ``cfg.select_by=valid_chrf``. With ``cfg.patience``, training stops once the best validation is that many
-    validations behind (the summary then says ``stopped_early``)."""
+    the validation split's translations, for ``cfg.select_by=valid_chrf`` (see ``_Validation``)."""
     if not train_examples:
         raise DistillmtError("no training examples")
     best = _best_of(cfg, score_valid)
@@ -610,20 +630,7 @@ def train(
 
     measure = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
                       device=dev, share_prefix=share_prefix)  # fmt: skip
-    if score_valid is not None and engines.sharded(model):
-        raise DistillmtError("translating the validation split while training is not supported under FSDP or DeepSpeed")
-
-    def score() -> float:
-        # the model as it translates after training: eval mode (no dropout), its own attention
-        attention.restore()
-        unwrapped.eval()
-        try:
-            return score_valid(unwrapped)
-        finally:
-            unwrapped.train()
-            attention.apply()
-
-    validate = _Validation(measure, best, unwrapped, optimizer, score if score_valid is not None else None)
+    validate = _Validation(measure, best, unwrapped, optimizer, score_valid, attention)
     prefix = PrefixCache(shared_prefix(train_examples) if share_prefix else [], frozen=False)
 
     # --- resume
@@ -631,7 +638,6 @@ def train(
     metrics = _MetricsLog(ckpt_dir.parent, p.step, write=accelerator.is_main_process, trackers=trackers)
     save = partial(save_checkpoint, ckpt_dir, unwrapped, optimizer, scheduler, accelerator=accelerator, best=best)
     validate.start(p.step, metrics)
-    stopped_early = False
 
     # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()
@@ -662,10 +668,7 @@ def train(
                 tokens_per_s=p.tokens_per_s,
                 on_policy=on_policy,
             )
-            if valid is not None and p.step < total_steps and validate.stalled(p.step, cfg.patience * cfg.eval_every):
-                log.info("%s: stopped early at step %d of %d: no better validation since step %d", desc, p.step,
-                         total_steps, best.step)  # fmt: skip
-                stopped_early = True
+            if valid is not None and validate.stalled(p.step, cfg.patience * cfg.eval_every, total_steps, desc):
                 break
             if cfg.save_every and p.step % cfg.save_every == 0 and p.step < total_steps:
                 save(asdict(p))
@@ -678,7 +681,4 @@ def train(
     final = validate(p.step)
     metrics.log({"step": p.step, **final, **validate.record()})
     save(asdict(p))
-    summary = p.summary(final["valid_ce"], resumed_from)
-    if stopped_early:
-        summary.update(stopped_early=True, planned_steps=total_steps)
-    return validate.finish(summary)
+    return validate.finish(p.summary(final["valid_ce"], resumed_from))
