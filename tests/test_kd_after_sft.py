@@ -267,3 +267,21 @@ def test_a_lora_student_continues_train_students_adapter(tmp_path, pretrained_fo
     # a fresh adapter starts at zero; the loaded one does not
     assert all(float(p.detach().abs().sum()) == 0.0 for p in lora_b)
     assert any(float(p.detach().abs().sum()) > 0.0 for n, p in trainable.items() if "lora_B" in n)
+
+
+def test_a_second_phase_takes_its_own_steps(tmp_path):
+    """train_student.phase2_max_steps: SFT_MORE and a KD row that continues train_student's model take that many
+    steps, train_student its own; the setting keys only the second-phase stages."""
+    default = keys_of(micro_cfg(tmp_path, "hard_kd.init_from=STUDENT"), *KD_STAGES)
+    two = keys_of(micro_cfg(tmp_path, "hard_kd.init_from=STUDENT", "train_student.phase2_max_steps=2"), *KD_STAGES)
+    assert {k for k in default if two[k] != default[k]} == {"train_hlkd"}  # SLKD, GKD start fresh here
+    cfg = micro_cfg(tmp_path, "systems=[HLKD,SFT_MORE]", "hard_kd.init_from=STUDENT", BEST_EVERY_STEP,
+                    "train_student.phase2_max_steps=2", "name=p2")  # fmt: skip
+    report = run_experiment(cfg, progress=False)
+    root = tmp_path / "p2"
+    assert read_json(root / "train_student" / "stage.json")["result"]["steps"] == 3
+    for stage in ("train_hlkd", "train_sft_more"):
+        assert read_json(root / stage / "stage.json")["result"]["steps"] == 2
+    assert "for 2 more steps" in report["systems"]["SFT_MORE"]["settings"]
+    with pytest.raises(DistillmtError, match="'train_teacher.phase2_max_steps' is for train_student"):
+        load_config(None, ["train_teacher.phase2_max_steps=5"])

@@ -141,7 +141,9 @@ class ExperimentConfig:
     student: ModelConfig = setting(_default_student, "student model")
     train_teacher: TrainConfig = setting(_default_train_teacher, "teacher fine-tuning (TEACHER / TEACHER_PEFT)")
     train_student: TrainConfig = setting(
-        _default_train_student, "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD, SFT_MORE"
+        _default_train_student,
+        "student training: one budget for STUDENT(_PEFT), HLKD, SLKD, GKD, SFT_MORE (phase2_max_steps: the steps of "
+        "the rows that continue train_student's model)",
     )
     generate: GenerateConfig = setting(GenerateConfig, "decoding of the test set")
     eval: EvalConfig = setting(EvalConfig, "metrics")
@@ -426,7 +428,11 @@ def _validate_phases(cfg: ExperimentConfig) -> None:
                 f"config key '{section}.init_from' = STUDENT: with pretrained models STUDENT is the base model used "
                 "zero-shot; use STUDENT_PEFT (what train_student saved) or none (a fresh student)"
             )
-    if "SFT_MORE" in cfg.systems and not cfg.train_student.max_steps:
+    if cfg.train_teacher.phase2_max_steps:
+        raise DistillmtError(
+            "config key 'train_teacher.phase2_max_steps' is for train_student: no row continues the teacher's model"
+        )
+    if "SFT_MORE" in cfg.systems and not cfg.train_student.phase2().max_steps:
         raise DistillmtError(
             "system SFT_MORE needs train_student.max_steps > 0: it takes as many optimizer steps as a KD phase, and "
             "with epochs a KD row's steps would follow the size of its data (labels, extra sources)"

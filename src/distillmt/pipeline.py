@@ -292,6 +292,8 @@ class Experiment:
         an optimizer and schedule of its own."""
         m, train_cfg = m or self.cfg.student, train_cfg or self.cfg.train_student
         start = None if init == "none" else self.run.root / "train_student" / "model"
+        if start is not None:  # a second phase
+            train_cfg = train_cfg.phase2()
 
         def run(folder: Path) -> dict[str, Any]:
             tokenizer = self.models.tokenizer("teacher" if m is self.cfg.teacher else "student")

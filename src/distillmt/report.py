@@ -305,7 +305,7 @@ def _selection(t: TrainConfig) -> str:
 def _describe(cfg: ExperimentConfig, name: str) -> str:
     if name == "SFT_MORE":
         start = "STUDENT" if cfg.teacher.model == "scratch" else "STUDENT_PEFT"
-        t = cfg.train_student
+        t = cfg.train_student.phase2()
         return (
             f"{start} (train_student's model) fine-tuned on the references for {'up to ' if t.patience else ''}"
             f"{t.max_steps} more steps (a fresh "

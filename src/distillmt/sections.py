@@ -207,16 +207,28 @@ class TrainConfig:
         "the schedule is not shortened); 0 = train the whole budget",
         range=(0, None),
     )
+    phase2_max_steps: int = setting(
+        0,
+        "train_student only: optimizer steps of a second phase, the rows that continue train_student's model "
+        "(SFT_MORE, and KD rows with init_from set), each with a schedule of its own over them; 0 = max_steps. Lets "
+        "the fine-tuned student anneal over a short budget while KD phases run through many teacher labels",
+        range=(0, None),
+    )
 
     def key_settings(self) -> dict[str, Any]:
         """The fields that decide the trained model (what keys a training stage): all of them, ``keep_best``,
         ``select_by`` and ``patience`` only when not at their defaults (the key of a stage without them is unchanged
-        by them)."""
+        by them), ``phase2_max_steps`` never."""
         settings = dataclasses.asdict(self)
+        del settings["phase2_max_steps"]  # a second phase's own steps key it as its max_steps (``phase2``)
         for key, default in (("keep_best", False), ("select_by", "valid_ce"), ("patience", 0)):
             if settings[key] == default:
                 del settings[key]
         return settings
+
+    def phase2(self) -> TrainConfig:
+        """The budget of a second phase: these settings, with ``phase2_max_steps`` as max_steps where set."""
+        return dataclasses.replace(self, max_steps=self.phase2_max_steps or self.max_steps, phase2_max_steps=0)
 
 
 @dataclass
