@@ -159,3 +159,74 @@ def test_a_lora_models_validation_translates_as_its_row_will(tmp_path, pretraine
     assert sum(map(len, hyps.hypotheses)) > 0  # something was translated
     assert measured == chrf(hyps.hypotheses, [p.tgt for p in valid])["score"]
     assert score(model) == measured  # the second call reuses the plain copy
+
+
+@pytest.mark.unit
+def test_a_merged_copy_holds_the_weights_peft_merges_to_in_bf16(pretrained_folder):
+    """MergedCopy writes each adapted weight as peft's merge does (bf16 base plus the fp32 delta, in place): the copy
+    equals merge_and_unload of a deep copy bit for bit, and the model in training keeps its unmerged adapter."""
+    import copy
+
+    from distillmt.models import MergedCopy, apply_lora, load_model
+
+    def base():
+        return load_model(pretrained_folder, dtype=torch.bfloat16, device=torch.device("cpu"))
+
+    model = apply_lora(base(), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data.normal_(0.0, 0.3)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    merged = MergedCopy(base)
+    plain = merged(model)
+    assert not hasattr(plain, "merge_and_unload") and not plain.training
+    got = plain.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert hasattr(model, "merge_and_unload") and any("lora_A" in n for n, _ in model.named_parameters())
+    for name, p in model.named_parameters():  # training moves the adapter: the next call follows it
+        if "lora_B" in name:
+            p.data.zero_()
+    assert all(torch.equal(merged(model).state_dict()[k], v) for k, v in base().state_dict().items())
+
+
+@pytest.mark.unit
+def test_gkd_samples_from_the_objectives_sampler():
+    from distillmt.sections import GKDConfig, SoftKDConfig
+    from distillmt.train import Objective, _on_policy_examples
+
+    student, other = build_tiny_qwen(VOCAB, seed=0, pad_token_id=0), build_tiny_qwen(VOCAB, seed=5, pad_token_id=0)
+    given = []
+
+    def sampler(model):
+        given.append(model)
+        return other
+
+    kd, gkd = SoftKDConfig(), GKDConfig(lmbda=1.0, max_new_tokens=6)
+    examples = random_examples(4, 2)
+    outs = []
+    for s in (None, sampler, lambda m: m):
+        objective = Objective(kd, VOCAB, teacher=object(), gkd=gkd, end_token_id=1, sampler=s)
+        torch.manual_seed(0)
+        outs.append(_on_policy_examples(student, examples, objective, 0, "cpu"))
+    assert given == [student]
+    assert outs[2] == outs[0] != outs[1]  # the sampler's model wrote the targets
+
+
+def test_a_lora_gkd_objective_samples_from_a_merged_copy(tmp_path, pretrained_folder):
+    from distillmt.models import MergedCopy
+    from distillmt.pipeline import Experiment, hold
+
+    lora = "student.lora={enabled: true, r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}"
+    models = [f"teacher.model={pretrained_folder}", f"student.model={pretrained_folder}", "teacher.dtype=float32",
+              "student.dtype=float32", "soft_kd.teacher=base"]  # fmt: skip
+    for extra, merged in (([lora], True), ([], False)):
+        cfg = micro_cfg(tmp_path, *models, *extra, "systems=[GKD]")
+        exp = Experiment(cfg, progress=False)
+        with hold(exp):
+            exp.stage_data()
+        tok = exp.models.tokenizer()
+        examples = exp.models.encode(tok, exp.split("train"))
+        objective = exp.models.objective(tok, examples, cfg.gkd)
+        assert isinstance(objective.sampler, MergedCopy) is merged
+        assert exp.models.objective(tok, examples).sampler is None  # SLKD samples nothing

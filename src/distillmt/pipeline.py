@@ -212,7 +212,7 @@ class Models:
         in its own tokenizer. A token-by-token objective has the teacher read the student's ``examples``."""
         from distillmt.forward import PrefixCache, shared_prefix
         from distillmt.logit_cache import TeacherCache
-        from distillmt.models import check_same_tokenizer
+        from distillmt.models import MergedCopy, check_same_tokenizer
         from distillmt.prompts import end_token_id
         from distillmt.train import Objective
 
@@ -226,6 +226,7 @@ class Models:
             cache.check(teacher_id=self.teacher_id(), k=s.cache_k, temperature=s.temperature,
                         vocab_size=len(tokenizer), examples=examples)  # fmt: skip
             return Objective(s, len(tokenizer), cache=cache)
+        lora = gkd is not None and not self.scratch and self.cfg.student.lora.enabled
         return Objective(
             s,
             len(tokenizer),
@@ -233,6 +234,7 @@ class Models:
             gkd=gkd,
             end_token_id=end_token_id(tokenizer),
             teacher_prefix=PrefixCache(shared_prefix(examples)),
+            sampler=MergedCopy(partial(self.base_model, self.cfg.student)) if lora else None,
         )
 
     def uld_objective(self, tokenizer: Any, examples: list[dict], pairs: list[data_mod.Pair] | None) -> Any:
@@ -847,27 +849,23 @@ class ValidChrF:
     """The ``select_by=valid_chrf`` measure of a model in training: sacrebleu's corpus chrF of ``pairs``' sources
     translated as the test set will be (the ``generate`` settings, in transformers whatever ``g.engine`` says: the
     model is the one in memory). A LoRA model translates as its row will, its adapter merged into a plain copy of the
-    base model (``base()`` loads it, once), since the peft-wrapped object decodes several times slower on a CPU (see
-    :func:`distillmt.models.load_model`); the model in training is left as it is."""
+    base model (:class:`distillmt.models.MergedCopy`; ``base()`` loads it, once); the model in training is left as it
+    is."""
 
     def __init__(
         self, tokenizer: Any, pairs: list[data_mod.Pair], g: GenerateConfig, prompt: Any, *, seed: int, base: Callable
     ):
-        self.tokenizer, self.pairs, self.g, self.prompt, self.seed, self.base = tokenizer, pairs, g, prompt, seed, base
-        self.plain: Any = None
+        from distillmt.models import MergedCopy
+
+        self.tokenizer, self.pairs, self.g, self.prompt, self.seed = tokenizer, pairs, g, prompt, seed
+        self.merged = MergedCopy(base)
 
     def __call__(self, model: Any) -> float:
-        import copy
-
         from distillmt.generate import translate
         from distillmt.metrics import chrf
 
         if hasattr(model, "merge_and_unload"):  # a peft model
-            merged = copy.deepcopy(model).merge_and_unload().state_dict()
-            self.plain = self.plain if self.plain is not None else self.base()
-            self.plain.load_state_dict(merged)
-            del merged
-            model = self.plain
+            model = self.merged(model)
         sources = [p.src for p in self.pairs]
         hyps = translate(model, self.tokenizer, sources, self.g, seed=self.seed, progress=False, prompt=self.prompt)
         return chrf(hyps.hypotheses, [p.tgt for p in self.pairs])["score"]

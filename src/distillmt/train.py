@@ -95,6 +95,9 @@ class Objective:
     end_token_id: int | None = None  # where an on-policy sample ends
     teacher_prefix: PrefixCache | None = None  # the prompt prefix every example shares: the live teacher skips it
     teacher_examples: TeacherExamples | None = None  # ULD: the teacher's own encoding of the examples
+    # GKD: the model that samples the on-policy targets, given the model in training (a plain copy with the LoRA
+    # adapter merged, much faster to decode on a CPU); None: the model in training itself
+    sampler: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         uld = self.kd.cross_tokenizer == "uld"
@@ -243,7 +246,8 @@ def _on_policy_examples(
     width = enc["input_ids"].shape[1]
     was_training = model.training
     model.eval()
-    out = model.generate(
+    sampler = objective.sampler(model) if objective.sampler is not None else model
+    out = sampler.generate(
         input_ids=enc["input_ids"].to(device),
         attention_mask=enc["attention_mask"].to(device),
         do_sample=True,
