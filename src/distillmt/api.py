@@ -98,7 +98,7 @@ def run(config: str | Path | ExperimentConfig | None = None, *, progress: bool =
     (``hard_kd.workers``), which import the calling script: keep a script's code under
     ``if __name__ == "__main__":``."""
     from distillmt.config import check_run_folder
-    from distillmt.engines import available_cores
+    from distillmt.engines import configure_cpu
     from distillmt.models import pick_device
     from distillmt.pipeline import run_experiment
 
@@ -108,9 +108,7 @@ def run(config: str | Path | ExperimentConfig | None = None, *, progress: bool =
         pick_device(cfg.device)
     except DistillmtError as e:
         raise DistillmtError(f"config key 'device': {e}") from None
-    import torch
-
-    torch.set_num_threads(cfg.threads or available_cores())  # as `distillmt run` does
+    configure_cpu(cfg.threads)  # as `distillmt run` does
     report = run_experiment(cfg, progress=progress, command=_command(config, overrides))
     return Results.from_report(report, Path(cfg.output_dir) / cfg.name)
 

@@ -80,12 +80,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _set_threads(threads: int) -> None:
-    """PyTorch's CPU threads for this process: the config's ``threads``, or the cores this process may use."""
-    import torch
+    """PyTorch's CPU threads for this process (the config's ``threads``, or the cores it may use) and oneDNN's
+    kernel cache (:func:`distillmt.engines.configure_cpu`)."""
+    from distillmt.engines import configure_cpu
 
-    from distillmt.engines import available_cores
-
-    torch.set_num_threads(threads or available_cores())
+    configure_cpu(threads)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -38,6 +38,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# oneDNN (bf16 matmuls on a CPU) builds a kernel for each new matmul shape and keeps 1,024 of them by default;
+# training on variable-length batches meets more shapes than that (every layer, forward and backward, at every
+# batch length), and a cache that evicts rebuilds kernels all the time (docs/benchmarks/default-run-cpu.md)
+ONEDNN_CACHE_CAPACITY = 16384
+
+
+def configure_cpu(threads: int = 0) -> None:
+    """PyTorch's CPU threads for this process (``threads``, or 0: the cores it may use) and a oneDNN kernel cache
+    large enough for training on variable-length batches, unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is set. Call it
+    before the first matmul: oneDNN reads its cache capacity once."""
+    import os
+
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+    torch.set_num_threads(threads or available_cores())
+
+
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8")  # what decides bf16 and int8 speed on a CPU
 
 

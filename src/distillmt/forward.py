@@ -16,6 +16,13 @@ from distillmt.prompts import IGNORE_INDEX
 
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes (the plain template's "English:") are not worth a cache
 
+# On a CPU, oneDNN runs bf16 matmuls with a kernel built for each shape it meets. Training batches of every length,
+# and output layers fed every count of target rows, would build new kernels all the time; rounded up to these
+# multiples, a stage meets a few dozen shapes (docs/benchmarks/default-run-cpu.md). fp32 matmuls (MKL) and GPUs need
+# no rounding.
+BF16_WIDTH_MULTIPLE = 8  # a training batch's length
+BF16_ROWS_MULTIPLE = 64  # the rows an output layer gets
+
 
 def shared_prefix(examples: list[dict]) -> list[int]:
     """The token ids every example starts with, up to the last prompt position before the first target's row (a
@@ -60,7 +67,31 @@ def target_logits(model: Any, batch: dict, rows: torch.Tensor, past: tuple | Non
     accelerate's autocast still apply. ``past``: a frozen model's cached shared prefix (:meth:`PrefixCache.past`).
     """
     head = getattr(model, "module", model).get_output_embeddings()
-    return _forward_with_head(model, head, batch, rows, past, lambda h: h).logits
+    if not bf16_on_cpu(head.weight):
+        return _forward_with_head(model, head, batch, rows, past, lambda h: h).logits
+    n = int(rows[:, past[0] :].sum()) if past is not None else int(rows.sum())
+    pad = lambda h: torch.nn.functional.pad(h, (0, 0, 0, -len(h) % BF16_ROWS_MULTIPLE))  # noqa: E731
+    return _forward_with_head(model, head, batch, rows, past, pad).logits[:n]
+
+
+def bf16_on_cpu(weight: torch.Tensor) -> bool:
+    """Whether a matmul with ``weight`` runs in bf16 on a CPU (bf16 weights, or under CPU bf16 autocast)."""
+    if weight.device.type != "cpu":
+        return False
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return weight.dtype == torch.bfloat16 or autocast
+
+
+def width_multiple(*models: Any, autocast_bf16: bool = False) -> int:
+    """What a CPU training batch's length is rounded up to (:data:`BF16_WIDTH_MULTIPLE` where any of ``models`` runs
+    in bf16, its own weights or under autocast; else 1)."""
+    for m in models:
+        if m is None:
+            continue
+        w = next(iter(getattr(m, "module", m).parameters()), None)
+        if w is not None and w.device.type == "cpu" and (autocast_bf16 or w.dtype == torch.bfloat16):
+            return BF16_WIDTH_MULTIPLE
+    return 1
 
 
 def _forward_with_head(model: Any, head: Any, batch: dict, rows: torch.Tensor, past: tuple | None, take: Any) -> Any:

@@ -204,9 +204,10 @@ def cut_source(tokenizer: Any, text: str, max_tokens: int) -> tuple[str, bool]:
         chars *= 2
 
 
-def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch for training: attention_mask 0 and labels IGNORE_INDEX on padding."""
-    width = max(len(e["input_ids"]) for e in examples)
+def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for training: attention_mask 0 and labels IGNORE_INDEX on padding, to the longest example's
+    length rounded up to ``multiple_of``."""
+    width = -(-max(len(e["input_ids"]) for e in examples) // multiple_of) * multiple_of
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

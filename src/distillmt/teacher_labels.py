@@ -200,9 +200,9 @@ def _stop(pool: Any) -> None:
 
 
 def _label_worker(job: dict[str, Any], only: list[int], threads: int) -> None:
-    import torch
+    from distillmt.engines import configure_cpu
 
-    torch.set_num_threads(threads)
+    configure_cpu(threads)
     build_teacher_labels(**job, only=only, progress=False)
 
 

@@ -10,6 +10,7 @@ never branches on the KD method.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from distillmt.forward import (
     target_logits,
     target_positions,
     target_tokens,
+    width_multiple,
 )
 from distillmt.io import atomic_write_text
 from distillmt.losses import fused_kd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss, uld_loss
@@ -212,10 +214,18 @@ class _MetricsLog:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, examples: list[dict], *, pad_token_id: int, batch_size: int, device: Any, share_prefix: bool = True
+    model: Any,
+    examples: list[dict],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    device: Any,
+    share_prefix: bool = True,
+    multiple_of: int = 1,
 ) -> float | None:
     """Token-weighted mean cross-entropy on ``examples`` (the validation loss); None when there are none.
-    ``share_prefix``: run the prompt prefix every example shares once per batch (:class:`PrefixCache`)."""
+    ``share_prefix``: run the prompt prefix every example shares once per batch (:class:`PrefixCache`);
+    ``multiple_of``: what a batch's length is rounded up to (:func:`distillmt.forward.width_multiple`)."""
     if not examples:
         return None
     prefix = PrefixCache(shared_prefix(examples) if share_prefix else [], frozen=False)
@@ -224,7 +234,7 @@ def evaluate_loss(
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for b in range(0, len(order), batch_size):
-        batch = pad_batch([examples[i] for i in order[b : b + batch_size]], pad_token_id)
+        batch = pad_batch([examples[i] for i in order[b : b + batch_size]], pad_token_id, multiple_of)
         batch = {k: v.to(device) for k, v in batch.items()}
         rows = target_logits(model, batch, target_positions(batch["labels"]), prefix.past(model, batch["input_ids"]))
         total += float(_ce_sum(rows, target_ids(batch["labels"])))
@@ -427,12 +437,13 @@ def _forward_backward(
     accelerator: Any,
     pad: int,
     prefix: PrefixCache | None = None,
+    multiple_of: int = 1,
 ) -> tuple[dict[str, float], int]:
     """Accumulate the gradients of this process's share of one window; returns the window's logged means and token
-    count (prompt included), summed over the processes."""
+    count (prompt included, padding not), summed over the processes. ``multiple_of``: as in :func:`evaluate_loss`."""
     dev, n_proc = accelerator.device, accelerator.num_processes
     window, weights = _shard(window, accelerator)
-    batches = [{k: v.to(dev) for k, v in pad_batch(mb, pad).items()} for mb in window]
+    batches = [{k: v.to(dev) for k, v in pad_batch(mb, pad, multiple_of).items()} for mb in window]
     # Normalise by the target tokens of the whole window (over every process), so gradient accumulation and data
     # parallelism give the same update as one big batch (a mean of per-micro-batch means would overweight short
     # batches). DDP and DeepSpeed average the processes' gradients: each process scales its sum by their number to undo
@@ -631,9 +642,11 @@ def train(
     share_prefix = _prefix_shareable(model, train_examples, share_prefix, desc)
     if objective is not None and objective.teacher is not None:
         objective.teacher.to(dev).eval().requires_grad_(False)
+    teacher = objective.teacher if objective is not None else None
+    multiple = width_multiple(unwrapped, teacher, autocast_bf16=accelerator.mixed_precision == "bf16")
 
     measure = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
-                      device=dev, share_prefix=share_prefix)  # fmt: skip
+                      device=dev, share_prefix=share_prefix, multiple_of=multiple)  # fmt: skip
     validate = _Validation(measure, best, unwrapped, optimizer, score_valid, attention)
     prefix = PrefixCache(shared_prefix(train_examples) if share_prefix else [], frozen=False)
 
@@ -645,6 +658,10 @@ def train(
 
     # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()
+    # Every step makes and drops thousands of autograd objects, so Python's collector runs often, and each full
+    # collection would walk every training example again; frozen, the objects alive now are skipped.
+    gc.collect()
+    gc.freeze()
     bar = tqdm(total=total_steps, initial=p.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
         while p.step < total_steps:
@@ -652,7 +669,8 @@ def train(
             # Dropout and sampling draw from a generator seeded by the step, so a resumed run repeats them exactly.
             torch.manual_seed(seed * 7919 + p.step)
             window, on_policy = _pick_targets(window_at(p.step), p.step, seed, objective, unwrapped, pad_token_id, dev)
-            stats, tokens = _forward_backward(model, window, objective, on_policy, accelerator, pad_token_id, prefix)
+            stats, tokens = _forward_backward(model, window, objective, on_policy, accelerator, pad_token_id, prefix,
+                                              multiple)  # fmt: skip
             _check_finite(stats["loss"], p.step + 1, ckpt_dir)
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -682,6 +700,7 @@ def train(
     finally:
         bar.close()
         attention.restore()
+        gc.unfreeze()
     final = validate(p.step)
     metrics.log({"step": p.step, **final, **validate.record()})
     save(asdict(p))
