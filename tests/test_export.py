@@ -350,7 +350,9 @@ def test_bench_flops_counts_a_lora_step_against_the_matmul_peak(run_dir):
     from distillmt.bench import bench_flops
 
     model = str(run_dir / "train_student" / "model")
-    text = bench_flops(model=model, batch=2, steps=1, threads=1, dtype="float32", lora_r=4, peak_sizes=(128, 256))
+    text = bench_flops(model=model, batch=2, steps=1, threads=1, dtype="float32", lora_r=4, lora_dropout=0.0,
+                       peak_sizes=(128, 256))  # fmt: skip
+    assert "LoRA r=4 (dropout 0) on 7 projections" in text.splitlines()[0]
     peak = re.search(
         r"\| matmul peak, float32 \((\d+)×\1 @ \1×\1\) \| [\d.e+-]+ \| [\d.e+-]+ \| ([\d.e+-]+) \| 1\.00 \|", text
     )

@@ -497,7 +497,7 @@ def _matmul_peak(dtype: Any, sizes: tuple[int, ...] = (1024, 2048, 4096), repeat
 
 def bench_flops(
     *, model: str = "store:qwen2.5-coder-0.5b-instruct", batch: int = 8, steps: int = 3, threads: int = 0,
-    dtype: str = "bfloat16", lora_r: int = 16, mixed_precision: str = "no",
+    dtype: str = "bfloat16", lora_r: int = 16, mixed_precision: str = "no", lora_dropout: float = 0.05,
     peak_sizes: tuple[int, ...] = (1024, 2048, 4096),
 ) -> str:  # fmt: skip
     """Achieved FLOP/s of a training step (forward, backward, AdamW) of ``model`` against this machine's measured
@@ -529,7 +529,7 @@ def bench_flops(
     net = load_model(model, dtype=getattr(torch, dtype), device=torch.device("cpu"))
     modules = list(QWEN_LORA_TARGETS)  # the configs' default LoRA targets
     if lora_r:
-        net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=modules)
+        net = apply_lora(net, r=lora_r, alpha=2 * lora_r, dropout=lora_dropout, target_modules=modules)
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
     register_fp32_sdpa()  # variants: (attention, fused AdamW)
@@ -560,7 +560,9 @@ def bench_flops(
             times[v].append(time.perf_counter() - start)
     seconds = {v: statistics.median(t) for v, t in times.items()}
     achieved, n_params = flops / seconds[variants[0]], count_parameters(net)
-    what = f"LoRA r={lora_r} on {len(modules)} projections" if lora_r else "all weights trained"
+    what = (
+        f"LoRA r={lora_r} (dropout {lora_dropout:g}) on {len(modules)} projections" if lora_r else "all weights trained"
+    )
     precision = f"{dtype} weights under bf16 autocast" if mixed_precision == "bf16" else dtype
     kind = "LoRA training step" if lora_r else "training step"
     lines = [

@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         load_tokenizer(model)  # a missing model is said here, at once
         text = bench_flops(
             model=model, batch=args.batch, steps=args.steps, threads=args.threads, dtype=args.dtype,
-            lora_r=args.lora_r, mixed_precision=args.mixed_precision,
+            lora_r=args.lora_r, mixed_precision=args.mixed_precision, lora_dropout=args.lora_dropout,
         )  # fmt: skip
     else:
         text = bench_loss(
@@ -540,6 +540,7 @@ def _add_bench_parser(sub: Any) -> None:
         "train with --student/--teacher and flops: the models' dtype"
     )  # fmt: skip
     b.add_argument("--lora-r", type=_int_at_least(0), default=16, help="flops: LoRA rank (0 = train every weight)")
+    b.add_argument("--lora-dropout", type=float, default=0.05, help="flops: the LoRA adapters' dropout")
     b.add_argument(
         "--mixed-precision", default="no", choices=["no", "bf16"], help="flops: bf16 autocast over the --dtype weights"
     )
