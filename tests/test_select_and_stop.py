@@ -130,7 +130,7 @@ def test_a_lora_models_validation_translates_as_its_row_will(tmp_path, pretraine
 
     from distillmt.generate import translate
     from distillmt.metrics import chrf
-    from distillmt.models import load_trained, save_trained
+    from distillmt.models import MergedCopy, load_trained, save_trained
     from distillmt.pipeline import Experiment, ValidChrF, hold
 
     lora = "student.lora={enabled: true, r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}"
@@ -148,7 +148,8 @@ def test_a_lora_models_validation_translates_as_its_row_will(tmp_path, pretraine
             p.data.normal_(0.0, 0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = cfg.generate
-    score = ValidChrF(tok, valid, g, exp.models.prompt, seed=0, base=partial(exp.models.base_model, cfg.student))
+    merged = MergedCopy(partial(exp.models.base_model, cfg.student))
+    score = ValidChrF(tok, valid, g, exp.models.prompt, seed=0, merged=merged)
     measured = score(model)
     assert hasattr(model, "merge_and_unload")  # still the peft model, adapter unmerged, weights unchanged
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
@@ -230,3 +231,26 @@ def test_a_lora_gkd_objective_samples_from_a_merged_copy(tmp_path, pretrained_fo
         objective = exp.models.objective(tok, examples, cfg.gkd)
         assert isinstance(objective.sampler, MergedCopy) is merged
         assert exp.models.objective(tok, examples).sampler is None  # SLKD samples nothing
+
+
+def test_gkd_selected_by_valid_chrf_loads_one_merged_copy(tmp_path, pretrained_folder, monkeypatch):
+    """A LoRA GKD row that keeps its best validation chrF samples and validates from the same merged copy: one copy
+    of the base model serves both (two would double the extra memory of a real student)."""
+    from distillmt.pipeline import Experiment, Models, hold
+
+    loads = []
+    real = Models.base_model
+    monkeypatch.setattr(Models, "base_model", lambda self, m: loads.append(m) or real(self, m))
+    lora = "student.lora={enabled: true, r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}"
+    cfg = micro_cfg(tmp_path, f"teacher.model={pretrained_folder}", f"student.model={pretrained_folder}",
+                    "teacher.dtype=float32", "student.dtype=float32", "soft_kd.teacher=base", lora, "systems=[GKD]",
+                    "gkd.lmbda=1.0", "train_student.max_steps=2", "train_student.eval_every=1",
+                    "train_student.keep_best=true", "train_student.select_by=valid_chrf")  # fmt: skip
+    exp = Experiment(cfg, progress=False)
+    with hold(exp):
+        exp.stage_data()
+        result = exp.stage_train_gkd()
+    assert result["best_step"] in (0, 1, 2)  # validated by chrF at the start and after each step
+    # the student's base model: once for the model in training, once for the copy GKD and validation share (the
+    # teacher, soft_kd.teacher=base, is the teacher section's)
+    assert sum(m.lora.enabled for m in loads) == 2

@@ -304,8 +304,12 @@ class Experiment:
             valid = self.models.encode(tokenizer, self.split("valid"))
             run = {"seed": self.cfg.seed, "device": self.cfg.device, "progress": self.progress, "desc": name}
             if train_cfg.select_by == "valid_chrf":
+                from distillmt.models import MergedCopy
+
+                # GKD's sampler is already a merged copy of this student: validation translates from it too
+                merged = getattr(objective, "sampler", None) or MergedCopy(partial(self.models.base_model, m))
                 run["score_valid"] = ValidChrF(tokenizer, self.split("valid"), self.cfg.generate, self.models.prompt,
-                                               seed=self.cfg.seed, base=partial(self.models.base_model, m))  # fmt: skip
+                                               seed=self.cfg.seed, merged=merged)  # fmt: skip
             with open_trackers(self.cfg, name, settings, self.is_main) as trackers:
                 return train_and_save(model, tokenizer, (examples, valid), folder, train_cfg, objective,
                                       processes=self.processes, trackers=trackers, **run)  # fmt: skip
@@ -848,17 +852,15 @@ def compare_run_rows(
 class ValidChrF:
     """The ``select_by=valid_chrf`` measure of a model in training: sacrebleu's corpus chrF of ``pairs``' sources
     translated as the test set will be (the ``generate`` settings, in transformers whatever ``g.engine`` says: the
-    model is the one in memory). A LoRA model translates as its row will, its adapter merged into a plain copy of the
-    base model (:class:`distillmt.models.MergedCopy`; ``base()`` loads it, once); the model in training is left as it
-    is."""
+    model is the one in memory). A LoRA model translates as its row will, its adapter merged into ``merged``, a plain
+    copy of the base model (:class:`distillmt.models.MergedCopy`, which may also serve GKD's sampling); the model in
+    training is left as it is."""
 
     def __init__(
-        self, tokenizer: Any, pairs: list[data_mod.Pair], g: GenerateConfig, prompt: Any, *, seed: int, base: Callable
+        self, tokenizer: Any, pairs: list[data_mod.Pair], g: GenerateConfig, prompt: Any, *, seed: int, merged: Any
     ):
-        from distillmt.models import MergedCopy
-
         self.tokenizer, self.pairs, self.g, self.prompt, self.seed = tokenizer, pairs, g, prompt, seed
-        self.merged = MergedCopy(base)
+        self.merged = merged
 
     def __call__(self, model: Any) -> float:
         from distillmt.generate import translate
