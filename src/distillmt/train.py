@@ -583,6 +583,32 @@ class _Validation:
         return {**summary, **self.best.summary(summary["valid_ce"])}
 
 
+def _schedule(model: Any, examples: list[dict], cfg: TrainConfig, seed: int) -> tuple[_Window, int, Any, Any]:
+    """Which examples each step sees, how many steps, and AdamW with its learning-rate schedule."""
+    window_at = _Window(examples, cfg.batch_size, cfg.grad_accum, seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * window_at.micro_per_epoch / cfg.grad_accum))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = _make_scheduler(optimizer, cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    return window_at, total_steps, optimizer, scheduler
+
+
+def _teacher_ready(objective: Objective | None, model: Any, accelerator: Any) -> int:
+    """Put a live teacher on the training device, frozen and in eval mode; returns what a batch's length is rounded
+    up to for the model in training and that teacher (:func:`distillmt.forward.width_multiple`)."""
+    teacher = objective.teacher if objective is not None else None
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    return width_multiple(model, teacher, autocast_bf16=accelerator.mixed_precision == "bf16")
+
+
+def _freeze_gc() -> None:
+    """Every training step makes and drops thousands of autograd objects, so Python's collector runs often, and each
+    full collection would walk every training example again: the objects alive now are frozen, skipped until
+    ``gc.unfreeze()``."""
+    gc.collect()
+    gc.freeze()
+
+
 def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, without weight decay on norms and biases."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -631,19 +657,13 @@ def train(
     accelerator = engines.make_accelerator(device, cfg.mixed_precision)
     engines.configure_deepspeed(accelerator, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                 max_grad_norm=cfg.max_grad_norm)  # fmt: skip
-    window_at = _Window(train_examples, cfg.batch_size, cfg.grad_accum, seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * window_at.micro_per_epoch / cfg.grad_accum))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = _make_scheduler(optimizer, cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    window_at, total_steps, optimizer, scheduler = _schedule(model, train_examples, cfg, seed)
     engines.same_start(model, accelerator)
     attention = TrainingAttention(model, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped, dev = accelerator.unwrap_model(model), accelerator.device
     share_prefix = _prefix_shareable(model, train_examples, share_prefix, desc)
-    if objective is not None and objective.teacher is not None:
-        objective.teacher.to(dev).eval().requires_grad_(False)
-    teacher = objective.teacher if objective is not None else None
-    multiple = width_multiple(unwrapped, teacher, autocast_bf16=accelerator.mixed_precision == "bf16")
+    multiple = _teacher_ready(objective, unwrapped, accelerator)
 
     measure = partial(evaluate_loss, model, valid_examples, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
                       device=dev, share_prefix=share_prefix, multiple_of=multiple)  # fmt: skip
@@ -658,10 +678,7 @@ def train(
 
     # --- loop: pick the window's data, accumulate its gradients, step, then log / evaluate / checkpoint
     model.train()
-    # Every step makes and drops thousands of autograd objects, so Python's collector runs often, and each full
-    # collection would walk every training example again; frozen, the objects alive now are skipped.
-    gc.collect()
-    gc.freeze()
+    _freeze_gc()
     bar = tqdm(total=total_steps, initial=p.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
         while p.step < total_steps:
