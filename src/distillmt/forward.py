@@ -74,24 +74,22 @@ def target_logits(model: Any, batch: dict, rows: torch.Tensor, past: tuple | Non
     return _forward_with_head(model, head, batch, rows, past, pad).logits[:n]
 
 
-def bf16_on_cpu(weight: torch.Tensor) -> bool:
-    """Whether a matmul with ``weight`` runs in bf16 on a CPU (bf16 weights, or under CPU bf16 autocast)."""
+def bf16_on_cpu(weight: torch.Tensor, autocast: bool | None = None) -> bool:
+    """Whether a matmul with ``weight`` runs in bf16 on a CPU: bf16 weights, or under CPU bf16 autocast (``autocast``;
+    None: whether it is on now)."""
     if weight.device.type != "cpu":
         return False
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if autocast is None:
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return weight.dtype == torch.bfloat16 or autocast
 
 
 def width_multiple(*models: Any, autocast_bf16: bool = False) -> int:
     """What a CPU training batch's length is rounded up to (:data:`BF16_WIDTH_MULTIPLE` where any of ``models`` runs
     in bf16, its own weights or under autocast; else 1)."""
-    for m in models:
-        if m is None:
-            continue
-        w = next(iter(getattr(m, "module", m).parameters()), None)
-        if w is not None and w.device.type == "cpu" and (autocast_bf16 or w.dtype == torch.bfloat16):
-            return BF16_WIDTH_MULTIPLE
-    return 1
+    weights = [next(iter(getattr(m, "module", m).parameters()), None) for m in models if m is not None]
+    bf16 = any(w is not None and bf16_on_cpu(w, autocast_bf16) for w in weights)
+    return BF16_WIDTH_MULTIPLE if bf16 else 1
 
 
 def _forward_with_head(model: Any, head: Any, batch: dict, rows: torch.Tensor, past: tuple | None, take: Any) -> Any:
